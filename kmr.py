@@ -1,0 +1,1264 @@
+"""kmr: K-means clustering run as a real MapReduce job over gRPC.
+
+One script, three roles:
+
+    python kmr.py --role master -M 3 -R 2 -K 2 -n 20   # spawn 3 mappers + 2 reducers, run the job
+    python kmr.py --role mapper --port 6001            # a standalone mapper, until SIGTERM / Ctrl-C
+    python kmr.py --role reducer --port 6002           # a standalone reducer
+
+The master splits the input by index range among M map tasks; each mapper reads its range itself,
+assigns every point to its nearest centroid and partitions the pairs by key % R; each reducer pulls
+its partition from every mapper, shuffle-sorts it and averages each cluster; the master collects
+the new centroids from the reducers.  Everything a run writes lives under --data-dir (default Data).
+Results go to stdout, the log to stderr and Data/dump.txt.
+"""
+
+import argparse
+import concurrent.futures
+import logging
+import math
+import multiprocessing
+import os
+import random
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+
+import grpc
+
+try:
+    import kmeans_pb2 as pb
+    import kmeans_pb2_grpc as pb_grpc
+except ImportError:  # pragma: no cover - depends on the checkout
+    sys.exit("kmr: error: the gRPC stubs are missing: run ./gen_pb.sh first")
+
+log = logging.getLogger("kmr")
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+MAX_COORDINATE = 1e150        # larger values could overflow a squared distance to inf
+MAX_WORKERS = 256             # bound on M, R and the worker processes a master spawns
+CHUNK_RECORDS = 32768         # records per streamed partition chunk (~0.6 MiB at D=2)
+MAX_MESSAGE_BYTES = 64 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+# Glossary
+#   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
+#   k, key   cluster id 0..K-1 (map output key)     N              number of input points
+#   columns  points stored column by column: columns[d][i] is coordinate d of point i
+#   M        map tasks (index ranges of the input)  R              reduce tasks = partitions, key % R
+#   n        iterations at most                     tol            stop when no centroid moved more
+#   terms    doubles whose exact sum is a cluster sum (what makes the combiner exact)
+#   job      one run of the master; workers drop the state of other jobs
+
+
+class InputError(ValueError):
+    """Bad input or arguments the user can fix: one line on stderr, exit code 2."""
+
+
+class JobError(RuntimeError):
+    """The job cannot finish (workers gone, attempts used up): one line on stderr, exit code 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so every spawned worker is stopped."""
+
+
+# ####################################################################################################
+# Pure core: parsing, split, map, partition, combine, shuffle-sort, reduce (no I/O, no gRPC)
+# ####################################################################################################
+
+
+def parse_point(text, where, dim=None):
+    """The point on one line 'x, y, ...'; None for a blank line. `where` names the line in errors."""
+    text = text.strip()
+    if not text:
+        return None
+    fields = text.split(",")
+    try:
+        point = tuple(map(float, fields))
+    except ValueError:
+        bad = next(f for f in fields if not _is_float(f))
+        raise InputError(f"{where}: {bad.strip()!r} is not a number") from None
+    if dim is not None and len(point) != dim:
+        raise InputError(f"{where}: {len(point)} coordinates, expected {dim} like the lines before")
+    for value in point:
+        if not math.isfinite(value):
+            raise InputError(f"{where}: {value} is not a finite number")
+        if abs(value) > MAX_COORDINATE:
+            raise InputError(f"{where}: {value!r} is too large (limit {MAX_COORDINATE:g})")
+    return point
+
+
+def _is_float(text):
+    """Whether float() accepts text."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_points(lines, name):
+    """Yield (line number, point) for every non-blank line; all points must share one dimension."""
+    dim = None
+    for line_number, line in enumerate(lines, 1):
+        point = parse_point(line, f"{name}:{line_number}", dim)
+        if point is not None:
+            dim = len(point)
+            yield line_number, point
+
+
+def split_ranges(n_points, n_tasks):
+    """Contiguous index ranges [start, end), one per task, sizes differing by at most one."""
+    base, extra = divmod(n_points, n_tasks)
+    ranges, start = [], 0
+    for task in range(n_tasks):
+        end = start + base + (task < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def to_columns(points, dim):
+    """Points as D columns (the layout every map and reduce function works on)."""
+    return [[p[d] for p in points] for d in range(dim)]
+
+
+def squared_distance(point, centroid):
+    """Sum of squared coordinate differences, added left to right (the order is part of exactness)."""
+    total = 0.0
+    for a, b in zip(point, centroid):
+        diff = a - b
+        total += diff * diff
+    return total
+
+
+def nearest(point, centroids):
+    """Index of the nearest centroid; a tie goes to the lowest index."""
+    best_key, best = 0, squared_distance(point, centroids[0])
+    for key in range(1, len(centroids)):
+        distance = squared_distance(point, centroids[key])
+        if distance < best:
+            best_key, best = key, distance
+    return best_key
+
+
+def distances_to(columns, centroid):
+    """squared_distance of every point to one centroid, one column at a time."""
+    first = centroid[0]
+    distances = [(diff := x - first) * diff for x in columns[0]]
+    for column, c in zip(columns[1:], centroid[1:]):
+        distances = [total + (diff := x - c) * diff for total, x in zip(distances, column)]
+    return distances
+
+
+def assign_clusters(columns, centroids):
+    """Map: the nearest centroid of every point and its squared distance (ties: lowest index).
+
+    Equal to `nearest` point by point, but one centroid at a time over whole columns.
+    """
+    best = distances_to(columns, centroids[0])
+    keys = [0] * len(best)
+    for key in range(1, len(centroids)):
+        distances = distances_to(columns, centroids[key])
+        keys = [key if d < b else old for d, b, old in zip(distances, best, keys)]
+        best = list(map(min, best, distances))  # min keeps the first of equals: ties stay put
+    return keys, best
+
+
+def partition_of(key, reducers):
+    """The reduce task (0-based) that owns a cluster."""
+    return key % reducers
+
+
+def partition_points(keys, columns, reducers):
+    """Partition: split the (key, point) pairs by partition_of, keeping input order within each."""
+    members = [[] for _ in range(reducers)]
+    for index, key in enumerate(keys):
+        members[key % reducers].append(index)
+    return [([keys[i] for i in chosen], [[column[i] for i in chosen] for column in columns])
+            for chosen in members]
+
+
+def exact_terms(values):
+    """A few doubles whose exact sum is the exact sum of `values`.
+
+    fsum is correctly rounded, so fsum(values) is the sum's leading double; fsum of the values
+    minus the terms found so far is the next one, until nothing is left.  Each term adds ~53 bits.
+    """
+    pending = list(values)
+    terms = []
+    while True:
+        term = math.fsum(pending)
+        if term == 0.0:
+            return terms
+        terms.append(term)
+        pending.append(-term)
+
+
+def combine(keys, columns):
+    """Combiner: one record per key, (key, count, exact terms of each coordinate sum)."""
+    groups = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return [(key, len(chosen), [exact_terms(column[i] for i in chosen) for column in columns])
+            for key, chosen in sorted(groups.items())]
+
+
+@dataclass
+class Group:
+    """What a reducer knows of one cluster: its point count and the terms of each coordinate sum."""
+
+    count: int = 0
+    terms: list = field(default_factory=list)
+
+
+def shuffle_sort(point_records, combined_records, dim):
+    """Shuffle-sort: group plain (keys, columns) batches and combined records by key, keys ascending.
+
+    Grouping into buckets is a stable counting sort: points keep the order they arrived in.
+    """
+    groups = {}
+    for keys, columns in point_records:
+        for index, key in enumerate(keys):
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(0, [[] for _ in range(dim)])
+            group.count += 1
+            for terms, column in zip(group.terms, columns):
+                terms.append(column[index])
+    for key, count, sums in combined_records:
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = Group(0, [[] for _ in range(dim)])
+        group.count += count
+        for terms, sum_terms in zip(group.terms, sums):
+            terms.extend(sum_terms)
+    return sorted(groups.items())
+
+
+def reduce_cluster(group):
+    """Reduce: the mean of one cluster, each coordinate fsum / count (exact whatever the split)."""
+    return tuple(math.fsum(terms) / group.count for terms in group.terms)
+
+
+def next_centroids(centroids, means):
+    """New centroids from {key: mean}; a cluster that got no points keeps its previous centroid."""
+    return [means.get(key, old) for key, old in enumerate(centroids)]
+
+
+def largest_shift(old, new):
+    """The largest distance any centroid moved."""
+    return max(math.sqrt(squared_distance(a, b)) for a, b in zip(old, new))
+
+
+def kmeans_reference(points, centroids, n, tol=0.0):
+    """Sequential K-means built from the same map / partition / shuffle-sort / reduce functions.
+
+    Returns (final centroids, iterations run).  The distributed job must match it bit for bit.
+    """
+    centroids = [tuple(c) for c in centroids]
+    dim = len(centroids[0])
+    columns = to_columns(points, dim)
+    for iteration in range(1, n + 1):
+        keys, _ = assign_clusters(columns, centroids)
+        (records,) = partition_points(keys, columns, 1)
+        means = {key: reduce_cluster(group) for key, group in shuffle_sort([records], [], dim)}
+        new = next_centroids(centroids, means)
+        shift = largest_shift(centroids, new)
+        centroids = new
+        if shift <= tol:
+            return centroids, iteration
+    return centroids, n
+
+
+# ####################################################################################################
+# Files: input scan, splits, human-readable outputs, atomic writes
+# ####################################################################################################
+
+
+def write_atomic(path, text):
+    """Write a whole file or nothing: a temporary file in the same folder, then rename over."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def format_point(point):
+    """'x,y,...' in repr precision, so a file read back gives the same doubles."""
+    return ",".join(map(repr, point))
+
+
+def format_centroids(centroids):
+    """centroids.txt: one centroid per line."""
+    return "".join(format_point(c) + "\n" for c in centroids)
+
+
+def format_partition(keys, columns):
+    """A partition file: one 'key<TAB>x,y,...' pair per line."""
+    return "".join(f"{key}\t{format_point(p)}\n" for key, p in zip(keys, zip(*columns)))
+
+
+def format_combined_partition(records):
+    """A combined partition file: 'key<TAB>count<TAB>sum terms per coordinate' (terms joined by +)."""
+    return "".join(f"{key}\t{count}\t" + ",".join("+".join(map(repr, t)) or "0.0" for t in sums) + "\n"
+                   for key, count, sums in records)
+
+
+def format_reducer_output(clusters):
+    """A reducer file: one 'key<TAB>count<TAB>mean' line per cluster."""
+    return "".join(f"{key}\t{count}\t{format_point(mean)}\n" for key, count, mean in clusters)
+
+
+def open_text(path):
+    """Open an input file for reading; a missing or unreadable file is an InputError."""
+    try:
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}") from None
+
+
+@dataclass
+class InputScan:
+    """What the master learns from one pass over the input."""
+
+    points: int
+    dim: int
+    sample: list   # K distinct points drawn at random (fewer if the input has fewer distinct points)
+
+
+def scan_input(path, clusters, seed):
+    """Validate the whole input in one streaming pass, count its points and draw K distinct ones.
+
+    Every line gets a random priority; the sample is the K distinct points with the lowest
+    priority (a point's priority is its lowest over its copies), so the draw is uniform over lines.
+    """
+    rng = random.Random(seed)
+    chosen = {}
+    threshold = math.inf
+    count, dim = 0, None
+    with open_text(path) as lines:
+        for _, point in parse_points(lines, path):
+            count += 1
+            dim = len(point)
+            priority = rng.random()
+            if priority >= threshold:
+                continue
+            chosen[point] = min(priority, chosen.get(point, priority))
+            if len(chosen) > clusters:
+                del chosen[max(chosen, key=chosen.get)]
+            if len(chosen) == clusters:
+                threshold = max(chosen.values())
+    if count == 0:
+        raise InputError(f"{path}: no points")
+    return InputScan(count, dim, sorted(chosen, key=chosen.get))
+
+
+def read_split(path, start, end):
+    """The points with index in [start, end) as columns, parsed and validated."""
+    points = []
+    with open_text(path) as lines:
+        for index, (_, point) in enumerate(parse_points(lines, path)):
+            if index >= end:
+                break
+            if index >= start:
+                points.append(point)
+    if len(points) != end - start:
+        raise InputError(f"{path}: has fewer than {end} points")
+    dim = len(points[0]) if points else 0
+    return to_columns(points, dim)
+
+
+def read_centroids(path, clusters, dim):
+    """An --init file: exactly K points of dimension D."""
+    with open_text(path) as lines:
+        centroids = [p for _, p in parse_points(lines, path)]
+    if len(centroids) != clusters:
+        raise InputError(f"{path}: {len(centroids)} centroids, expected K={clusters}")
+    if centroids[0] and len(centroids[0]) != dim:
+        raise InputError(f"{path}: centroids have {len(centroids[0])} coordinates, the input has {dim}")
+    return centroids
+
+
+def little_endian(values):
+    """Array bytes in little-endian order, the wire order of PartitionChunk."""
+    if sys.byteorder == "big":
+        values = array(values.typecode, values)
+        values.byteswap()
+    return values.tobytes()
+
+
+def from_little_endian(typecode, data):
+    """An array from little-endian bytes."""
+    values = array(typecode)
+    values.frombytes(data)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
+
+
+def point_chunks(keys, columns):
+    """A plain partition as bounded PartitionChunk messages."""
+    dim = len(columns)
+    for start in range(0, len(keys), CHUNK_RECORDS):
+        end = start + CHUNK_RECORDS
+        values = array("d")
+        for column in columns:
+            values.extend(column[start:end])
+        yield pb.PartitionChunk(dim=dim, keys=little_endian(array("i", keys[start:end])),
+                                values=little_endian(values))
+
+
+def combined_chunks(records, dim):
+    """A combined partition as PartitionChunk messages (a few records per cluster: one chunk)."""
+    keys, counts, terms, values = array("i"), array("q"), array("i"), array("d")
+    for key, count, sums in records:
+        keys.append(key)
+        counts.append(count)
+        for sum_terms in sums:
+            terms.append(len(sum_terms))
+            values.extend(sum_terms)
+    yield pb.PartitionChunk(dim=dim, keys=little_endian(keys), counts=little_endian(counts),
+                            terms=little_endian(terms), values=little_endian(values))
+
+
+def decode_chunk(chunk):
+    """A PartitionChunk back as ('points', keys, columns) or ('combined', records)."""
+    keys = from_little_endian("i", chunk.keys)
+    values = from_little_endian("d", chunk.values)
+    dim = chunk.dim
+    if not chunk.counts:
+        size = len(keys)
+        if dim < 1 or len(values) != size * dim:
+            raise ValueError("malformed partition chunk")
+        return "points", (keys.tolist(), [values[d * size:(d + 1) * size].tolist() for d in range(dim)])
+    counts = from_little_endian("q", chunk.counts)
+    lengths = from_little_endian("i", chunk.terms)
+    if len(counts) != len(keys) or len(lengths) != len(keys) * dim or sum(lengths) != len(values):
+        raise ValueError("malformed combined chunk")
+    records, position, slot = [], 0, 0
+    for key, count in zip(keys, counts):
+        sums = []
+        for _ in range(dim):
+            sums.append(values[position:position + lengths[slot]].tolist())
+            position += lengths[slot]
+            slot += 1
+        records.append((key, count, sums))
+    return "combined", records
+
+
+def flatten(centroids):
+    """Centroids as a pb.Centroids message."""
+    dim = len(centroids[0])
+    return pb.Centroids(dim=dim, values=[x for c in centroids for x in c])
+
+
+def unflatten(message):
+    """A pb.Centroids message as a list of tuples."""
+    dim, values = message.dim, list(message.values)
+    return [tuple(values[i:i + dim]) for i in range(0, len(values), dim)]
+
+
+# ####################################################################################################
+# gRPC services: thin servicers that convert messages and call the pure core
+# ####################################################################################################
+
+
+def success(message=""):
+    """A SUCCESS status."""
+    return pb.Status(success=True, message=message)
+
+
+def failure(message):
+    """A FAILURE status."""
+    return pb.Status(success=False, message=message)
+
+
+class FailureInjector:
+    """Makes each task fail with probability --fail-prob (seeded by --fail-seed)."""
+
+    def __init__(self, probability, seed):
+        self.probability = probability
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    def strikes(self):
+        """Whether this task should answer FAILURE."""
+        with self.lock:
+            return self.probability > 0 and self.rng.random() < self.probability
+
+
+@dataclass
+class Split:
+    """A mapper's parsed split, kept for the whole job while the file is unchanged."""
+
+    stamp: tuple
+    columns: list
+    keys: list = None
+    iteration: int = 0
+
+
+@dataclass
+class MapOutput:
+    """The partitions of one map task, kept in memory for the reducers to fetch."""
+
+    job: str
+    iteration: int
+    partitions: list   # per partition: list of PartitionChunk
+
+
+class MapperServicer(pb_grpc.MapperServicer):
+    """Runs map tasks and serves their partitions to reducers."""
+
+    def __init__(self, data_dir, injector):
+        self.data_dir = data_dir
+        self.injector = injector
+        self.lock = threading.Lock()
+        self.splits = {}    # (job, path, start, end) -> Split
+        self.outputs = {}   # map task -> MapOutput
+
+    def Ping(self, request, context):
+        return pb.PingReply(role="mapper", pid=os.getpid())
+
+    def Map(self, request, context):
+        task, iteration = request.task, request.iteration
+        log.info("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
+                 request.attempt, request.start, request.end, request.input_path)
+        if self.injector.strikes():
+            log.info("Map task %d: injected FAILURE", task)
+            return pb.MapResponse(status=failure("injected failure"))
+        try:
+            split = self.split(request)
+        except (InputError, OSError) as error:
+            log.info("Map task %d: FAILURE %s", task, error)
+            return pb.MapResponse(status=failure(str(error)))
+        centroids = unflatten(request.centroids)
+        keys, distances = assign_clusters(split.columns, centroids)
+        moved = self.count_moved(split, keys, request)
+        split.keys, split.iteration = keys, iteration
+        partitions = partition_points(keys, split.columns, request.reducers)
+        folder = os.path.join(self.data_dir, "Mappers", f"M{task}")
+        if request.combine:
+            combined = [combine(part_keys, part_columns) for part_keys, part_columns in partitions]
+            for number, records in enumerate(combined, 1):
+                write_atomic(os.path.join(folder, f"partition_{number}.txt"),
+                             format_combined_partition(records))
+            chunks = [list(combined_chunks(records, len(split.columns))) for records in combined]
+        else:
+            for number, (part_keys, part_columns) in enumerate(partitions, 1):
+                write_atomic(os.path.join(folder, f"partition_{number}.txt"),
+                             format_partition(part_keys, part_columns))
+            chunks = [list(point_chunks(part_keys, part_columns)) for part_keys, part_columns in partitions]
+        with self.lock:
+            self.outputs[task] = MapOutput(request.job, iteration, chunks)
+        sizes = [len(part_keys) for part_keys, _ in partitions]
+        log.info("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
+        reply = pb.MapReply(points=len(keys), moved=moved, partition_points=sizes,
+                            sse_terms=exact_terms(distances))
+        return pb.MapResponse(status=success(), reply=reply)
+
+    def split(self, request):
+        """The task's points: parsed on first use, then kept while the file's size and mtime hold."""
+        path = request.input_path
+        status = os.stat(path)
+        stamp = (status.st_size, status.st_mtime_ns)
+        key = (request.job, path, request.start, request.end)
+        with self.lock:
+            split = self.splits.get(key)
+        if split is None or split.stamp != stamp:
+            split = Split(stamp, read_split(path, request.start, request.end))
+            with self.lock:
+                self.splits = {k: v for k, v in self.splits.items() if k[0] == request.job}
+                self.splits[key] = split
+        if split.columns and len(split.columns) != request.centroids.dim:
+            raise InputError(f"{path}: points have {len(split.columns)} coordinates, centroids "
+                             f"{request.centroids.dim}")
+        return split
+
+    @staticmethod
+    def count_moved(split, keys, request):
+        """Points whose cluster differs from the previous iteration (all of them in the first)."""
+        if request.iteration <= 1 or not request.HasField("previous"):
+            return len(keys)
+        if split.keys is not None and split.iteration == request.iteration - 1:
+            previous = split.keys
+        else:   # this mapper did not map the task last iteration: recompute what it was
+            previous, _ = assign_clusters(split.columns, unflatten(request.previous))
+        return sum(a != b for a, b in zip(previous, keys))
+
+    def GetPartition(self, request, context):
+        with self.lock:
+            output = self.outputs.get(request.task)
+        if output is None or (output.job, output.iteration) != (request.job, request.iteration):
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"no output of map task {request.task} iteration {request.iteration}")
+        if not 1 <= request.partition <= len(output.partitions):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no partition {request.partition}")
+        yield from output.partitions[request.partition - 1]
+
+
+class ReducerServicer(pb_grpc.ReducerServicer):
+    """Runs reduce tasks: pull one partition from every mapper, shuffle-sort, reduce."""
+
+    def __init__(self, data_dir, injector, rpc_timeout):
+        self.data_dir = data_dir
+        self.injector = injector
+        self.rpc_timeout = rpc_timeout
+        self.lock = threading.Lock()
+        self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
+        self.results = {}    # partition -> (job, iteration, ResultReply)
+
+    def Ping(self, request, context):
+        return pb.PingReply(role="reducer", pid=os.getpid())
+
+    def mapper(self, address):
+        """The stub for a mapper, on a channel kept for the reducer's lifetime."""
+        with self.lock:
+            if address not in self.channels:
+                channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                self.channels[address] = pb_grpc.MapperStub(channel)
+            return self.channels[address]
+
+    def fetch(self, request, output):
+        """All chunks of this partition from one map task's mapper."""
+        started = time.perf_counter()
+        fetch = pb.PartitionRequest(job=request.job, iteration=request.iteration, task=output.task,
+                                    partition=request.partition)
+        log.info("-> GetPartition(task %d, partition %d) from mapper %s", output.task,
+                 request.partition, output.address)
+        try:
+            chunks = [decode_chunk(chunk) for chunk in
+                      self.mapper(output.address).GetPartition(fetch, timeout=self.rpc_timeout)]
+        except grpc.RpcError as error:
+            log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address,
+                     error.code().name)
+            return None
+        except ValueError as error:
+            log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, error)
+            return None
+        log.info("<- GetPartition(task %d) SUCCESS from %s: %d chunks, %.1f ms", output.task,
+                 output.address, len(chunks), 1000 * (time.perf_counter() - started))
+        return chunks
+
+    def Reduce(self, request, context):
+        partition = request.partition
+        log.info("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
+                 request.iteration, request.attempt, len(request.outputs))
+        if self.injector.strikes():
+            log.info("Reduce partition %d: injected FAILURE", partition)
+            return pb.ReduceResponse(status=failure("injected failure"))
+        workers = max(1, len(request.outputs))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            fetched = list(pool.map(lambda output: self.fetch(request, output), request.outputs))
+        missing = [output.task for output, chunks in zip(request.outputs, fetched) if chunks is None]
+        if missing:
+            log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
+            return pb.ReduceResponse(status=failure(f"map output missing for tasks {missing}"),
+                                     reply=pb.ReduceReply(missing_tasks=missing))
+        point_records, combined_records, per_task = [], [], []
+        for chunks in fetched:
+            received = 0
+            for kind, payload in chunks:
+                if kind == "points":
+                    point_records.append(payload)
+                    received += len(payload[0])
+                else:
+                    combined_records.extend(payload)
+                    received += sum(count for _, count, _ in payload)
+            per_task.append(received)
+        groups = shuffle_sort(point_records, combined_records, request.dim)
+        clusters = [(key, group.count, reduce_cluster(group)) for key, group in groups]
+        write_atomic(os.path.join(self.data_dir, "Reducers", f"R{partition}.txt"),
+                     format_reducer_output(clusters))
+        result = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
+                                          for key, count, mean in clusters],
+                                points_from_task=per_task)
+        with self.lock:
+            self.results[partition] = (request.job, request.iteration, result)
+        log.info("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
+                 sum(per_task))
+        return pb.ReduceResponse(status=success(), reply=pb.ReduceReply(points=sum(per_task)))
+
+    def GetResult(self, request, context):
+        with self.lock:
+            stored = self.results.get(request.partition)
+        if stored is None or stored[:2] != (request.job, request.iteration):
+            return pb.ResultResponse(status=failure(
+                f"no result for partition {request.partition} iteration {request.iteration}"))
+        return pb.ResultResponse(status=success(), reply=stored[2])
+
+
+def start_server(role, host, port, data_dir, fail_prob=0.0, fail_seed=None, rpc_timeout=30.0):
+    """A started gRPC server for a mapper or reducer, and the port it bound."""
+    injector = FailureInjector(fail_prob, fail_seed)
+    # so_reuseport off: otherwise a port another process holds looks free
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
+                         options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+    if role == "mapper":
+        pb_grpc.add_MapperServicer_to_server(MapperServicer(data_dir, injector), server)
+    else:
+        pb_grpc.add_ReducerServicer_to_server(ReducerServicer(data_dir, injector, rpc_timeout), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise InputError(f"cannot listen on {address}: port in use or address not available")
+    server.start()
+    return server, bound
+
+
+def serve_until_stopped(server, should_stop):
+    """Block until SIGTERM/SIGINT (or should_stop()), then stop the server gracefully."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(0.2):
+        if should_stop():
+            break
+    server.stop(grace=1.0).wait()
+    log.info("stopped")
+
+
+def spawned_worker(role, index, options, log_path, connection):
+    """Entry point of a worker process the master spawns: serve, report the port, obey the master."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the master's to handle
+    setup_logging(f"{role} {index}", log_path, console_level=logging.WARNING)
+    parent = os.getppid()
+    try:
+        server, port = start_server(role, "127.0.0.1", 0, options["data_dir"], options["fail_prob"],
+                                    None if options["fail_seed"] is None
+                                    else options["fail_seed"] * 1000 + index,
+                                    options["rpc_timeout"])
+    except InputError as error:
+        connection.send(("error", str(error)))
+        return
+    log.info("%s %d listening on 127.0.0.1:%d", role, index, port)
+    connection.send(("ready", port))
+    connection.close()
+    serve_until_stopped(server, lambda: os.getppid() != parent)   # the master died: leave too
+
+
+# ####################################################################################################
+# Master: workers, one iteration as named stages, the run loop
+# ####################################################################################################
+
+
+@dataclass
+class Worker:
+    """A mapper or reducer the master talks to, over one channel kept for the whole run."""
+
+    role: str
+    index: int
+    address: str
+    process: object = None     # the multiprocessing.Process when the master spawned it
+    channel: object = None
+    stub: object = None
+    alive: bool = True
+
+    @property
+    def name(self):
+        return f"{self.role} {self.index} ({self.address})"
+
+
+@dataclass
+class JobOptions:
+    """Everything a master run needs, already validated."""
+
+    input_path: str
+    mappers: int
+    reducers: int
+    clusters: int
+    iterations: int
+    data_dir: str = "Data"
+    seed: int = None
+    init_path: str = None
+    tol: float = 0.0
+    mapper_addrs: list = None
+    reducer_addrs: list = None
+    rpc_timeout: float = 30.0
+    max_attempts: int = 4
+    combine: bool = False
+    fail_prob: float = 0.0
+    fail_seed: int = None
+
+
+@dataclass
+class IterationStats:
+    """What one iteration did, for the log and the caller."""
+
+    iteration: int
+    shift: float
+    moved: int
+    sse: float
+    seconds: float
+
+
+@dataclass
+class JobResult:
+    """A finished run: final centroids and the story of each iteration."""
+
+    centroids: list
+    initial: list
+    seed: int
+    iterations: list
+    converged: bool
+
+
+class TaskFailed(Exception):
+    """A worker answered FAILURE: the task is re-assigned, the worker stays."""
+
+    def __init__(self, message, reply):
+        super().__init__(message)
+        self.reply = reply
+
+
+class WorkerLost(Exception):
+    """A worker did not answer in time or at all: it is marked dead."""
+
+
+class Master:
+    """Owns the workers and runs the job, one named stage at a time."""
+
+    def __init__(self, options):
+        self.options = options
+        self.job = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.mappers, self.reducers = [], []
+        self.context = multiprocessing.get_context("spawn")
+        self.log_path = os.path.join(options.data_dir, "dump.txt")
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def start_workers(self):
+        """Spawn (or connect to) every worker; spawning happens before the master touches gRPC."""
+        options = self.options
+        if options.mapper_addrs is None:
+            self.mappers = self.spawn("mapper", options.mappers)
+        else:
+            self.mappers = [Worker("mapper", i, a) for i, a in enumerate(options.mapper_addrs, 1)]
+        if options.reducer_addrs is None:
+            self.reducers = self.spawn("reducer", options.reducers)
+        else:
+            self.reducers = [Worker("reducer", i, a) for i, a in enumerate(options.reducer_addrs, 1)]
+        for worker in self.mappers + self.reducers:
+            self.connect(worker)
+
+    def spawn(self, role, count):
+        """Start `count` worker processes and learn their ports."""
+        settings = {"data_dir": self.options.data_dir, "fail_prob": self.options.fail_prob,
+                    "fail_seed": self.options.fail_seed, "rpc_timeout": self.options.rpc_timeout}
+        workers = []
+        for index in range(1, count + 1):
+            receiver, sender = self.context.Pipe(duplex=False)
+            process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
+                                           args=(role, index, settings, self.log_path, sender),
+                                           daemon=True)
+            process.start()
+            sender.close()
+            workers.append(Worker(role, index, "", process))
+            workers[-1].receiver = receiver
+        for worker in workers:
+            worker.address = self.await_port(worker)
+        return workers
+
+    def await_port(self, worker):
+        """The address a spawned worker reports once it listens."""
+        receiver = worker.__dict__.pop("receiver")
+        try:
+            if not receiver.poll(max(30.0, self.options.rpc_timeout)):
+                raise JobError(f"{worker.role} {worker.index} did not start in time")
+            state, detail = receiver.recv()
+        except EOFError:
+            raise JobError(f"{worker.role} {worker.index} exited while starting") from None
+        finally:
+            receiver.close()
+        if state != "ready":
+            raise JobError(f"{worker.role} {worker.index} could not start: {detail}")
+        log.info("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
+                 worker.process.pid, detail)
+        return f"127.0.0.1:{detail}"
+
+    def connect(self, worker):
+        """Open the worker's channel and wait (bounded) until it answers a Ping."""
+        worker.channel = grpc.insecure_channel(worker.address, options=GRPC_OPTIONS)
+        stub_type = pb_grpc.MapperStub if worker.role == "mapper" else pb_grpc.ReducerStub
+        worker.stub = stub_type(worker.channel)
+        try:
+            grpc.channel_ready_future(worker.channel).result(timeout=self.options.rpc_timeout)
+            reply = worker.stub.Ping(pb.PingRequest(), timeout=self.options.rpc_timeout)
+        except (grpc.FutureTimeoutError, grpc.RpcError):
+            raise JobError(f"no {worker.role} answers at {worker.address} "
+                           f"(waited {self.options.rpc_timeout:g} s)") from None
+        if reply.role != worker.role:
+            raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
+        log.info("%s answers: PID %d", worker.name, reply.pid)
+
+    def stop_workers(self):
+        """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
+        for worker in self.mappers + self.reducers:
+            if worker.channel is not None:
+                worker.channel.close()
+        spawned = [w.process for w in self.mappers + self.reducers if w.process is not None]
+        for process in spawned:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + 3.0
+        for process in spawned:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    # -- running tasks -------------------------------------------------------------------------
+
+    def call(self, worker, method, request, what):
+        """One RPC with a deadline, logged as sent and answered (SUCCESS or FAILURE)."""
+        log.info("-> %s to %s", what, worker.name)
+        started = time.perf_counter()
+        try:
+            response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout)
+        except grpc.RpcError as error:
+            log.info("<- %s FAILURE from %s: %s %s", what, worker.name, error.code().name,
+                     error.details())
+            raise WorkerLost(f"{worker.name}: {error.code().name}") from None
+        elapsed = 1000 * (time.perf_counter() - started)
+        if not response.status.success:
+            log.info("<- %s FAILURE from %s: %s (%.1f ms)", what, worker.name, response.status.message,
+                     elapsed)
+            raise TaskFailed(response.status.message, response.reply)
+        log.info("<- %s SUCCESS from %s (%.1f ms)", what, worker.name, elapsed)
+        return response.reply
+
+    def run_tasks(self, workers, tasks, attempts, run_one):
+        """Run every task on some live worker, re-assigning failed ones; {task: (worker, result)}.
+
+        `attempts` counts tries per task for the whole iteration; run_one(worker, task, attempt)
+        may raise TaskFailed (re-assign) or WorkerLost (mark the worker dead, re-assign).
+        """
+        pending, results, running = list(tasks), {}, {}
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(workers))) as pool:
+            while pending or running:
+                busy = {id(w) for w, _ in running.values()}
+                for worker in workers:
+                    if pending and worker.alive and id(worker) not in busy:
+                        task = pending.pop(0)
+                        attempts[task] = attempts.get(task, 0) + 1
+                        if attempts[task] > self.options.max_attempts:
+                            raise JobError(f"{workers[0].role} task {task} failed "
+                                           f"{self.options.max_attempts} times; giving up")
+                        future = pool.submit(run_one, worker, task, attempts[task])
+                        running[future] = (worker, task)
+                if not running:
+                    raise JobError(f"no live {workers[0].role} left")
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    worker, task = running.pop(future)
+                    try:
+                        results[task] = (worker, future.result())
+                    except TaskFailed:
+                        pending.append(task)
+                    except WorkerLost:
+                        worker.alive = False
+                        log.info("%s marked dead; task %d re-assigned", worker.name, task)
+                        pending.append(task)
+        return results
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def map_stage(self, iteration, tasks, centroids, previous, attempts):
+        """Map: run the given map tasks; {task: (mapper, MapReply)}."""
+        ranges = self.ranges
+
+        def run_one(worker, task, attempt):
+            start, end = ranges[task - 1]
+            request = pb.MapRequest(job=self.job, iteration=iteration, task=task, attempt=attempt,
+                                    input_path=self.input_path, start=start, end=end,
+                                    reducers=self.options.reducers, centroids=flatten(centroids),
+                                    combine=self.options.combine)
+            if previous is not None:
+                request.previous.CopyFrom(flatten(previous))
+            return self.call(worker, "Map", request,
+                             f"Map(task {task}, iteration {iteration}, attempt {attempt})")
+
+        return self.run_tasks(self.mappers, tasks, attempts, run_one)
+
+    def reduce_stage(self, iteration, partitions, map_results, attempts):
+        """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
+        outputs = [pb.MapOutput(task=task, address=worker.address)
+                   for task, (worker, _) in sorted(map_results.items())]
+        lost = set()
+
+        def run_one(worker, partition, attempt):
+            request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition,
+                                       attempt=attempt, outputs=outputs, dim=self.dim,
+                                       clusters=self.options.clusters)
+            what = f"Reduce(partition {partition}, iteration {iteration}, attempt {attempt})"
+            try:
+                self.call(worker, "Reduce", request, what)
+            except TaskFailed as failed:
+                if not failed.reply.missing_tasks:
+                    raise
+                lost.update(failed.reply.missing_tasks)
+                return None
+            return self.call(worker, "GetResult",
+                             pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
+                             f"GetResult(partition {partition}, iteration {iteration})")
+
+        done = self.run_tasks(self.reducers, partitions, attempts, run_one)
+        results = {p: reply for p, (_, reply) in done.items() if reply is not None}
+        return results, lost
+
+    def iterate(self, iteration, centroids, previous):
+        """One MapReduce round: map, shuffle + reduce, compile and account; returns new centroids."""
+        map_attempts, reduce_attempts = {}, {}
+        map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
+                                     previous, map_attempts)
+        results = {}
+        pending = list(range(1, self.options.reducers + 1))
+        while pending:
+            finished, lost = self.reduce_stage(iteration, pending, map_results, reduce_attempts)
+            results.update(finished)
+            pending = [p for p in pending if p not in results]
+            if lost:
+                log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
+                map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
+                                                  map_attempts))
+        return self.compile(iteration, centroids, map_results, results)
+
+    def compile(self, iteration, centroids, map_results, results):
+        """New centroids from the reducers' means, after checking every point was counted once."""
+        replies = {task: reply for task, (_, reply) in map_results.items()}
+        problems = []
+        for task, (start, end) in enumerate(self.ranges, 1):
+            if replies[task].points != end - start:
+                problems.append(f"map task {task} mapped {replies[task].points} of {end - start} points")
+        means, counted = {}, 0
+        task_order = sorted(replies)
+        for partition, result in sorted(results.items()):
+            for task, received in zip(task_order, result.points_from_task):
+                sent = replies[task].partition_points[partition - 1]
+                if received != sent:
+                    problems.append(f"reducer {partition} got {received} of {sent} points of map task {task}")
+            for cluster in result.clusters:
+                if cluster.key in means or partition_of(cluster.key, self.options.reducers) != partition - 1:
+                    problems.append(f"cluster {cluster.key} reported by reducer {partition}")
+                means[cluster.key] = tuple(cluster.mean)
+                counted += cluster.count
+        if counted != self.points:
+            problems.append(f"reducers counted {counted} points, the input has {self.points}")
+        if problems:
+            raise JobError(f"iteration {iteration}: points lost or counted twice: {'; '.join(problems)}")
+        log.info("iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
+                 iteration, self.points, len(replies), len(results))
+        moved = sum(reply.moved for reply in replies.values())
+        sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
+        return next_centroids(centroids, means), moved, sse
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self):
+        """Validate the input, start workers, iterate; returns a JobResult."""
+        options = self.options
+        seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
+        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g seed=%d", self.job, options.input_path,
+                 options.mappers, options.reducers, options.clusters, options.iterations, options.tol, seed)
+        scan = scan_input(options.input_path, options.clusters, seed)
+        if len(scan.sample) < options.clusters:
+            raise InputError(f"K={options.clusters} is larger than the number of distinct points "
+                             f"({len(scan.sample)}) in {options.input_path}")
+        self.points, self.dim = scan.points, scan.dim
+        self.input_path = os.path.abspath(options.input_path)
+        self.ranges = split_ranges(scan.points, options.mappers)
+        if options.init_path:
+            centroids = read_centroids(options.init_path, options.clusters, scan.dim)
+        else:
+            centroids = scan.sample
+        log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
+        log.info("initial centroids: %s", "  ".join(map(format_point, centroids)))
+        self.start_workers()
+        stats, previous, converged = [], None, False
+        for iteration in range(1, options.iterations + 1):
+            started = time.perf_counter()
+            log.info("iteration %d: start", iteration)
+            new, moved, sse = self.iterate(iteration, centroids, previous)
+            shift = largest_shift(centroids, new)
+            previous, centroids = centroids, new
+            write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
+            stats.append(IterationStats(iteration, shift, moved, sse, time.perf_counter() - started))
+            log.info("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
+            log.info("iteration %d: shift %.6g, %d points moved, SSE %.10g, %.3f s", iteration, shift,
+                     moved, sse, stats[-1].seconds)
+            if shift <= options.tol:
+                converged = True
+                log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
+                         shift, options.tol)
+                break
+        if options.iterations == 0:
+            write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
+        return JobResult(centroids, scan.sample if not options.init_path else centroids, seed, stats,
+                         converged)
+
+
+def run_job(options):
+    """Run one master job with its own workers; they are stopped however the job ends."""
+    master = Master(options)
+    try:
+        return master.run()
+    finally:
+        master.stop_workers()
+
+
+# ####################################################################################################
+# Command line
+# ####################################################################################################
+
+
+def setup_logging(role, log_path, console_level=logging.INFO):
+    """Log lines prefixed by role and PID to stderr and, appended, to dump.txt."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    formatter = logging.Formatter(f"%(asctime)s [{role} %(process)d] %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(formatter)
+    log.addHandler(console)
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        dump = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+        dump.setFormatter(formatter)
+        log.addHandler(dump)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line and exit code 2."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def addresses(text):
+    """'host:port,host:port' as a list."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"{item!r} is not host:port")
+    if not items:
+        raise argparse.ArgumentTypeError("no address given")
+    return items
+
+
+def parse_args(argv=None):
+    """The command line of every role."""
+    parser = ArgumentParser(prog="kmr.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=["master", "mapper", "reducer"], required=True)
+    parser.add_argument("--data-dir", default="Data", help="where a run writes everything (default Data)")
+    parser.add_argument("--rpc-timeout", type=float, default=30.0,
+                        help="deadline of every RPC and of waiting for a worker, seconds (default 30)")
+    master = parser.add_argument_group("master")
+    master.add_argument("-M", type=int, default=3, help="map tasks (default 3)")
+    master.add_argument("-R", type=int, default=2, help="reduce tasks = partitions (default 2)")
+    master.add_argument("-K", type=int, default=2, help="clusters (default 2)")
+    master.add_argument("-n", type=int, default=20, help="iterations at most (default 20)")
+    master.add_argument("--input", default="points.txt", help="points, one 'x,y,...' per line")
+    master.add_argument("--seed", type=int, help="seed of the initial draw (default: random, logged)")
+    master.add_argument("--init", metavar="FILE", help="initial centroids, one per line")
+    master.add_argument("--tol", type=float, default=0.0,
+                        help="stop when no centroid moved more than this (default 0: a fixed point)")
+    master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
+    master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
+    master.add_argument("--max-attempts", type=int, default=4, help="tries per task per iteration")
+    worker = parser.add_argument_group("mapper and reducer")
+    worker.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free port)")
+    args = parser.parse_args(argv)
+    checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, 10**6),
+              ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
+              ("--max-attempts", args.max_attempts, 1, 100)]
+    for flag, value, low, high in checks:
+        if not low <= value <= high:
+            raise InputError(f"{flag} must be between {low} and {high}, got {value}")
+    if not (math.isfinite(args.tol) and args.tol >= 0):
+        raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
+    if not (math.isfinite(args.rpc_timeout) and args.rpc_timeout > 0):
+        raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
+    return args
+
+
+def run_master(args):
+    """The master role: run the job and print the final centroids on stdout."""
+    log_path = os.path.join(args.data_dir, "dump.txt")
+    try:
+        write_atomic(log_path, "")
+    except OSError as error:
+        raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
+    setup_logging("master", log_path)
+    options = JobOptions(input_path=args.input, mappers=args.M, reducers=args.R, clusters=args.K,
+                         iterations=args.n, data_dir=args.data_dir, seed=args.seed, init_path=args.init,
+                         tol=args.tol, mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
+                         rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts)
+    result = run_job(options)
+    sys.stdout.write(format_centroids(result.centroids))
+    return 0
+
+
+def run_worker(args):
+    """The mapper or reducer role, standalone: serve until SIGTERM or Ctrl-C."""
+    setup_logging(args.role, os.path.join(args.data_dir, f"{args.role}-{os.getpid()}.log"))
+    server, port = start_server(args.role, args.host, args.port, args.data_dir, rpc_timeout=args.rpc_timeout)
+    log.info("%s listening on %s:%d", args.role, args.host, port)
+    print(f"{args.host}:{port}", flush=True)
+    serve_until_stopped(server, lambda: False)
+    return 0
+
+
+def main(argv=None):
+    """Run one role; every expected failure ends in one line on stderr and an exit code."""
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        args = parse_args(argv)
+        return run_master(args) if args.role == "master" else run_worker(args)
+    except InputError as error:
+        return report(error, EXIT_USAGE)
+    except JobError as error:
+        return report(error, EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        return report("interrupted", EXIT_INTERRUPTED)
+    except Terminated:
+        return report("terminated", EXIT_TERMINATED)
+
+
+def report(error, code):
+    """One error line on stderr (and in dump.txt when logging is on); returns the exit code."""
+    message = f"kmr: error: {error}"
+    if log.handlers:
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
+    print(message, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
