@@ -369,18 +369,19 @@ def scan_input(path, clusters, seed):
     return InputScan(count, dim, sorted(chosen, key=chosen.get))
 
 
-def read_split(path, start, end):
-    """The points with index in [start, end) as columns, parsed and validated."""
+def read_split(path, start, end, dim):
+    """The points with index in [start, end) as D columns, parsed and validated."""
     points = []
     with open_text(path) as lines:
-        for index, (_, point) in enumerate(parse_points(lines, path)):
+        for index, (line_number, point) in enumerate(parse_points(lines, path)):
             if index >= end:
                 break
             if index >= start:
+                if len(point) != dim:
+                    raise InputError(f"{path}:{line_number}: {len(point)} coordinates, expected {dim}")
                 points.append(point)
     if len(points) != end - start:
         raise InputError(f"{path}: has fewer than {end} points")
-    dim = len(points[0]) if points else 0
     return to_columns(points, dim)
 
 
@@ -577,17 +578,14 @@ class MapperServicer(pb_grpc.MapperServicer):
         path = request.input_path
         status = os.stat(path)
         stamp = (status.st_size, status.st_mtime_ns)
-        key = (request.job, path, request.start, request.end)
+        key = (request.job, path, request.start, request.end, request.centroids.dim)
         with self.lock:
             split = self.splits.get(key)
         if split is None or split.stamp != stamp:
-            split = Split(stamp, read_split(path, request.start, request.end))
+            split = Split(stamp, read_split(path, request.start, request.end, request.centroids.dim))
             with self.lock:
                 self.splits = {k: v for k, v in self.splits.items() if k[0] == request.job}
                 self.splits[key] = split
-        if split.columns and len(split.columns) != request.centroids.dim:
-            raise InputError(f"{path}: points have {len(split.columns)} coordinates, centroids "
-                             f"{request.centroids.dim}")
         return split
 
     @staticmethod
@@ -833,6 +831,12 @@ class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
 
 
+# A worker that answers these is gone or unreachable; one that answers REFUSALS never will do the task.
+LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+
+
 class Master:
     """Owns the workers and runs the job, one named stage at a time."""
 
@@ -934,9 +938,13 @@ class Master:
         try:
             response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout)
         except grpc.RpcError as error:
-            log.info("<- %s FAILURE from %s: %s %s", what, worker.name, error.code().name,
-                     error.details())
-            raise WorkerLost(f"{worker.name}: {error.code().name}") from None
+            code = error.code()
+            log.info("<- %s FAILURE from %s: %s %s", what, worker.name, code.name, error.details())
+            if code in REFUSALS:
+                raise JobError(f"{worker.name} refused {what}: {code.name}: {error.details()}") from None
+            if code in LOST:
+                raise WorkerLost(f"{code.name}") from None
+            raise TaskFailed(f"{code.name}: {error.details()}", None) from None
         elapsed = 1000 * (time.perf_counter() - started)
         if not response.status.success:
             log.info("<- %s FAILURE from %s: %s (%.1f ms)", what, worker.name, response.status.message,
@@ -951,7 +959,7 @@ class Master:
         `attempts` counts tries per task for the whole iteration; run_one(worker, task, attempt)
         may raise TaskFailed (re-assign) or WorkerLost (mark the worker dead, re-assign).
         """
-        pending, results, running = list(tasks), {}, {}
+        pending, results, running, last_error = list(tasks), {}, {}, {}
         with concurrent.futures.ThreadPoolExecutor(max(1, len(workers))) as pool:
             while pending or running:
                 busy = {id(w) for w, _ in running.values()}
@@ -961,7 +969,7 @@ class Master:
                         attempts[task] = attempts.get(task, 0) + 1
                         if attempts[task] > self.options.max_attempts:
                             raise JobError(f"{workers[0].role} task {task} failed "
-                                           f"{self.options.max_attempts} times; giving up")
+                                           f"{self.options.max_attempts} times, last: {last_error[task]}")
                         future = pool.submit(run_one, worker, task, attempts[task])
                         running[future] = (worker, task)
                 if not running:
@@ -971,9 +979,11 @@ class Master:
                     worker, task = running.pop(future)
                     try:
                         results[task] = (worker, future.result())
-                    except TaskFailed:
+                    except TaskFailed as failed:
+                        last_error[task] = failed
                         pending.append(task)
-                    except WorkerLost:
+                    except WorkerLost as lost:
+                        last_error[task] = f"{worker.name} lost ({lost})"
                         worker.alive = False
                         log.info("%s marked dead; task %d re-assigned", worker.name, task)
                         pending.append(task)
@@ -1012,7 +1022,7 @@ class Master:
             try:
                 self.call(worker, "Reduce", request, what)
             except TaskFailed as failed:
-                if not failed.reply.missing_tasks:
+                if failed.reply is None or not failed.reply.missing_tasks:
                     raise
                 lost.update(failed.reply.missing_tasks)
                 return None

@@ -1,0 +1,159 @@
+"""Shared test machinery: hypothesis profiles, the kmr command line, a pool of standalone workers.
+
+Every process a test starts is stopped in a `finally`; every master run gets a tag in its
+environment so a test can prove that nothing it started (or that the master spawned) is left.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+KMR = ROOT / "kmr.py"
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(ROOT))
+
+settings.register_profile("dev", max_examples=15, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+TAG_VARIABLE = "KMR_TEST_TAG"
+
+
+def tagged_processes(tag):
+    """PIDs of live processes whose environment carries this tag (a run and all it spawned)."""
+    found = []
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_tagged(tag):
+    """Kill what a test started and left (only processes carrying its own tag)."""
+    for pid in tagged_processes(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kmr_env(tag, extra=None):
+    """Environment for a kmr subprocess: the stubs importable, a tag to find its processes by."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{TAG_VARIABLE: tag})
+    env.update(extra or {})
+    return env
+
+
+def run_kmr(*args, cwd, timeout=120, env=None):
+    """Run `python kmr.py ARGS` to completion; returns the CompletedProcess.
+
+    Asserts that the run left no process of its own behind, however it ended.
+    """
+    tag = uuid.uuid4().hex
+    try:
+        result = subprocess.run([sys.executable, str(KMR), *map(str, args)], cwd=cwd, timeout=timeout,
+                                env=kmr_env(tag, env), capture_output=True, text=True)
+        for _ in range(50):   # spawned workers notice the master is gone within 0.2 s
+            if not tagged_processes(tag):
+                break
+            time.sleep(0.1)
+        assert tagged_processes(tag) == [], f"kmr left processes behind: {tagged_processes(tag)}"
+        return result
+    finally:
+        stop_tagged(tag)
+
+
+class StandaloneWorker:
+    """A `kmr.py --role mapper|reducer --port 0` process and the address it printed."""
+
+    def __init__(self, role, cwd, *extra):
+        self.tag = uuid.uuid4().hex
+        self.process = subprocess.Popen(
+            [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
+            cwd=cwd, env=kmr_env(self.tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline().strip()
+        if not line:
+            self.stop()
+            raise RuntimeError(f"{role} did not start: {self.process.stderr.read()}")
+        self.address = line
+
+    def stop(self):
+        """SIGTERM, then SIGKILL if it does not leave in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
+        stop_tagged(self.tag)
+
+
+class WorkerPool:
+    """Standalone mappers and reducers shared by many examples."""
+
+    def __init__(self, cwd, mappers, reducers, *extra):
+        self.workers = []
+        try:
+            self.mappers = [self.start("mapper", cwd, *extra) for _ in range(mappers)]
+            self.reducers = [self.start("reducer", cwd, *extra) for _ in range(reducers)]
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, role, cwd, *extra):
+        """Start one worker and remember it for stop()."""
+        worker = StandaloneWorker(role, cwd, *extra)
+        self.workers.append(worker)
+        return worker.address
+
+    def stop(self):
+        """Stop every worker of the pool."""
+        for worker in self.workers:
+            worker.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_pool(tmp_path_factory):
+    """Five mappers and four reducers, started once per test session."""
+    root = tmp_path_factory.mktemp("pool")
+    pool = WorkerPool(root, 5, 4)
+    pool.root = root
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def read_points(path):
+    """Points of a file, parsed the simple way (independent of kmr's parser)."""
+    points = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            points.append(tuple(float(x) for x in line.split(",")))
+    return points
+
+
+def centroid_lines(text):
+    """A centroid file's lines as a sorted list (the order of clusters is not part of the answer)."""
+    return sorted(line.strip() for line in text.splitlines() if line.strip())

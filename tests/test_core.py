@@ -1,0 +1,160 @@
+"""The pure core, function by function: parse, split, map, partition, combine, shuffle-sort, reduce."""
+
+import math
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, strategies as st
+
+import kmr
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+def points_of(dim, max_size=60):
+    """Lists of D-dimensional points, duplicates likely."""
+    return st.lists(st.tuples(*[finite] * dim), min_size=1, max_size=max_size)
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, expected", [
+    ("0.4,7.2", (0.4, 7.2)),
+    ("2.4253966361924117, 14.200140998826638 ", (2.4253966361924117, 14.200140998826638)),
+    ("8.6,2.6\r\n", (8.6, 2.6)),
+    ("  -3 , 4e2\n", (-3.0, 400.0)),
+    ("5", (5.0,)),
+])
+def test_parse_point_accepts_what_real_files_contain(line, expected):
+    assert kmr.parse_point(line, "f:1") == expected
+
+
+@pytest.mark.parametrize("line", ["", "   ", "\r\n", "\n"])
+def test_blank_lines_are_no_point(line):
+    assert kmr.parse_point(line, "f:1") is None
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("1.0,abc", "'abc' is not a number"),
+    ("1.0,,2.0", "'' is not a number"),
+    ("nan,1", "not a finite number"),
+    ("1,-inf", "not a finite number"),
+    ("1e200,1", "too large"),
+])
+def test_parse_point_names_what_is_wrong(line, fragment):
+    with pytest.raises(kmr.InputError, match="f:9: ") as error:
+        kmr.parse_point(line, "f:9")
+    assert fragment in str(error.value)
+
+
+def test_parse_points_keeps_file_line_numbers_across_blank_lines():
+    lines = ["1,2\n", "\n", "3,4\n", "  \n", "5,6,7\n"]
+    with pytest.raises(kmr.InputError, match=r"f:5: 3 coordinates, expected 2"):
+        list(kmr.parse_points(lines, "f"))
+    assert [n for n, _ in kmr.parse_points(lines[:4], "f")] == [1, 3]
+
+
+# -- split ------------------------------------------------------------------------------------------
+
+@given(st.integers(0, 10_000), st.integers(1, 300))
+def test_split_ranges_cover_every_index_once_with_sizes_within_one(n_points, n_tasks):
+    ranges = kmr.split_ranges(n_points, n_tasks)
+    assert len(ranges) == n_tasks
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_points
+    assert all(end == next_start for (_, end), (next_start, _) in zip(ranges, ranges[1:]))
+    sizes = [end - start for start, end in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+# -- map --------------------------------------------------------------------------------------------
+
+@given(st.integers(1, 4).flatmap(lambda d: st.tuples(points_of(d), points_of(d, 8))))
+def test_assign_clusters_equals_nearest_point_by_point(data):
+    points, centroids = data
+    keys, distances = kmr.assign_clusters(kmr.to_columns(points, len(points[0])), centroids)
+    assert keys == [kmr.nearest(p, centroids) for p in points]
+    assert distances == [kmr.squared_distance(p, centroids[k]) for p, k in zip(points, keys)]
+
+
+def test_ties_go_to_the_lowest_centroid_index():
+    centroids = [(2.0, 0.0), (0.0, 0.0), (-2.0, 0.0), (0.0, 0.0)]
+    keys, _ = kmr.assign_clusters([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], centroids)
+    assert keys == [0, 1, 1]   # (1,0) is as near to 0 as to 1; (-1,0) to 1, 2 and 3
+
+
+# -- partition, combine, shuffle-sort, reduce ------------------------------------------------------
+
+@given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 9))
+def test_partition_sends_each_key_to_exactly_one_reducer(keys, reducers):
+    columns = [[float(i) for i in range(len(keys))]]
+    partitions = kmr.partition_points(keys, columns, reducers)
+    owners = {}
+    for number, (part_keys, part_columns) in enumerate(partitions):
+        assert all(kmr.partition_of(k, reducers) == number for k in part_keys)
+        for key in part_keys:
+            owners.setdefault(key, set()).add(number)
+        assert len(part_columns[0]) == len(part_keys)
+    assert all(len(o) == 1 for o in owners.values())
+    assert sorted(i for _, (c,) in partitions for i in c) == columns[0]   # no pair lost or doubled
+
+
+def test_shuffle_sort_groups_by_key_in_ascending_order():
+    batch1 = ([2, 0, 2], [[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    batch2 = ([0], [[4.0], [40.0]])
+    groups = kmr.shuffle_sort([batch1, batch2], [], 2)
+    assert [key for key, _ in groups] == [0, 2]
+    assert (groups[0][1].count, groups[0][1].terms) == (2, [[2.0, 4.0], [20.0, 40.0]])
+    assert (groups[1][1].count, groups[1][1].terms) == (2, [[1.0, 3.0], [10.0, 30.0]])
+
+
+def test_reduce_is_the_correctly_rounded_mean():
+    columns = [[0.1, 0.2, 0.3], [1e16, 1.0, -1e16]]
+    exact = [float(sum(map(Fraction, column))) / 3 for column in columns]   # round(exact sum) / count
+    assert kmr.reduce_cluster(kmr.Group(3, columns)) == tuple(exact) == (0.6 / 3, 1.0 / 3)
+    assert (0.1 + 0.2 + 0.3, 1e16 + 1.0 - 1e16) != (0.6, 1.0)   # a naive sum would differ
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e150, max_value=1e150)))
+def test_exact_terms_sum_exactly_to_the_values(values):
+    terms = kmr.exact_terms(values)
+    assert sum(map(Fraction, terms), Fraction(0)) == sum(map(Fraction, values), Fraction(0))
+    assert math.fsum(terms) == math.fsum(values)
+
+
+@given(st.integers(1, 3).flatmap(lambda d: st.tuples(points_of(d, 80), st.integers(1, 5),
+                                                      st.integers(1, 4))))
+def test_combined_records_reduce_to_the_same_means_as_points(data):
+    points, clusters, pieces = data
+    dim = len(points[0])
+    keys = [i % clusters for i in range(len(points))]
+    plain = kmr.shuffle_sort([(keys, kmr.to_columns(points, dim))], [], dim)
+    combined = []
+    for piece in range(pieces):   # combine each mapper's share separately, as mappers would
+        share = points[piece::pieces]
+        combined += kmr.combine(keys[piece::pieces], kmr.to_columns(share, dim)) if share else []
+    merged = kmr.shuffle_sort([], combined, dim)
+    assert [(k, g.count, repr(kmr.reduce_cluster(g))) for k, g in plain] == \
+           [(k, g.count, repr(kmr.reduce_cluster(g))) for k, g in merged]
+
+
+def test_empty_cluster_keeps_its_previous_centroid():
+    old = [(0.0, 0.0), (5.0, 5.0), (9.0, 9.0)]
+    assert kmr.next_centroids(old, {0: (1.0, 1.0), 2: (8.0, 8.0)}) == [(1.0, 1.0), (5.0, 5.0), (8.0, 8.0)]
+
+
+def test_partition_chunks_round_trip_through_bytes():
+    keys, columns = [3, 1, 3], [[0.1, -2.5, 1e-300], [7.0, 8.0, -0.0]]
+    decoded = [kmr.decode_chunk(c) for c in kmr.point_chunks(keys, columns)]
+    assert decoded == [("points", (keys, columns))]
+    records = kmr.combine(keys, columns)
+    assert [kmr.decode_chunk(c) for c in kmr.combined_chunks(records, 2)] == [("combined", records)]
+
+
+# -- the sequential reference on published cases --------------------------------------------------
+
+def test_reference_reproduces_a_hand_computed_iteration():
+    points = [(0.0,), (1.0,), (10.0,), (12.0,)]
+    centroids, iterations = kmr.kmeans_reference(points, [(0.0,), (1.0,)], 1)
+    assert centroids == [(0.0,), (23.0 / 3,)] and iterations == 1
+    centroids, iterations = kmr.kmeans_reference(points, [(0.0,), (1.0,)], 10)
+    assert centroids == [(0.5,), (11.0,)] and iterations == 3
