@@ -766,6 +766,7 @@ class Worker:
     index: int
     address: str
     process: object = None     # the multiprocessing.Process when the master spawned it
+    receiver: object = None    # its end of the pipe the port arrives on, until it does
     channel: object = None
     stub: object = None
     alive: bool = True
@@ -852,38 +853,35 @@ class Master:
     def start_workers(self):
         """Spawn (or connect to) every worker; spawning happens before the master touches gRPC."""
         options = self.options
-        if options.mapper_addrs is None:
-            self.mappers = self.spawn("mapper", options.mappers)
-        else:
-            self.mappers = [Worker("mapper", i, a) for i, a in enumerate(options.mapper_addrs, 1)]
-        if options.reducer_addrs is None:
-            self.reducers = self.spawn("reducer", options.reducers)
-        else:
-            self.reducers = [Worker("reducer", i, a) for i, a in enumerate(options.reducer_addrs, 1)]
+        given = {"mapper": options.mapper_addrs, "reducer": options.reducer_addrs}
+        counts = {"mapper": options.mappers, "reducer": options.reducers}
+        pools = {}
+        for role in ("mapper", "reducer"):
+            if given[role] is None:
+                pools[role] = [self.spawn(role, index) for index in range(1, counts[role] + 1)]
+            else:
+                pools[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
+        self.mappers, self.reducers = pools["mapper"], pools["reducer"]
+        for worker in self.mappers + self.reducers:
+            if worker.process is not None:
+                worker.address = self.await_port(worker)
         for worker in self.mappers + self.reducers:
             self.connect(worker)
 
-    def spawn(self, role, count):
-        """Start `count` worker processes and learn their ports."""
+    def spawn(self, role, index):
+        """Start one worker process; it reports its port through a pipe (see await_port)."""
         settings = {"data_dir": self.options.data_dir, "fail_prob": self.options.fail_prob,
                     "fail_seed": self.options.fail_seed, "rpc_timeout": self.options.rpc_timeout}
-        workers = []
-        for index in range(1, count + 1):
-            receiver, sender = self.context.Pipe(duplex=False)
-            process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
-                                           args=(role, index, settings, self.log_path, sender),
-                                           daemon=True)
-            process.start()
-            sender.close()
-            workers.append(Worker(role, index, "", process))
-            workers[-1].receiver = receiver
-        for worker in workers:
-            worker.address = self.await_port(worker)
-        return workers
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
+                                       args=(role, index, settings, self.log_path, sender), daemon=True)
+        process.start()
+        sender.close()
+        return Worker(role, index, "", process, receiver=receiver)
 
     def await_port(self, worker):
         """The address a spawned worker reports once it listens."""
-        receiver = worker.__dict__.pop("receiver")
+        receiver, worker.receiver = worker.receiver, None
         try:
             if not receiver.poll(max(30.0, self.options.rpc_timeout)):
                 raise JobError(f"{worker.role} {worker.index} did not start in time")
