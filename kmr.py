@@ -29,7 +29,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-import grpc
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # gRPC's own C-core lines would break one-line errors
+import grpc  # noqa: E402  (after the environment it reads)
 
 try:
     import kmeans_pb2 as pb
@@ -1084,19 +1085,19 @@ class Master:
         """Validate the input, start workers, iterate; returns a JobResult."""
         options = self.options
         seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
-        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g seed=%d", self.job, options.input_path,
-                 options.mappers, options.reducers, options.clusters, options.iterations, options.tol, seed)
-        scan = scan_input(options.input_path, options.clusters, seed)
+        scan = scan_input(options.input_path, options.clusters, seed)   # input errors before any log line
         if len(scan.sample) < options.clusters:
             raise InputError(f"K={options.clusters} is larger than the number of distinct points "
                              f"({len(scan.sample)}) in {options.input_path}")
-        self.points, self.dim = scan.points, scan.dim
-        self.input_path = os.path.abspath(options.input_path)
-        self.ranges = split_ranges(scan.points, options.mappers)
         if options.init_path:
             centroids = read_centroids(options.init_path, options.clusters, scan.dim)
         else:
             centroids = scan.sample
+        self.points, self.dim = scan.points, scan.dim
+        self.input_path = os.path.abspath(options.input_path)
+        self.ranges = split_ranges(scan.points, options.mappers)
+        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g seed=%d", self.job, options.input_path,
+                 options.mappers, options.reducers, options.clusters, options.iterations, options.tol, seed)
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
         log.info("initial centroids: %s", "  ".join(map(format_point, centroids)))
         self.start_workers()
