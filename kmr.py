@@ -15,6 +15,7 @@ Results go to stdout, the log to stderr and Data/dump.txt.
 
 import argparse
 import concurrent.futures
+import hmac
 import logging
 import math
 import multiprocessing
@@ -44,7 +45,7 @@ EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 MAX_COORDINATE = 1e150        # larger values could overflow a squared distance to inf
 MAX_WORKERS = 256             # bound on M, R and the worker processes a master spawns
 CHUNK_RECORDS = 32768         # records per streamed partition chunk (~0.6 MiB at D=2)
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 16 << 20     # bound on any one gRPC message, both ways
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -477,8 +478,13 @@ def unflatten(message):
 
 
 # ####################################################################################################
-# gRPC services: thin servicers that convert messages and call the pure core
+# gRPC services: thin servicers that check requests, convert messages and call the pure core
 # ####################################################################################################
+
+TOKEN_KEY = "kmr-token"
+CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
+MAX_CLUSTERS = 100_000
+MAX_DIM = 4096
 
 
 def success(message=""):
@@ -491,18 +497,117 @@ def failure(message):
     return pb.Status(success=False, message=message)
 
 
-class FailureInjector:
-    """Makes each task fail with probability --fail-prob (seeded by --fail-seed)."""
+def token_metadata(token):
+    """Call metadata carrying the shared token (none when no token is set)."""
+    return ((TOKEN_KEY, token),) if token else ()
 
-    def __init__(self, probability, seed):
-        self.probability = probability
-        self.rng = random.Random(seed)
+
+@dataclass
+class WorkerSettings:
+    """How a mapper or reducer behaves; picklable, so the master can hand it to spawned workers."""
+
+    data_dir: str = "Data"
+    rpc_timeout: float = 30.0
+    token: str = ""
+    input_root: str = "."
+    fail_prob: float = 0.0
+    fail_seed: int = None
+    crashes: dict = field(default_factory=dict)   # phase -> iteration in which to die by SIGKILL
+
+
+class FaultInjector:
+    """Deliberate faults for tests and demonstrations: FAILURE replies and SIGKILL at a phase."""
+
+    def __init__(self, settings):
+        self.probability = settings.fail_prob
+        self.rng = random.Random(settings.fail_seed)
+        self.crashes = dict(settings.crashes)
         self.lock = threading.Lock()
 
-    def strikes(self):
-        """Whether this task should answer FAILURE."""
+    def fails(self, what):
+        """Whether this task should answer FAILURE (probability --fail-prob)."""
         with self.lock:
-            return self.probability > 0 and self.rng.random() < self.probability
+            strike = self.probability > 0 and self.rng.random() < self.probability
+        if strike:
+            log.info("%s: injected FAILURE", what)
+        return strike
+
+    def crash_point(self, phase, iteration, context):
+        """Die by SIGKILL here ('map', 'reduce') or right after the reply is sent ('after-...')."""
+        if self.crashes.get(phase) != iteration:
+            return
+        log.info("injected crash: SIGKILL %s iteration %d", phase, iteration)
+        if phase.startswith("after-"):
+            context.add_callback(lambda: os.kill(os.getpid(), signal.SIGKILL))
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Refuses every call that does not carry the shared token (UNAUTHENTICATED)."""
+
+    def __init__(self, token):
+        self.token = token.encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        supplied = dict(details.invocation_metadata).get(TOKEN_KEY, "")
+        if handler is None or hmac.compare_digest(supplied.encode(), self.token):
+            return handler
+        log.info("refused %s: missing or wrong token", details.method)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+        def deny_stream(request, context):
+            deny(request, context)
+            yield from ()
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def require(context, condition, message, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """Abort the call with `code` unless the request passes a check."""
+    if not condition:
+        log.info("refused: %s %s", code.name, message)
+        context.abort(code, message)
+
+
+def require_centroids(context, message, name):
+    """A Centroids message must be K x D finite doubles within bounds."""
+    dim, values = message.dim, message.values
+    require(context, 1 <= dim <= MAX_DIM, f"{name}: dimension {dim} out of range")
+    require(context, 0 < len(values) <= MAX_CLUSTERS * dim and len(values) % dim == 0,
+            f"{name}: {len(values)} values is not K x {dim}")
+    require(context, all(map(math.isfinite, values)), f"{name}: not finite")
+
+
+def resolve_input(path, root):
+    """The real path of an input file, which must lie below root (symlinks and '..' resolved)."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    return real if os.path.commonpath([real, real_root]) == real_root else None
+
+
+class LatestIteration:
+    """Remembers the newest iteration seen per task, so a stale attempt's output is dropped."""
+
+    def __init__(self):
+        self.newest = {}
+        self.lock = threading.Lock()
+
+    def admit(self, job, task, iteration):
+        """Record iteration; False when a newer iteration of this task was already seen."""
+        with self.lock:
+            key = (job, task)
+            if self.newest.get(key, 0) > iteration:
+                return False
+            if key[0] not in {k[0] for k in self.newest}:
+                self.newest = {}   # a new job: forget the old one
+            self.newest[key] = iteration
+            return True
 
 
 @dataclass
@@ -527,11 +632,12 @@ class MapOutput:
 class MapperServicer(pb_grpc.MapperServicer):
     """Runs map tasks and serves their partitions to reducers."""
 
-    def __init__(self, data_dir, injector):
-        self.data_dir = data_dir
-        self.injector = injector
+    def __init__(self, settings):
+        self.settings = settings
+        self.faults = FaultInjector(settings)
+        self.latest = LatestIteration()
         self.lock = threading.Lock()
-        self.splits = {}    # (job, path, start, end) -> Split
+        self.splits = {}    # (job, path, start, end, dim) -> Split
         self.outputs = {}   # map task -> MapOutput
 
     def Ping(self, request, context):
@@ -541,42 +647,55 @@ class MapperServicer(pb_grpc.MapperServicer):
         task, iteration = request.task, request.iteration
         log.info("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
                  request.attempt, request.start, request.end, request.input_path)
-        if self.injector.strikes():
-            log.info("Map task %d: injected FAILURE", task)
-            return pb.MapResponse(status=failure("injected failure"))
+        require(context, task >= 1 and iteration >= 1 and request.job, "task, iteration and job are required")
+        require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
+        require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
+        require_centroids(context, request.centroids, "centroids")
+        if request.HasField("previous"):
+            require_centroids(context, request.previous, "previous centroids")
+            require(context, request.previous.dim == request.centroids.dim and
+                    len(request.previous.values) == len(request.centroids.values), "previous: other shape")
+        path = resolve_input(request.input_path, self.settings.input_root)
+        require(context, path is not None, f"{request.input_path} is outside the input root",
+                grpc.StatusCode.PERMISSION_DENIED)
+        if self.faults.fails(f"Map task {task}") or not self.latest.admit(request.job, task, iteration):
+            return pb.MapResponse(status=failure("injected failure or stale attempt"))
+        self.faults.crash_point("map", iteration, context)
         try:
-            split = self.split(request)
-        except (InputError, OSError) as error:
+            split = self.split(request, path)
+        except OSError as error:   # the file may be missing on this host only: let another mapper try
             log.info("Map task %d: FAILURE %s", task, error)
-            return pb.MapResponse(status=failure(str(error)))
+            return pb.MapResponse(status=failure(f"cannot read {request.input_path}: {error.strerror}"))
+        except InputError as error:
+            require(context, False, str(error))
         centroids = unflatten(request.centroids)
         keys, distances = assign_clusters(split.columns, centroids)
         moved = self.count_moved(split, keys, request)
         split.keys, split.iteration = keys, iteration
         partitions = partition_points(keys, split.columns, request.reducers)
-        folder = os.path.join(self.data_dir, "Mappers", f"M{task}")
         if request.combine:
             combined = [combine(part_keys, part_columns) for part_keys, part_columns in partitions]
-            for number, records in enumerate(combined, 1):
-                write_atomic(os.path.join(folder, f"partition_{number}.txt"),
-                             format_combined_partition(records))
+            texts = [format_combined_partition(records) for records in combined]
             chunks = [list(combined_chunks(records, len(split.columns))) for records in combined]
         else:
-            for number, (part_keys, part_columns) in enumerate(partitions, 1):
-                write_atomic(os.path.join(folder, f"partition_{number}.txt"),
-                             format_partition(part_keys, part_columns))
+            texts = [format_partition(part_keys, part_columns) for part_keys, part_columns in partitions]
             chunks = [list(point_chunks(part_keys, part_columns)) for part_keys, part_columns in partitions]
+        if not self.latest.admit(request.job, task, iteration):
+            return pb.MapResponse(status=failure("stale attempt: a newer iteration of this task ran"))
+        folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
+        for number, text in enumerate(texts, 1):
+            write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
         with self.lock:
             self.outputs[task] = MapOutput(request.job, iteration, chunks)
         sizes = [len(part_keys) for part_keys, _ in partitions]
         log.info("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
+        self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=len(keys), moved=moved, partition_points=sizes,
                             sse_terms=exact_terms(distances))
         return pb.MapResponse(status=success(), reply=reply)
 
-    def split(self, request):
+    def split(self, request, path):
         """The task's points: parsed on first use, then kept while the file's size and mtime hold."""
-        path = request.input_path
         status = os.stat(path)
         stamp = (status.st_size, status.st_mtime_ns)
         key = (request.job, path, request.start, request.end, request.centroids.dim)
@@ -601,23 +720,23 @@ class MapperServicer(pb_grpc.MapperServicer):
         return sum(a != b for a, b in zip(previous, keys))
 
     def GetPartition(self, request, context):
+        require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
         with self.lock:
             output = self.outputs.get(request.task)
         if output is None or (output.job, output.iteration) != (request.job, request.iteration):
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"no output of map task {request.task} iteration {request.iteration}")
-        if not 1 <= request.partition <= len(output.partitions):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no partition {request.partition}")
+        require(context, request.partition <= len(output.partitions), f"no partition {request.partition}")
         yield from output.partitions[request.partition - 1]
 
 
 class ReducerServicer(pb_grpc.ReducerServicer):
     """Runs reduce tasks: pull one partition from every mapper, shuffle-sort, reduce."""
 
-    def __init__(self, data_dir, injector, rpc_timeout):
-        self.data_dir = data_dir
-        self.injector = injector
-        self.rpc_timeout = rpc_timeout
+    def __init__(self, settings):
+        self.settings = settings
+        self.faults = FaultInjector(settings)
+        self.latest = LatestIteration()
         self.lock = threading.Lock()
         self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
         self.results = {}    # partition -> (job, iteration, ResultReply)
@@ -633,19 +752,23 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                 self.channels[address] = pb_grpc.MapperStub(channel)
             return self.channels[address]
 
-    def fetch(self, request, output):
-        """All chunks of this partition from one map task's mapper."""
+    def fetch(self, request, output, deadline):
+        """All chunks of this partition from one map task's mapper; None if it cannot be had."""
         started = time.perf_counter()
         fetch = pb.PartitionRequest(job=request.job, iteration=request.iteration, task=output.task,
                                     partition=request.partition)
-        log.info("-> GetPartition(task %d, partition %d) from mapper %s", output.task,
+        log.info("-> GetPartition(task %d, partition %d) to mapper %s", output.task,
                  request.partition, output.address)
         try:
-            chunks = [decode_chunk(chunk) for chunk in
-                      self.mapper(output.address).GetPartition(fetch, timeout=self.rpc_timeout)]
+            stream = self.mapper(output.address).GetPartition(
+                fetch, timeout=max(0.05, deadline - time.monotonic()),
+                metadata=token_metadata(self.settings.token))
+            chunks = [decode_chunk(chunk) for chunk in stream]
         except grpc.RpcError as error:
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address,
                      error.code().name)
+            if error.code() in REFUSALS:
+                raise
             return None
         except ValueError as error:
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, error)
@@ -655,20 +778,31 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         return chunks
 
     def Reduce(self, request, context):
-        partition = request.partition
+        partition, iteration = request.partition, request.iteration
         log.info("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
-                 request.iteration, request.attempt, len(request.outputs))
-        if self.injector.strikes():
-            log.info("Reduce partition %d: injected FAILURE", partition)
-            return pb.ReduceResponse(status=failure("injected failure"))
-        workers = max(1, len(request.outputs))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            fetched = list(pool.map(lambda output: self.fetch(request, output), request.outputs))
+                 iteration, request.attempt, len(request.outputs))
+        require(context, partition >= 1 and iteration >= 1 and request.job, "partition, iteration, job")
+        require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
+                f"dimension {request.dim} or K={request.clusters} out of range")
+        require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
+        if self.faults.fails(f"Reduce partition {partition}") or \
+                not self.latest.admit(request.job, partition, iteration):
+            return pb.ReduceResponse(status=failure("injected failure or stale attempt"))
+        # leave time to report missing map output before the master's own deadline runs out
+        remaining = context.time_remaining() or self.settings.rpc_timeout
+        deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
+        with concurrent.futures.ThreadPoolExecutor(len(request.outputs)) as pool:
+            try:
+                fetched = list(pool.map(lambda output: self.fetch(request, output, deadline),
+                                        request.outputs))
+            except grpc.RpcError as error:
+                context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         missing = [output.task for output, chunks in zip(request.outputs, fetched) if chunks is None]
         if missing:
             log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
             return pb.ReduceResponse(status=failure(f"map output missing for tasks {missing}"),
                                      reply=pb.ReduceReply(missing_tasks=missing))
+        self.faults.crash_point("reduce", iteration, context)
         point_records, combined_records, per_task = [], [], []
         for chunks in fetched:
             received = 0
@@ -682,15 +816,18 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             per_task.append(received)
         groups = shuffle_sort(point_records, combined_records, request.dim)
         clusters = [(key, group.count, reduce_cluster(group)) for key, group in groups]
-        write_atomic(os.path.join(self.data_dir, "Reducers", f"R{partition}.txt"),
+        if not self.latest.admit(request.job, partition, iteration):
+            return pb.ReduceResponse(status=failure("stale attempt: a newer iteration of this task ran"))
+        write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
                      format_reducer_output(clusters))
         result = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
                                           for key, count, mean in clusters],
                                 points_from_task=per_task)
         with self.lock:
-            self.results[partition] = (request.job, request.iteration, result)
+            self.results[partition] = (request.job, iteration, result)
         log.info("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
                  sum(per_task))
+        self.faults.crash_point("after-reduce", iteration, context)
         return pb.ReduceResponse(status=success(), reply=pb.ReduceReply(points=sum(per_task)))
 
     def GetResult(self, request, context):
@@ -702,16 +839,22 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         return pb.ResultResponse(status=success(), reply=stored[2])
 
 
-def start_server(role, host, port, data_dir, fail_prob=0.0, fail_seed=None, rpc_timeout=30.0):
+# A worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task.
+LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+
+
+def start_server(role, host, port, settings):
     """A started gRPC server for a mapper or reducer, and the port it bound."""
-    injector = FailureInjector(fail_prob, fail_seed)
+    interceptors = [TokenCheck(settings.token)] if settings.token else []
     # so_reuseport off: otherwise a port another process holds looks free
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), interceptors=interceptors,
                          options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
     if role == "mapper":
-        pb_grpc.add_MapperServicer_to_server(MapperServicer(data_dir, injector), server)
+        pb_grpc.add_MapperServicer_to_server(MapperServicer(settings), server)
     else:
-        pb_grpc.add_ReducerServicer_to_server(ReducerServicer(data_dir, injector, rpc_timeout), server)
+        pb_grpc.add_ReducerServicer_to_server(ReducerServicer(settings), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -735,16 +878,13 @@ def serve_until_stopped(server, should_stop):
     log.info("stopped")
 
 
-def spawned_worker(role, index, options, log_path, connection):
+def spawned_worker(role, index, settings, log_path, connection):
     """Entry point of a worker process the master spawns: serve, report the port, obey the master."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the master's to handle
     setup_logging(f"{role} {index}", log_path, console_level=logging.WARNING)
     parent = os.getppid()
     try:
-        server, port = start_server(role, "127.0.0.1", 0, options["data_dir"], options["fail_prob"],
-                                    None if options["fail_seed"] is None
-                                    else options["fail_seed"] * 1000 + index,
-                                    options["rpc_timeout"])
+        server, port = start_server(role, "127.0.0.1", 0, settings)
     except InputError as error:
         connection.send(("error", str(error)))
         return
@@ -761,7 +901,7 @@ def spawned_worker(role, index, options, log_path, connection):
 
 @dataclass
 class Worker:
-    """A mapper or reducer the master talks to, over one channel kept for the whole run."""
+    """A mapper or reducer the master talks to, over one channel kept until the worker is replaced."""
 
     role: str
     index: int
@@ -795,8 +935,11 @@ class JobOptions:
     rpc_timeout: float = 30.0
     max_attempts: int = 4
     combine: bool = False
+    token: str = ""
+    input_root: str = None        # for spawned mappers; default: the input file's folder
     fail_prob: float = 0.0
     fail_seed: int = None
+    crashes: list = field(default_factory=list)   # (role, index, phase, iteration) for spawned workers
 
 
 @dataclass
@@ -833,12 +976,6 @@ class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
 
 
-# A worker that answers these is gone or unreachable; one that answers REFUSALS never will do the task.
-LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
-
-
 class Master:
     """Owns the workers and runs the job, one named stage at a time."""
 
@@ -848,6 +985,8 @@ class Master:
         self.mappers, self.reducers = [], []
         self.context = multiprocessing.get_context("spawn")
         self.log_path = os.path.join(options.data_dir, "dump.txt")
+        self.metadata = token_metadata(options.token)
+        self.pool = None   # threads for concurrent RPCs, made once the workers are up
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -859,7 +998,7 @@ class Master:
         pools = {}
         for role in ("mapper", "reducer"):
             if given[role] is None:
-                pools[role] = [self.spawn(role, index) for index in range(1, counts[role] + 1)]
+                pools[role] = [self.spawn(role, index, first=True) for index in range(1, counts[role] + 1)]
             else:
                 pools[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
         self.mappers, self.reducers = pools["mapper"], pools["reducer"]
@@ -868,11 +1007,22 @@ class Master:
                 worker.address = self.await_port(worker)
         for worker in self.mappers + self.reducers:
             self.connect(worker)
+        self.pool = concurrent.futures.ThreadPoolExecutor(len(self.mappers) + len(self.reducers))
 
-    def spawn(self, role, index):
-        """Start one worker process; it reports its port through a pipe (see await_port)."""
-        settings = {"data_dir": self.options.data_dir, "fail_prob": self.options.fail_prob,
-                    "fail_seed": self.options.fail_seed, "rpc_timeout": self.options.rpc_timeout}
+    def spawn(self, role, index, first=False):
+        """Start one worker process; it reports its port through a pipe (see await_port).
+
+        Injected crashes apply to the first process of a slot only, never to its replacement.
+        """
+        options = self.options
+        crashes = {phase: iteration for r, i, phase, iteration in options.crashes
+                   if first and (r, i) == (role, index)}
+        settings = WorkerSettings(
+            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=options.token,
+            input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
+            fail_prob=options.fail_prob,
+            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index,
+            crashes=crashes)
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
                                        args=(role, index, settings, self.log_path, sender), daemon=True)
@@ -902,21 +1052,65 @@ class Master:
         worker.channel = grpc.insecure_channel(worker.address, options=GRPC_OPTIONS)
         stub_type = pb_grpc.MapperStub if worker.role == "mapper" else pb_grpc.ReducerStub
         worker.stub = stub_type(worker.channel)
+        timeout = self.options.rpc_timeout
         try:
-            grpc.channel_ready_future(worker.channel).result(timeout=self.options.rpc_timeout)
-            reply = worker.stub.Ping(pb.PingRequest(), timeout=self.options.rpc_timeout)
-        except (grpc.FutureTimeoutError, grpc.RpcError):
-            raise JobError(f"no {worker.role} answers at {worker.address} "
-                           f"(waited {self.options.rpc_timeout:g} s)") from None
+            grpc.channel_ready_future(worker.channel).result(timeout=timeout)
+            reply = worker.stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.FutureTimeoutError:
+            raise JobError(f"no {worker.role} answers at {worker.address} (waited {timeout:g} s)") from None
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise JobError(f"{worker.name} refused the token: set the same --token / "
+                               f"KMR_TOKEN on master and workers") from None
+            raise JobError(f"no {worker.role} answers at {worker.address}: {error.code().name}") from None
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
+        worker.alive = True
         log.info("%s answers: PID %d", worker.name, reply.pid)
+
+    def answers(self, worker):
+        """Whether a worker answers a Ping within a short deadline."""
+        try:
+            worker.stub.Ping(pb.PingRequest(), timeout=min(2.0, self.options.rpc_timeout),
+                             metadata=self.metadata)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def lose(self, worker, why):
+        """A worker stopped answering: mark it dead and, if this master spawned it, replace it."""
+        worker.alive = False
+        log.info("%s marked dead (%s)", worker.name, why)
+        if worker.process is None:
+            return
+        worker.channel.close()
+        worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
+        worker.process.join(5)
+        fresh = self.spawn(worker.role, worker.index)
+        worker.process, worker.receiver = fresh.process, fresh.receiver
+        try:
+            worker.address = self.await_port(worker)
+            self.connect(worker)
+        except JobError as error:
+            log.info("respawning %s %d failed: %s", worker.role, worker.index, error)
+            return
+        log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid,
+                 worker.address)
+
+    def revive(self):
+        """Give workers we did not spawn, marked dead earlier, another chance if they answer again."""
+        for worker in self.mappers + self.reducers:
+            if not worker.alive and worker.process is None and self.answers(worker):
+                worker.alive = True
+                log.info("%s answers again", worker.name)
 
     def stop_workers(self):
         """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
         for worker in self.mappers + self.reducers:
             if worker.channel is not None:
-                worker.channel.close()
+                worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
         spawned = [w.process for w in self.mappers + self.reducers if w.process is not None]
         for process in spawned:
             if process.is_alive():
@@ -935,14 +1129,15 @@ class Master:
         log.info("-> %s to %s", what, worker.name)
         started = time.perf_counter()
         try:
-            response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout)
+            response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout,
+                                                    metadata=self.metadata)
         except grpc.RpcError as error:
             code = error.code()
             log.info("<- %s FAILURE from %s: %s %s", what, worker.name, code.name, error.details())
             if code in REFUSALS:
                 raise JobError(f"{worker.name} refused {what}: {code.name}: {error.details()}") from None
             if code in LOST:
-                raise WorkerLost(f"{code.name}") from None
+                raise WorkerLost(code.name) from None
             raise TaskFailed(f"{code.name}: {error.details()}", None) from None
         elapsed = 1000 * (time.perf_counter() - started)
         if not response.status.success:
@@ -956,46 +1151,44 @@ class Master:
         """Run every task on some live worker, re-assigning failed ones; {task: (worker, result)}.
 
         `attempts` counts tries per task for the whole iteration; run_one(worker, task, attempt)
-        may raise TaskFailed (re-assign) or WorkerLost (mark the worker dead, re-assign).
+        may raise TaskFailed (re-assign) or WorkerLost (the worker is lost, re-assign).
         """
+        role = workers[0].role
         pending, results, running, last_error = list(tasks), {}, {}, {}
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(workers))) as pool:
-            while pending or running:
-                busy = {id(w) for w, _ in running.values()}
-                for worker in workers:
-                    if pending and worker.alive and id(worker) not in busy:
-                        task = pending.pop(0)
-                        attempts[task] = attempts.get(task, 0) + 1
-                        if attempts[task] > self.options.max_attempts:
-                            raise JobError(f"{workers[0].role} task {task} failed "
-                                           f"{self.options.max_attempts} times, last: {last_error[task]}")
-                        future = pool.submit(run_one, worker, task, attempts[task])
-                        running[future] = (worker, task)
-                if not running:
-                    raise JobError(f"no live {workers[0].role} left")
-                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    worker, task = running.pop(future)
-                    try:
-                        results[task] = (worker, future.result())
-                    except TaskFailed as failed:
-                        last_error[task] = failed
-                        pending.append(task)
-                    except WorkerLost as lost:
-                        last_error[task] = f"{worker.name} lost ({lost})"
-                        worker.alive = False
-                        log.info("%s marked dead; task %d re-assigned", worker.name, task)
-                        pending.append(task)
+        while pending or running:
+            busy = {id(worker) for worker, _ in running.values()}
+            for worker in workers:
+                if pending and worker.alive and id(worker) not in busy:
+                    task = pending.pop(0)
+                    attempts[task] = attempts.get(task, 0) + 1
+                    if attempts[task] > self.options.max_attempts:
+                        raise JobError(f"{role} task {task} failed {self.options.max_attempts} times, "
+                                       f"last: {last_error[task]}")
+                    running[self.pool.submit(run_one, worker, task, attempts[task])] = (worker, task)
+            if not running:
+                raise JobError(f"no live {role} left for task {pending[0]}")
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                worker, task = running.pop(future)
+                try:
+                    results[task] = (worker, future.result())
+                except TaskFailed as failed:
+                    last_error[task] = failed
+                    log.info("%s task %d re-assigned after FAILURE", role, task)
+                    pending.append(task)
+                except WorkerLost as lost:
+                    last_error[task] = f"{worker.name} lost ({lost})"
+                    log.info("%s task %d re-assigned: %s did not answer", role, task, worker.name)
+                    pending.append(task)
+                    self.lose(worker, str(lost))
         return results
 
     # -- one iteration -------------------------------------------------------------------------
 
     def map_stage(self, iteration, tasks, centroids, previous, attempts):
         """Map: run the given map tasks; {task: (mapper, MapReply)}."""
-        ranges = self.ranges
-
         def run_one(worker, task, attempt):
-            start, end = ranges[task - 1]
+            start, end = self.ranges[task - 1]
             request = pb.MapRequest(job=self.job, iteration=iteration, task=task, attempt=attempt,
                                     input_path=self.input_path, start=start, end=end,
                                     reducers=self.options.reducers, centroids=flatten(centroids),
@@ -1035,6 +1228,7 @@ class Master:
 
     def iterate(self, iteration, centroids, previous):
         """One MapReduce round: map, shuffle + reduce, compile and account; returns new centroids."""
+        self.revive()
         map_attempts, reduce_attempts = {}, {}
         map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
                                      previous, map_attempts)
@@ -1045,6 +1239,9 @@ class Master:
             results.update(finished)
             pending = [p for p in pending if p not in results]
             if lost:
+                for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
+                    if worker.alive and not self.answers(worker):
+                        self.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
                                                   map_attempts))
@@ -1090,18 +1287,18 @@ class Master:
             raise InputError(f"K={options.clusters} is larger than the number of distinct points "
                              f"({len(scan.sample)}) in {options.input_path}")
         if options.init_path:
-            centroids = read_centroids(options.init_path, options.clusters, scan.dim)
+            initial = read_centroids(options.init_path, options.clusters, scan.dim)
         else:
-            centroids = scan.sample
+            initial = scan.sample
         self.points, self.dim = scan.points, scan.dim
         self.input_path = os.path.abspath(options.input_path)
         self.ranges = split_ranges(scan.points, options.mappers)
         log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g seed=%d", self.job, options.input_path,
                  options.mappers, options.reducers, options.clusters, options.iterations, options.tol, seed)
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
-        log.info("initial centroids: %s", "  ".join(map(format_point, centroids)))
+        log.info("initial centroids: %s", "  ".join(map(format_point, initial)))
         self.start_workers()
-        stats, previous, converged = [], None, False
+        centroids, previous, stats, converged = initial, None, [], False
         for iteration in range(1, options.iterations + 1):
             started = time.perf_counter()
             log.info("iteration %d: start", iteration)
@@ -1120,8 +1317,7 @@ class Master:
                 break
         if options.iterations == 0:
             write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
-        return JobResult(centroids, scan.sample if not options.init_path else centroids, seed, stats,
-                         converged)
+        return JobResult(centroids, initial, seed, stats, converged)
 
 
 def run_job(options):
@@ -1194,10 +1390,21 @@ def parse_args(argv=None):
                         help="stop when no centroid moved more than this (default 0: a fixed point)")
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
-    master.add_argument("--max-attempts", type=int, default=4, help="tries per task per iteration")
+    master.add_argument("--max-attempts", type=int, default=4, help="tries per task per iteration (default 4)")
+    master.add_argument("--crash", type=crash_spec, action="append", default=[], metavar="ROLE:I:PHASE:IT",
+                        help="make spawned worker I die by SIGKILL at PHASE (map, after-map, reduce, "
+                             "after-reduce) of iteration IT; repeatable (failure drills)")
     worker = parser.add_argument_group("mapper and reducer")
     worker.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     worker.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free port)")
+    worker.add_argument("--input-root", help="mappers read input only below this folder (default: the "
+                                             "working directory; for spawned mappers the input's folder)")
+    shared = parser.add_argument_group("every role")
+    shared.add_argument("--token", default=os.environ.get("KMR_TOKEN", ""),
+                        help="shared secret every RPC must carry (default $KMR_TOKEN; none: no check)")
+    shared.add_argument("--fail-prob", type=float, default=0.0,
+                        help="each task a worker gets fails with this probability (failure drills)")
+    shared.add_argument("--fail-seed", type=int, help="seed of --fail-prob draws")
     args = parser.parse_args(argv)
     checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, 10**6),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
@@ -1209,7 +1416,21 @@ def parse_args(argv=None):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
     if not (math.isfinite(args.rpc_timeout) and args.rpc_timeout > 0):
         raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
+    if not 0 <= args.fail_prob < 1:
+        raise InputError(f"--fail-prob must be in [0, 1), got {args.fail_prob}")
+    if args.input_root is not None and not os.path.isdir(args.input_root):
+        raise InputError(f"--input-root {args.input_root} is not a folder")
     return args
+
+
+def crash_spec(text):
+    """'mapper:2:after-map:3' as ('mapper', 2, 'after-map', 3)."""
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] not in ("mapper", "reducer") or parts[2] not in CRASH_PHASES \
+            or not parts[1].isdigit() or not parts[3].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROLE:INDEX:PHASE:ITERATION, PHASE one of "
+                                         f"{', '.join(CRASH_PHASES)}")
+    return parts[0], int(parts[1]), parts[2], int(parts[3])
 
 
 def run_master(args):
@@ -1223,7 +1444,9 @@ def run_master(args):
     options = JobOptions(input_path=args.input, mappers=args.M, reducers=args.R, clusters=args.K,
                          iterations=args.n, data_dir=args.data_dir, seed=args.seed, init_path=args.init,
                          tol=args.tol, mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
-                         rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts)
+                         rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts, token=args.token,
+                         input_root=args.input_root, fail_prob=args.fail_prob, fail_seed=args.fail_seed,
+                         crashes=args.crash)
     result = run_job(options)
     sys.stdout.write(format_centroids(result.centroids))
     return 0
@@ -1232,8 +1455,11 @@ def run_master(args):
 def run_worker(args):
     """The mapper or reducer role, standalone: serve until SIGTERM or Ctrl-C."""
     setup_logging(args.role, os.path.join(args.data_dir, f"{args.role}-{os.getpid()}.log"))
-    server, port = start_server(args.role, args.host, args.port, args.data_dir, rpc_timeout=args.rpc_timeout)
-    log.info("%s listening on %s:%d", args.role, args.host, port)
+    settings = WorkerSettings(data_dir=args.data_dir, rpc_timeout=args.rpc_timeout, token=args.token,
+                              input_root=args.input_root or os.getcwd(), fail_prob=args.fail_prob,
+                              fail_seed=args.fail_seed)
+    server, port = start_server(args.role, args.host, args.port, settings)
+    log.info("%s listening on %s:%d%s", args.role, args.host, port, "" if args.token else " (no token)")
     print(f"{args.host}:{port}", flush=True)
     serve_until_stopped(server, lambda: False)
     return 0

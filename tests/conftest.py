@@ -135,9 +135,9 @@ class WorkerPool:
 
 @pytest.fixture(scope="session")
 def worker_pool(tmp_path_factory):
-    """Five mappers and four reducers, started once per test session."""
+    """Five mappers and four reducers, started once per test session, reading below the temp root."""
     root = tmp_path_factory.mktemp("pool")
-    pool = WorkerPool(root, 5, 4)
+    pool = WorkerPool(root, 5, 4, "--input-root", str(tmp_path_factory.getbasetemp()))
     pool.root = root
     try:
         yield pool
