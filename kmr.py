@@ -586,6 +586,8 @@ def require_centroids(context, message, name):
 
 def resolve_input(path, root):
     """The real path of an input file, which must lie below root (symlinks and '..' resolved)."""
+    if "\0" in path:
+        return None
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, path))
     return real if os.path.commonpath([real, real_root]) == real_root else None
@@ -785,6 +787,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
                 f"dimension {request.dim} or K={request.clusters} out of range")
         require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
+        require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
         if self.faults.fails(f"Reduce partition {partition}") or \
                 not self.latest.admit(request.job, partition, iteration):
             return pb.ReduceResponse(status=failure("injected failure or stale attempt"))
@@ -1416,6 +1419,8 @@ def parse_args(argv=None):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
     if not (math.isfinite(args.rpc_timeout) and args.rpc_timeout > 0):
         raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
+    if not all(" " <= char <= "~" for char in args.token):
+        raise InputError("--token / KMR_TOKEN must be printable ASCII (it travels as gRPC metadata)")
     if not 0 <= args.fail_prob < 1:
         raise InputError(f"--fail-prob must be in [0, 1), got {args.fail_prob}")
     if args.input_root is not None and not os.path.isdir(args.input_root):

@@ -157,3 +157,63 @@ def read_points(path):
 def centroid_lines(text):
     """A centroid file's lines as a sorted list (the order of clusters is not part of the answer)."""
     return sorted(line.strip() for line in text.splitlines() if line.strip())
+
+
+def uniform_points(count, seed, dim=2):
+    """A seeded square of uniform points: K-means on it takes many iterations to settle."""
+    import random
+    rng = random.Random(seed)
+    return [tuple(round(rng.uniform(-100, 100), 3) for _ in range(dim)) for _ in range(count)]
+
+
+def write_points(path, points):
+    """Write points one per line, 'x,y' in repr precision."""
+    Path(path).write_text("".join(",".join(map(repr, p)) + "\n" for p in points))
+    return Path(path)
+
+
+def wait_for_line(path, pattern, timeout=60, process=None):
+    """Wait until a line matching the regex appears in a log file; returns the match."""
+    import re
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(path).exists():
+            text = Path(path).read_text()
+            found = re.search(pattern, text[:text.rfind("\n") + 1])   # whole lines only: no half a PID
+            if found:
+                return found
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process ended (exit {process.returncode}) before {pattern!r} appeared")
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
+
+
+class MasterProcess:
+    """A master run in the background, for tests that act on it while it runs."""
+
+    def __init__(self, *args, cwd):
+        self.tag = uuid.uuid4().hex
+        self.stdout = open(Path(cwd) / f"master-{self.tag}.out", "w+")   # files, not pipes: a full
+        self.stderr = open(Path(cwd) / f"master-{self.tag}.err", "w+")   # pipe would stall the master
+        self.process = subprocess.Popen([sys.executable, str(KMR), *map(str, args)], cwd=cwd,
+                                        env=kmr_env(self.tag), stdout=self.stdout, stderr=self.stderr)
+
+    def finish(self, timeout=120):
+        """Wait for the end; returns (exit code, stdout, stderr) and checks nothing is left."""
+        self.process.wait(timeout=timeout)
+        stdout, stderr = (Path(f.name).read_text() for f in (self.stdout, self.stderr))
+        for _ in range(50):
+            if not tagged_processes(self.tag):
+                break
+            time.sleep(0.1)
+        assert tagged_processes(self.tag) == [], f"left behind: {tagged_processes(self.tag)}"
+        return self.process.returncode, stdout, stderr
+
+    def stop(self):
+        """Kill what is left (only this run's own processes)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+        stop_tagged(self.tag)

@@ -1,0 +1,168 @@
+"""Failures kmr survives: FAILURE replies, SIGKILL in every phase, hung workers, signals to the master.
+
+Every run here must end with exactly the centroids of a fault-free run (the sequential reference
+from the same initial centroids) and leave no process behind.
+"""
+
+import functools
+import os
+import re
+import shutil
+import signal
+
+import pytest
+
+import kmr
+from conftest import (DATA, MasterProcess, WorkerPool, centroid_lines, read_points, run_kmr,
+                      uniform_points, wait_for_line, write_points)
+
+CASE5 = DATA / "case5_points.txt"
+CASE5_INIT = DATA / "case5_init.txt"
+
+
+@functools.lru_cache(maxsize=None)
+def reference_of(points_text, init_text, iterations):
+    """The fault-free answer, from the sequential reference (cached: several tests share data)."""
+    parse = kmr.parse_points
+    points = [p for _, p in parse(points_text.splitlines(), "points")]
+    init = [p for _, p in parse(init_text.splitlines(), "init")]
+    centroids, _ = kmr.kmeans_reference(points, init, iterations)
+    return centroid_lines(kmr.format_centroids(centroids))
+
+
+def reference_lines(points_path, init_path, iterations=100):
+    """The fault-free answer for these files."""
+    return reference_of(points_path.read_text(), init_path.read_text(), iterations)
+
+
+def case5_run(tmp_path, *extra):
+    """The 100-point case (3 iterations from its init) with M=3, R=2 and extra flags."""
+    return run_kmr("--role", "master", "-M", 3, "-R", 2, "-K", 5, "-n", 100, "--input", CASE5,
+                   "--init", CASE5_INIT, "--data-dir", tmp_path / "out", "--rpc-timeout", 5, *extra,
+                   cwd=tmp_path)
+
+
+def dump_of(tmp_path):
+    return (tmp_path / "out" / "dump.txt").read_text()
+
+
+def test_failure_replies_are_reassigned_until_the_job_is_done(tmp_path):
+    result = case5_run(tmp_path, "--fail-prob", 0.5, "--fail-seed", 4, "--max-attempts", 30)
+    assert result.returncode == 0, result.stderr
+    assert centroid_lines(result.stdout) == reference_lines(CASE5, CASE5_INIT)
+    dump = dump_of(tmp_path)
+    assert dump.count("injected FAILURE") >= 5
+    assert "re-assigned after FAILURE" in dump
+    assert re.search(r"<- Map\(task \d, iteration \d, attempt [2-9]\) SUCCESS", dump)
+
+
+@pytest.mark.parametrize("role, index, phase", [
+    ("mapper", 2, "map"),
+    ("mapper", 1, "after-map"),
+    ("reducer", 1, "reduce"),
+    ("reducer", 2, "after-reduce"),
+])
+def test_worker_killed_in_any_phase_is_respawned_and_its_task_rerun(tmp_path, role, index, phase):
+    result = case5_run(tmp_path, "--crash", f"{role}:{index}:{phase}:2")
+    assert result.returncode == 0, result.stderr
+    assert centroid_lines(result.stdout) == reference_lines(CASE5, CASE5_INIT)
+    dump = dump_of(tmp_path)
+    assert f"injected crash: SIGKILL {phase} iteration 2" in dump
+    assert f"respawned {role} {index}" in dump
+    assert "iteration 2: all 100 points accounted for exactly once" in dump
+    if phase == "after-map":   # its output is gone: the map task must run again before Reduce succeeds
+        assert re.search(r"iteration 2: re-executing map tasks \[1\]", dump)
+
+
+def test_task_failing_every_attempt_stops_the_run_with_one_line(tmp_path):
+    result = case5_run(tmp_path, "--fail-prob", 0.95, "--fail-seed", 1, "--max-attempts", 2)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kmr: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert re.search(r"(mapper|reducer) task \d+ failed 2 times", errors[0])
+    assert not (tmp_path / "out" / "centroids.txt").exists()
+
+
+def long_run(tmp_path, *extra):
+    """A master on 60,000 uniform points with K=8: a dozen iterations of a few hundred ms."""
+    points = write_points(tmp_path / "points.txt", uniform_points(60_000, seed=3))
+    init = write_points(tmp_path / "init.txt", read_points(points)[:8])
+    expected = reference_lines(points, init, 12)   # before the master starts: it takes seconds
+    master = MasterProcess("--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 12, "--init", init,
+                           "--data-dir", tmp_path / "out", *extra, cwd=tmp_path)
+    return master, expected
+
+
+def spawned_pid(dump_path, role, index, process):
+    """The PID of a worker the master spawned, from its log line."""
+    found = wait_for_line(dump_path, rf"spawned {role} {index}, PID (\d+)", process=process)
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
+def test_worker_killed_or_hung_mid_run_is_replaced(tmp_path, signum):
+    master, expected = long_run(tmp_path, "--rpc-timeout", 2)
+    try:
+        dump = tmp_path / "out" / "dump.txt"
+        victim = spawned_pid(dump, "mapper", 2, master.process)
+        wait_for_line(dump, r"iteration 2: start", process=master.process)
+        os.kill(victim, signum)
+        code, stdout, stderr = master.finish()
+    finally:
+        master.stop()
+    assert code == 0, stderr
+    assert centroid_lines(stdout) == expected
+    log = dump.read_text()
+    assert "mapper 2 (" in log and re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", log)
+    assert "respawned mapper 2" in log
+    assert not os.path.exists(f"/proc/{victim}") or "Z" in open(f"/proc/{victim}/stat").read().split()[2]
+
+
+def test_standalone_mapper_that_dies_leaves_its_tasks_to_the_others(tmp_path):
+    pool = WorkerPool(tmp_path, 3, 2)
+    try:
+        points = write_points(tmp_path / "points.txt", uniform_points(60_000, seed=3))
+        init = write_points(tmp_path / "init.txt", read_points(points)[:8])
+        expected = reference_lines(points, init, 12)
+        master = MasterProcess("--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 12, "--init", init,
+                               "--rpc-timeout", 2, "--mapper-addrs", ",".join(pool.mappers),
+                               "--reducer-addrs", ",".join(pool.reducers), "--data-dir", tmp_path / "out",
+                               cwd=tmp_path)
+        try:
+            wait_for_line(tmp_path / "out" / "dump.txt", r"iteration 2: start", process=master.process)
+            pool.workers[1].process.kill()
+            code, stdout, stderr = master.finish()
+        finally:
+            master.stop()
+    finally:
+        pool.stop()
+    assert code == 0, stderr
+    assert centroid_lines(stdout) == expected
+    assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", (tmp_path / "out" / "dump.txt").read_text())
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_master_stops_workers_and_keeps_the_last_complete_iteration(tmp_path, signum, code):
+    master, _ = long_run(tmp_path)
+    try:
+        dump = tmp_path / "out" / "dump.txt"
+        wait_for_line(dump, r"iteration 3: start", process=master.process)
+        master.process.send_signal(signum)
+        exit_code, stdout, stderr = master.finish()
+    finally:
+        master.stop()
+    assert exit_code == code
+    assert stdout == "" and stderr.splitlines()[-1] in ("kmr: error: interrupted", "kmr: error: terminated")
+    logged = re.findall(r"iteration (\d+): centroids (.*)", dump.read_text())
+    last_iteration, last_centroids = logged[-1]
+    assert int(last_iteration) >= 2
+    written = (tmp_path / "out" / "centroids.txt").read_text()
+    assert written == "".join(c + "\n" for c in last_centroids.split("  "))
+
+
+def test_standalone_worker_stops_gracefully_on_sigterm(tmp_path):
+    pool = WorkerPool(tmp_path, 1, 1)
+    pool.stop()
+    assert [w.process.returncode for w in pool.workers] == [0, 0]
+    assert all(w.process.returncode is not None for w in pool.workers)
+    shutil.rmtree(tmp_path / "Mappers", ignore_errors=True)
