@@ -49,7 +49,9 @@ MAX_MESSAGE_BYTES = 16 << 20     # bound on any one gRPC message, both ways
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
 ]
+REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -914,6 +916,7 @@ class Worker:
     channel: object = None
     stub: object = None
     alive: bool = True
+    next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
 
     @property
     def name(self):
@@ -1071,10 +1074,10 @@ class Master:
         worker.alive = True
         log.info("%s answers: PID %d", worker.name, reply.pid)
 
-    def answers(self, worker):
+    def answers(self, worker, timeout=2.0):
         """Whether a worker answers a Ping within a short deadline."""
         try:
-            worker.stub.Ping(pb.PingRequest(), timeout=min(2.0, self.options.rpc_timeout),
+            worker.stub.Ping(pb.PingRequest(), timeout=min(timeout, self.options.rpc_timeout),
                              metadata=self.metadata)
             return True
         except grpc.RpcError:
@@ -1085,6 +1088,7 @@ class Master:
         worker.alive = False
         log.info("%s marked dead (%s)", worker.name, why)
         if worker.process is None:
+            worker.next_ping = time.monotonic() + REVIVE_EVERY
             return
         worker.channel.close()
         worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
@@ -1101,11 +1105,17 @@ class Master:
                  worker.address)
 
     def revive(self):
-        """Give workers we did not spawn, marked dead earlier, another chance if they answer again."""
-        for worker in self.mappers + self.reducers:
-            if not worker.alive and worker.process is None and self.answers(worker):
+        """Give dead workers we did not spawn another chance if they answer again (pinged in
+        parallel, each at most every REVIVE_EVERY seconds, so an unreachable host costs little)."""
+        now = time.monotonic()
+        due = [w for w in self.mappers + self.reducers
+               if not w.alive and w.process is None and w.next_ping <= now]
+        for worker, answered in zip(due, self.pool.map(lambda w: self.answers(w, 0.5), due)):
+            if answered:
                 worker.alive = True
                 log.info("%s answers again", worker.name)
+            else:
+                worker.next_ping = now + REVIVE_EVERY
 
     def stop_workers(self):
         """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""

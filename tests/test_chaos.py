@@ -1,0 +1,97 @@
+"""Chaos: many seeded runs with random FAILURE replies, SIGKILLs in random phases and hung workers.
+
+Every run must end with exactly the fault-free centroids and leave no process behind. The test
+prints a table of what it injected and how long recovery took (run `pytest -s tests/test_chaos.py`;
+KMR_CHAOS_RUNS sets the number of runs, default 12).
+"""
+
+import collections
+import datetime
+import os
+import random
+import re
+import signal
+import time
+
+import kmr
+from conftest import MasterProcess, centroid_lines, read_points, uniform_points, wait_for_line, write_points
+
+RUNS = int(os.environ.get("KMR_CHAOS_RUNS", "12"))
+MAPPERS, REDUCERS, ITERATIONS = 3, 2, 6
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def stamp_of(line):
+    """The time a log line was written."""
+    return datetime.datetime.strptime(STAMP.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def faults_and_recoveries(dump_text, external):
+    """[(kind, phase, iteration, seconds until that iteration was complete)] from a run's log."""
+    iteration, faults, done = 0, [], {}
+    for line in dump_text.splitlines():
+        if not STAMP.match(line):
+            continue
+        if found := re.search(r"\] iteration (\d+): start", line):
+            iteration = int(found.group(1))
+        elif found := re.search(r"\] iteration (\d+): all \d+ points accounted", line):
+            done[int(found.group(1))] = stamp_of(line)
+        elif found := re.search(r"\] (Map|Reduce) \w+ \d+: injected FAILURE", line):
+            faults.append(("FAILURE reply", found.group(1).lower(), iteration, stamp_of(line)))
+        elif found := re.search(r"injected crash: SIGKILL ([\w-]+) iteration (\d+)", line):
+            faults.append(("SIGKILL", found.group(1), int(found.group(2)), stamp_of(line)))
+    for kind, iteration, when in external:
+        faults.append((kind, "external", iteration, when))
+    return [(kind, phase, it, done[it] - when) for kind, phase, it, when in faults]
+
+
+def test_chaos_runs_all_end_with_the_fault_free_centroids(tmp_path):
+    rng = random.Random(20261123)
+    points_path = write_points(tmp_path / "points.txt", uniform_points(6_000, seed=9))
+    init_path = write_points(tmp_path / "init.txt", read_points(points_path)[:6])
+    expected, _ = kmr.kmeans_reference(read_points(points_path), read_points(init_path), ITERATIONS)
+    started = time.monotonic()
+    every_fault, recoveries = [], collections.Counter()
+    for run in range(RUNS):
+        crashes = []
+        for _ in range(rng.randint(1, 3)):
+            role = rng.choice(["mapper", "reducer"])
+            index = rng.randint(1, MAPPERS if role == "mapper" else REDUCERS)
+            crashes += ["--crash", f"{role}:{index}:{rng.choice(kmr.CRASH_PHASES)}:{rng.randint(1, ITERATIONS)}"]
+        out = tmp_path / f"run{run}"
+        master = MasterProcess(
+            "--role", "master", "-M", MAPPERS, "-R", REDUCERS, "-K", 6, "-n", ITERATIONS, "--init", init_path,
+            "--input", points_path, "--data-dir", out, "--rpc-timeout", 2, "--max-attempts", 25,
+            "--fail-prob", rng.choice([0.0, 0.2, 0.4]), "--fail-seed", run, *crashes, cwd=tmp_path)
+        external = []
+        try:
+            if rng.random() < 0.5:   # a kill or a hang from outside, by PID, at the start of an iteration
+                role = rng.choice(["mapper", "reducer"])
+                index = rng.randint(1, MAPPERS if role == "mapper" else REDUCERS)
+                at = rng.randint(2, ITERATIONS)
+                signum = rng.choice([signal.SIGKILL, signal.SIGSTOP])
+                dump = out / "dump.txt"
+                pid = int(wait_for_line(dump, rf"spawned {role} {index}, PID (\d+),", process=master.process).group(1))
+                try:
+                    wait_for_line(dump, rf"\] iteration {at}: start", process=master.process)
+                    os.kill(pid, signum)
+                    external.append((f"{signum.name} from outside", at, time.time()))
+                except (AssertionError, ProcessLookupError):
+                    pass   # the run ended first, or the process was already replaced: no fault injected
+            code, stdout, stderr = master.finish(timeout=120)
+        finally:
+            master.stop()
+        assert code == 0, f"run {run} ({' '.join(crashes)}): {stderr[-2000:]}"
+        assert centroid_lines(stdout) == centroid_lines(kmr.format_centroids(expected)), f"run {run}"
+        log = (out / "dump.txt").read_text()
+        every_fault += faults_and_recoveries(log, external)
+        for event in ("re-assigned", "re-executing map tasks", "respawned", "marked dead"):
+            recoveries[event] += log.count(event)
+    elapsed = time.monotonic() - started
+    by_kind = collections.Counter((kind, phase) for kind, phase, _, _ in every_fault)
+    print(f"\nchaos: {RUNS} runs in {elapsed:.1f} s, {len(every_fault)} faults injected, all runs exact")
+    for (kind, phase), count in sorted(by_kind.items()):
+        worst = max(seconds for k, p, _, seconds in every_fault if (k, p) == (kind, phase))
+        print(f"  {kind:22} {phase:13} {count:4}   worst recovery {worst:6.2f} s")
+    print("  recoveries: " + ", ".join(f"{event} {count}" for event, count in recoveries.items()))
+    assert len(every_fault) >= RUNS   # the drill really injected faults
