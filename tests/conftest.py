@@ -86,13 +86,15 @@ class StandaloneWorker:
 
     def __init__(self, role, cwd, *extra):
         self.tag = uuid.uuid4().hex
+        # stderr to a file: a worker logs every call there, and an unread pipe would fill and stall it
+        self.stderr = open(Path(cwd) / f"{role}-{self.tag}.err", "w+")
         self.process = subprocess.Popen(
             [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
-            cwd=cwd, env=kmr_env(self.tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=cwd, env=kmr_env(self.tag), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         line = self.process.stdout.readline().strip()
         if not line:
             self.stop()
-            raise RuntimeError(f"{role} did not start: {self.process.stderr.read()}")
+            raise RuntimeError(f"{role} did not start: {Path(self.stderr.name).read_text()}")
         self.address = line
 
     def stop(self):
@@ -105,7 +107,7 @@ class StandaloneWorker:
                 self.process.kill()
                 self.process.wait()
         self.process.stdout.close()
-        self.process.stderr.close()
+        self.stderr.close()
         stop_tagged(self.tag)
 
 

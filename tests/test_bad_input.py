@@ -5,11 +5,10 @@ process was left behind).  A failure must end in exactly one "kmr: error: ..." l
 of stderr, with no traceback; exit code 2 for usage / input errors, 1 for runtime errors; and
 centroids.txt must not be written.
 
-About "one line on stderr": the master logs its progress to stderr by design (module docstring:
-"the log to stderr and Data/dump.txt"), so a run that got past argument parsing has a few
-timestamped log lines before the error.  Those are allowed; anything else (a traceback, an argparse
-usage block, gRPC's own log lines) is not.  Failures found while parsing the command line must
-print exactly one line, full stop.
+About "one line on stderr": bad input (exit 2) is found before the job logs anything, so its error
+line must be all there is.  A runtime failure (exit 1) comes after the master has logged progress
+to stderr; those timestamped lines are allowed before the error, anything else (a traceback, an
+argparse usage block, gRPC's own log lines) is not.
 
 The positive cases at the end are parsing quirks that must *succeed*; their answer is checked bit
 for bit against kmr.kmeans_reference run on points parsed independently (conftest.read_points).
@@ -293,11 +292,8 @@ def test_unreachable_worker_fails_fast_with_runtime_error(tmp_path, flag, role):
 
 
 def test_standalone_worker_on_a_busy_port_says_so_in_one_line(tmp_path):
-    """A mapper asked for a port another socket holds must refuse in one line, not serve or hang.
-
-    Fails today: gRPC's C core prints its own 'E... add_port.cc] Failed to add port' line on stderr
-    before kmr's error line (see the report; fix: GRPC_VERBOSITY=NONE before importing grpc).
-    """
+    """A mapper asked for a port another socket holds must refuse in one line, not serve or hang
+    (gRPC's C core would print its own line first unless kmr quiets it)."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -119,10 +119,10 @@ class EnvWorker(StandaloneWorker):
 
     def __init__(self, role, cwd, env, *extra):
         self.tag = uuid.uuid4().hex
+        self.stderr = open(Path(cwd) / f"{role}-{self.tag}.err", "w+")   # a file: a full pipe would stall it
         self.process = subprocess.Popen(
             [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
-            cwd=cwd, env=kmr_env(self.tag, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            cwd=cwd, env=kmr_env(self.tag, env), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         line = self.process.stdout.readline().strip()
         if not line:
             self.stop()
