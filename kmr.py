@@ -14,11 +14,15 @@ Results go to stdout, the log to stderr and Data/dump.txt.
 """
 
 import argparse
+import collections
 import concurrent.futures
+import functools
 import hmac
+import itertools
 import logging
 import math
 import multiprocessing
+import operator
 import os
 import random
 import secrets
@@ -44,7 +48,8 @@ log = logging.getLogger("kmr")
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 MAX_COORDINATE = 1e150        # larger values could overflow a squared distance to inf
 MAX_WORKERS = 256             # bound on M, R and the worker processes a master spawns
-CHUNK_RECORDS = 32768         # records per streamed partition chunk (~0.6 MiB at D=2)
+CHUNK_VALUES = 65536          # doubles per streamed partition chunk (512 KiB)
+BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
 MAX_MESSAGE_BYTES = 16 << 20     # bound on any one gRPC message, both ways
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -110,10 +115,9 @@ def _is_float(text):
     return True
 
 
-def parse_points(lines, name):
+def parse_points(lines, name, first_line=1, dim=None):
     """Yield (line number, point) for every non-blank line; all points must share one dimension."""
-    dim = None
-    for line_number, line in enumerate(lines, 1):
+    for line_number, line in enumerate(lines, first_line):
         point = parse_point(line, f"{name}:{line_number}", dim)
         if point is not None:
             dim = len(point)
@@ -155,27 +159,59 @@ def nearest(point, centroids):
     return best_key
 
 
-def distances_to(columns, centroid):
-    """squared_distance of every point to one centroid, one column at a time."""
-    first = centroid[0]
-    distances = [(diff := x - first) * diff for x in columns[0]]
-    for column, c in zip(columns[1:], centroid[1:]):
-        distances = [total + (diff := x - c) * diff for total, x in zip(distances, column)]
-    return distances
+MAX_UNROLLED = 4096   # K*D up to which assign_clusters compiles its loop unrolled
+
+
+@functools.lru_cache(maxsize=64)
+def unrolled_assigner(clusters, dim):
+    """A compiled loop computing, point by point, what `nearest` and `squared_distance` compute.
+
+    Python spends most of a K-means iteration interpreting this loop; with the K distance sums and
+    comparisons written out (and the centroids in local variables) it runs about twice as fast as
+    any list-at-a-time formulation. The arithmetic and the strict '<' are those of `nearest`.
+    """
+    coords = [f"x{d}" for d in range(dim)]
+    body = [f"def assign(columns, centroids):",
+            f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(clusters))},) "
+            f"= centroids",
+            "    keys, best = [], []",
+            "    add_key, add_best = keys.append, best.append",
+            f"    for {', '.join(coords)}, in zip(*columns):"]
+    for key in range(clusters):
+        diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
+        total = " + ".join(f"d{d} * d{d}" for d in range(dim))
+        if key == 0:
+            body.append(f"        {diffs}; b = {total}; k = 0")
+        else:
+            body += [f"        {diffs}; d = {total}", f"        if d < b: b = d; k = {key}"]
+    body += ["        add_key(k); add_best(b)", "    return keys, best"]
+    namespace = {}
+    exec(compile("\n".join(body), f"<assign K={clusters} D={dim}>", "exec"), namespace)
+    return namespace["assign"]
 
 
 def assign_clusters(columns, centroids):
-    """Map: the nearest centroid of every point and its squared distance (ties: lowest index).
+    """Map: the nearest centroid of every point and its squared distance (ties: lowest index)."""
+    dim = len(columns)
+    if len(centroids) * dim <= MAX_UNROLLED:
+        return unrolled_assigner(len(centroids), dim)(columns, centroids)
+    points = list(zip(*columns))
+    keys = [nearest(p, centroids) for p in points]
+    return keys, [squared_distance(p, centroids[k]) for p, k in zip(points, keys)]
 
-    Equal to `nearest` point by point, but one centroid at a time over whole columns.
-    """
-    best = distances_to(columns, centroids[0])
-    keys = [0] * len(best)
-    for key in range(1, len(centroids)):
-        distances = distances_to(columns, centroids[key])
-        keys = [key if d < b else old for d, b, old in zip(distances, best, keys)]
-        best = list(map(min, best, distances))  # min keeps the first of equals: ties stay put
-    return keys, best
+
+def group_by_key(keys):
+    """Shuffle, map side: the indices of each key's points, keys ascending, input order kept."""
+    members = collections.defaultdict(list)
+    for index, key in enumerate(keys):
+        members[key].append(index)
+    return sorted(members.items())
+
+
+def map_records(groups, columns):
+    """The map output as records (key, count, [the coordinates of its points, per dimension])."""
+    return [(key, len(indices), [list(map(column.__getitem__, indices)) for column in columns])
+            for key, indices in groups]
 
 
 def partition_of(key, reducers):
@@ -183,13 +219,12 @@ def partition_of(key, reducers):
     return key % reducers
 
 
-def partition_points(keys, columns, reducers):
-    """Partition: split the (key, point) pairs by partition_of, keeping input order within each."""
-    members = [[] for _ in range(reducers)]
-    for index, key in enumerate(keys):
-        members[key % reducers].append(index)
-    return [([keys[i] for i in chosen], [[column[i] for i in chosen] for column in columns])
-            for chosen in members]
+def partition(records, reducers):
+    """Partition: the records of each reduce task, keys ascending within each."""
+    partitions = [[] for _ in range(reducers)]
+    for record in records:
+        partitions[partition_of(record[0], reducers)].append(record)
+    return partitions
 
 
 def exact_terms(values):
@@ -208,50 +243,37 @@ def exact_terms(values):
         pending.append(-term)
 
 
-def combine(keys, columns):
-    """Combiner: one record per key, (key, count, exact terms of each coordinate sum)."""
-    groups = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    return [(key, len(chosen), [exact_terms(column[i] for i in chosen) for column in columns])
-            for key, chosen in sorted(groups.items())]
+def combine(records):
+    """Combiner: each record's coordinates replaced by the exact terms of their sum per dimension."""
+    return [(key, count, [exact_terms(values) for values in sums]) for key, count, sums in records]
 
 
 @dataclass
 class Group:
-    """What a reducer knows of one cluster: its point count and the terms of each coordinate sum."""
+    """What a reducer knows of one cluster: its point count and, per dimension, sequences of doubles
+    whose exact sum is the cluster's coordinate sum (points themselves, or combined terms)."""
 
-    count: int = 0
-    terms: list = field(default_factory=list)
+    count: int
+    terms: list
 
 
-def shuffle_sort(point_records, combined_records, dim):
-    """Shuffle-sort: group plain (keys, columns) batches and combined records by key, keys ascending.
-
-    Grouping into buckets is a stable counting sort: points keep the order they arrived in.
-    """
+def shuffle_sort(record_lists, dim):
+    """Shuffle-sort, reduce side: merge records from every map task into one Group per key, ascending."""
     groups = {}
-    for keys, columns in point_records:
-        for index, key in enumerate(keys):
+    for records in record_lists:
+        for key, count, sums in records:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = Group(0, [[] for _ in range(dim)])
-            group.count += 1
-            for terms, column in zip(group.terms, columns):
-                terms.append(column[index])
-    for key, count, sums in combined_records:
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = Group(0, [[] for _ in range(dim)])
-        group.count += count
-        for terms, sum_terms in zip(group.terms, sums):
-            terms.extend(sum_terms)
+            group.count += count
+            for terms, values in zip(group.terms, sums):
+                terms.append(values)
     return sorted(groups.items())
 
 
 def reduce_cluster(group):
     """Reduce: the mean of one cluster, each coordinate fsum / count (exact whatever the split)."""
-    return tuple(math.fsum(terms) / group.count for terms in group.terms)
+    return tuple(math.fsum(itertools.chain.from_iterable(terms)) / group.count for terms in group.terms)
 
 
 def next_centroids(centroids, means):
@@ -274,8 +296,8 @@ def kmeans_reference(points, centroids, n, tol=0.0):
     columns = to_columns(points, dim)
     for iteration in range(1, n + 1):
         keys, _ = assign_clusters(columns, centroids)
-        (records,) = partition_points(keys, columns, 1)
-        means = {key: reduce_cluster(group) for key, group in shuffle_sort([records], [], dim)}
+        (records,) = partition(map_records(group_by_key(keys), columns), 1)
+        means = {key: reduce_cluster(group) for key, group in shuffle_sort([records], dim)}
         new = next_centroids(centroids, means)
         shift = largest_shift(centroids, new)
         centroids = new
@@ -313,9 +335,11 @@ def format_centroids(centroids):
     return "".join(format_point(c) + "\n" for c in centroids)
 
 
-def format_partition(keys, columns):
-    """A partition file: one 'key<TAB>x,y,...' pair per line."""
-    return "".join(f"{key}\t{format_point(p)}\n" for key, p in zip(keys, zip(*columns)))
+def format_partition(groups, texts):
+    """A partition file: one 'key<TAB>x,y,...' pair per line, the coordinates as the input wrote them
+    (whitespace removed), which parse back to exactly the doubles the mapper used."""
+    return "".join(f"{key}\t" + f"\n{key}\t".join(map(texts.__getitem__, indices)) + "\n"
+                   for key, indices in groups)
 
 
 def format_combined_partition(records):
@@ -337,6 +361,40 @@ def open_text(path):
         raise InputError(f"cannot read {path}: {error.strerror}") from None
 
 
+def line_blocks(path):
+    """The file as blocks of about 1 MiB of lines, each with the line number of its first line."""
+    with open_text(path) as lines:
+        first = 1
+        while block := lines.readlines(BLOCK_BYTES):
+            yield first, block
+            first += len(block)
+
+
+def parse_block(block, first_line, name, dim):
+    """The points of a block of lines: (D columns, D, the non-blank lines), validated.
+
+    Fast path: every field through one map(float) and whole-column checks; on any problem the
+    block is parsed again line by line, so the error names the line and what is wrong with it.
+    """
+    lines = [line for line in block if not line.isspace()]
+    if not lines:
+        return None, dim, lines
+    if dim is None:
+        dim = lines[0].count(",") + 1
+    commas = list(map(str.count, lines, itertools.repeat(",")))
+    try:
+        if min(commas) != dim - 1 or max(commas) != dim - 1:
+            raise ValueError
+        values = list(map(float, ",".join(lines).split(",")))
+        if not all(map(math.isfinite, values)) or max(map(abs, values)) > MAX_COORDINATE:
+            raise ValueError
+    except ValueError:
+        for _ in parse_points(block, name, first_line, dim):
+            pass
+        raise InputError(f"{name}:{first_line}: unreadable block") from None   # parse_points raised first
+    return [values[d::dim] for d in range(dim)], dim, lines
+
+
 @dataclass
 class InputScan:
     """What the master learns from one pass over the input."""
@@ -349,44 +407,52 @@ class InputScan:
 def scan_input(path, clusters, seed):
     """Validate the whole input in one streaming pass, count its points and draw K distinct ones.
 
-    Every line gets a random priority; the sample is the K distinct points with the lowest
+    Every point gets a random priority; the sample is the K distinct points with the lowest
     priority (a point's priority is its lowest over its copies), so the draw is uniform over lines.
     """
-    rng = random.Random(seed)
+    draw = random.Random(seed).random
     chosen = {}
     threshold = math.inf
     count, dim = 0, None
-    with open_text(path) as lines:
-        for _, point in parse_points(lines, path):
-            count += 1
-            dim = len(point)
-            priority = rng.random()
+    for first_line, block in line_blocks(path):
+        columns, dim, lines = parse_block(block, first_line, path, dim)
+        for index, priority in enumerate([draw() for _ in lines]):
             if priority >= threshold:
                 continue
+            point = tuple(column[index] for column in columns)
             chosen[point] = min(priority, chosen.get(point, priority))
             if len(chosen) > clusters:
                 del chosen[max(chosen, key=chosen.get)]
             if len(chosen) == clusters:
                 threshold = max(chosen.values())
+        count += len(lines)
     if count == 0:
         raise InputError(f"{path}: no points")
     return InputScan(count, dim, sorted(chosen, key=chosen.get))
 
 
-def read_split(path, start, end, dim):
-    """The points with index in [start, end) as D columns, parsed and validated."""
-    points = []
-    with open_text(path) as lines:
-        for index, (line_number, point) in enumerate(parse_points(lines, path)):
-            if index >= end:
-                break
-            if index >= start:
-                if len(point) != dim:
-                    raise InputError(f"{path}:{line_number}: {len(point)} coordinates, expected {dim}")
-                points.append(point)
-    if len(points) != end - start:
-        raise InputError(f"{path}: has fewer than {end} points")
-    return to_columns(points, dim)
+def read_split(path, start, end, dim, keep_text):
+    """Points [start, end) as D columns (and, if asked, each point's text), parsed and validated.
+
+    Blocks before the split are only counted, so memory follows the split, not the file.
+    """
+    columns, texts = [[] for _ in range(dim)], []
+    index = 0
+    for first_line, block in line_blocks(path):
+        if index >= end:
+            break
+        in_block = sum(1 for line in block if not line.isspace())
+        if in_block and index + in_block > start:
+            block_columns, _, lines = parse_block(block, first_line, path, dim)
+            low, high = max(0, start - index), min(in_block, end - index)
+            for column, values in zip(columns, block_columns):
+                column.extend(values[low:high])
+            if keep_text:
+                texts.extend("".join(line.split()) for line in lines[low:high])
+        index += in_block
+    if index < end:
+        raise InputError(f"{path}: has {index} points, fewer than {end}")
+    return columns, texts if keep_text else None
 
 
 def read_centroids(path, clusters, dim):
@@ -395,7 +461,7 @@ def read_centroids(path, clusters, dim):
         centroids = [p for _, p in parse_points(lines, path)]
     if len(centroids) != clusters:
         raise InputError(f"{path}: {len(centroids)} centroids, expected K={clusters}")
-    if centroids[0] and len(centroids[0]) != dim:
+    if len(centroids[0]) != dim:
         raise InputError(f"{path}: centroids have {len(centroids[0])} coordinates, the input has {dim}")
     return centroids
 
@@ -417,54 +483,48 @@ def from_little_endian(typecode, data):
     return values
 
 
-def point_chunks(keys, columns):
-    """A plain partition as bounded PartitionChunk messages."""
-    dim = len(columns)
-    for start in range(0, len(keys), CHUNK_RECORDS):
-        end = start + CHUNK_RECORDS
-        values = array("d")
-        for column in columns:
-            values.extend(column[start:end])
-        yield pb.PartitionChunk(dim=dim, keys=little_endian(array("i", keys[start:end])),
-                                values=little_endian(values))
+def record_chunks(records, dim, splittable):
+    """Records as bounded PartitionChunk messages; a record of plain points too big for one chunk
+    is split into records of fewer points (combined records are a few terms: never split)."""
+    keys, counts, terms, values = array("i"), array("q"), array("q"), array("d")
 
+    def chunk():
+        return pb.PartitionChunk(dim=dim, keys=little_endian(keys), counts=little_endian(counts),
+                                 terms=little_endian(terms), values=little_endian(values))
 
-def combined_chunks(records, dim):
-    """A combined partition as PartitionChunk messages (a few records per cluster: one chunk)."""
-    keys, counts, terms, values = array("i"), array("q"), array("i"), array("d")
     for key, count, sums in records:
-        keys.append(key)
-        counts.append(count)
-        for sum_terms in sums:
-            terms.append(len(sum_terms))
-            values.extend(sum_terms)
-    yield pb.PartitionChunk(dim=dim, keys=little_endian(keys), counts=little_endian(counts),
-                            terms=little_endian(terms), values=little_endian(values))
+        step = max(1, CHUNK_VALUES // dim) if splittable else count
+        for low in range(0, count, step):
+            piece = [values_of_dim[low:low + step] for values_of_dim in sums] if splittable else sums
+            if len(values) and len(values) + sum(map(len, piece)) > CHUNK_VALUES:
+                yield chunk()
+                keys, counts, terms, values = array("i"), array("q"), array("q"), array("d")
+            keys.append(key)
+            counts.append(min(step, count - low))
+            for part in piece:
+                terms.append(len(part))
+                values.extend(part)
+    if len(keys):
+        yield chunk()
 
 
-def decode_chunk(chunk):
-    """A PartitionChunk back as ('points', keys, columns) or ('combined', records)."""
+def decode_chunk(chunk, dim):
+    """A PartitionChunk back as records (key, count, per-dimension arrays of doubles)."""
     keys = from_little_endian("i", chunk.keys)
-    values = from_little_endian("d", chunk.values)
-    dim = chunk.dim
-    if not chunk.counts:
-        size = len(keys)
-        if dim < 1 or len(values) != size * dim:
-            raise ValueError("malformed partition chunk")
-        return "points", (keys.tolist(), [values[d * size:(d + 1) * size].tolist() for d in range(dim)])
     counts = from_little_endian("q", chunk.counts)
-    lengths = from_little_endian("i", chunk.terms)
-    if len(counts) != len(keys) or len(lengths) != len(keys) * dim or sum(lengths) != len(values):
-        raise ValueError("malformed combined chunk")
-    records, position, slot = [], 0, 0
-    for key, count in zip(keys, counts):
+    lengths = from_little_endian("q", chunk.terms)
+    values = from_little_endian("d", chunk.values)
+    if chunk.dim != dim or len(counts) != len(keys) or len(lengths) != len(keys) * dim \
+            or sum(lengths) != len(values) or (len(counts) and min(counts) < 1):
+        raise ValueError("malformed partition chunk")
+    records, position = [], 0
+    for number, (key, count) in enumerate(zip(keys, counts)):
         sums = []
-        for _ in range(dim):
-            sums.append(values[position:position + lengths[slot]].tolist())
-            position += lengths[slot]
-            slot += 1
+        for length in lengths[number * dim:(number + 1) * dim]:
+            sums.append(values[position:position + length])
+            position += length
         records.append((key, count, sums))
-    return "combined", records
+    return records
 
 
 def flatten(centroids):
@@ -620,6 +680,7 @@ class Split:
 
     stamp: tuple
     columns: list
+    texts: list = None      # each point's text, for the plain partition files
     keys: list = None
     iteration: int = 0
 
@@ -672,18 +733,17 @@ class MapperServicer(pb_grpc.MapperServicer):
             return pb.MapResponse(status=failure(f"cannot read {request.input_path}: {error.strerror}"))
         except InputError as error:
             require(context, False, str(error))
-        centroids = unflatten(request.centroids)
-        keys, distances = assign_clusters(split.columns, centroids)
+        keys, distances = assign_clusters(split.columns, unflatten(request.centroids))
         moved = self.count_moved(split, keys, request)
         split.keys, split.iteration = keys, iteration
-        partitions = partition_points(keys, split.columns, request.reducers)
+        groups = group_by_key(keys)
+        records = partition(map_records(groups, split.columns), request.reducers)
         if request.combine:
-            combined = [combine(part_keys, part_columns) for part_keys, part_columns in partitions]
-            texts = [format_combined_partition(records) for records in combined]
-            chunks = [list(combined_chunks(records, len(split.columns))) for records in combined]
+            records = [combine(part) for part in records]
+            texts = [format_combined_partition(part) for part in records]
         else:
-            texts = [format_partition(part_keys, part_columns) for part_keys, part_columns in partitions]
-            chunks = [list(point_chunks(part_keys, part_columns)) for part_keys, part_columns in partitions]
+            texts = [format_partition(part, split.texts) for part in partition(groups, request.reducers)]
+        chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
         if not self.latest.admit(request.job, task, iteration):
             return pb.MapResponse(status=failure("stale attempt: a newer iteration of this task ran"))
         folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
@@ -691,7 +751,7 @@ class MapperServicer(pb_grpc.MapperServicer):
             write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
         with self.lock:
             self.outputs[task] = MapOutput(request.job, iteration, chunks)
-        sizes = [len(part_keys) for part_keys, _ in partitions]
+        sizes = [sum(count for _, count, _ in part) for part in records]
         log.info("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=len(keys), moved=moved, partition_points=sizes,
@@ -703,10 +763,12 @@ class MapperServicer(pb_grpc.MapperServicer):
         status = os.stat(path)
         stamp = (status.st_size, status.st_mtime_ns)
         key = (request.job, path, request.start, request.end, request.centroids.dim)
+        keep_text = not request.combine   # plain partition files show each point's own text
         with self.lock:
             split = self.splits.get(key)
-        if split is None or split.stamp != stamp:
-            split = Split(stamp, read_split(path, request.start, request.end, request.centroids.dim))
+        if split is None or split.stamp != stamp or (keep_text and split.texts is None):
+            split = Split(stamp, *read_split(path, request.start, request.end, request.centroids.dim,
+                                             keep_text))
             with self.lock:
                 self.splits = {k: v for k, v in self.splits.items() if k[0] == request.job}
                 self.splits[key] = split
@@ -721,7 +783,7 @@ class MapperServicer(pb_grpc.MapperServicer):
             previous = split.keys
         else:   # this mapper did not map the task last iteration: recompute what it was
             previous, _ = assign_clusters(split.columns, unflatten(request.previous))
-        return sum(a != b for a, b in zip(previous, keys))
+        return sum(map(operator.ne, previous, keys))
 
     def GetPartition(self, request, context):
         require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
@@ -757,7 +819,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             return self.channels[address]
 
     def fetch(self, request, output, deadline):
-        """All chunks of this partition from one map task's mapper; None if it cannot be had."""
+        """All records of this partition from one map task's mapper; None if they cannot be had."""
         started = time.perf_counter()
         fetch = pb.PartitionRequest(job=request.job, iteration=request.iteration, task=output.task,
                                     partition=request.partition)
@@ -767,7 +829,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             stream = self.mapper(output.address).GetPartition(
                 fetch, timeout=max(0.05, deadline - time.monotonic()),
                 metadata=token_metadata(self.settings.token))
-            chunks = [decode_chunk(chunk) for chunk in stream]
+            records = [record for chunk in stream for record in decode_chunk(chunk, request.dim)]
         except grpc.RpcError as error:
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address,
                      error.code().name)
@@ -777,9 +839,13 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         except ValueError as error:
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, error)
             return None
-        log.info("<- GetPartition(task %d) SUCCESS from %s: %d chunks, %.1f ms", output.task,
-                 output.address, len(chunks), 1000 * (time.perf_counter() - started))
-        return chunks
+        if any(not 0 <= key < request.clusters for key, _, _ in records):
+            log.info("<- GetPartition(task %d) FAILURE from %s: cluster id out of range", output.task,
+                     output.address)
+            return None
+        log.info("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
+                 output.address, len(records), 1000 * (time.perf_counter() - started))
+        return records
 
     def Reduce(self, request, context):
         partition, iteration = request.partition, request.iteration
@@ -802,24 +868,14 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                                         request.outputs))
             except grpc.RpcError as error:
                 context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
-        missing = [output.task for output, chunks in zip(request.outputs, fetched) if chunks is None]
+        missing = [output.task for output, records in zip(request.outputs, fetched) if records is None]
         if missing:
             log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
             return pb.ReduceResponse(status=failure(f"map output missing for tasks {missing}"),
                                      reply=pb.ReduceReply(missing_tasks=missing))
         self.faults.crash_point("reduce", iteration, context)
-        point_records, combined_records, per_task = [], [], []
-        for chunks in fetched:
-            received = 0
-            for kind, payload in chunks:
-                if kind == "points":
-                    point_records.append(payload)
-                    received += len(payload[0])
-                else:
-                    combined_records.extend(payload)
-                    received += sum(count for _, count, _ in payload)
-            per_task.append(received)
-        groups = shuffle_sort(point_records, combined_records, request.dim)
+        per_task = [sum(count for _, count, _ in records) for records in fetched]
+        groups = shuffle_sort(fetched, request.dim)
         clusters = [(key, group.count, reduce_cluster(group)) for key, group in groups]
         if not self.latest.admit(request.job, partition, iteration):
             return pb.ReduceResponse(status=failure("stale attempt: a newer iteration of this task ran"))
@@ -1403,6 +1459,8 @@ def parse_args(argv=None):
                         help="stop when no centroid moved more than this (default 0: a fixed point)")
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
+    master.add_argument("--combiner", action="store_true",
+                        help="mappers pre-sum each cluster (exactly) so partitions carry sums, not points")
     master.add_argument("--max-attempts", type=int, default=4, help="tries per task per iteration (default 4)")
     master.add_argument("--crash", type=crash_spec, action="append", default=[], metavar="ROLE:I:PHASE:IT",
                         help="make spawned worker I die by SIGKILL at PHASE (map, after-map, reduce, "
@@ -1460,7 +1518,7 @@ def run_master(args):
                          iterations=args.n, data_dir=args.data_dir, seed=args.seed, init_path=args.init,
                          tol=args.tol, mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
                          rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts, token=args.token,
-                         input_root=args.input_root, fail_prob=args.fail_prob, fail_seed=args.fail_seed,
+                         input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob, fail_seed=args.fail_seed,
                          crashes=args.crash)
     result = run_job(options)
     sys.stdout.write(format_centroids(result.centroids))

@@ -84,33 +84,49 @@ def test_ties_go_to_the_lowest_centroid_index():
 
 # -- partition, combine, shuffle-sort, reduce ------------------------------------------------------
 
+def test_assign_clusters_without_unrolling_equals_nearest(monkeypatch):
+    monkeypatch.setattr(kmr, "MAX_UNROLLED", 0)   # the path for K*D too large to unroll
+    points = [(0.0, 0.0), (1.0, 1.0), (5.0, 5.0), (2.5, 2.5)]
+    centroids = [(0.0, 0.0), (5.0, 5.0), (0.0, 0.0)]
+    keys, distances = kmr.assign_clusters(kmr.to_columns(points, 2), centroids)
+    assert keys == [kmr.nearest(p, centroids) for p in points] == [0, 0, 1, 0]
+    assert distances == [0.0, 2.0, 0.0, 12.5]
+
+
 @given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 9))
 def test_partition_sends_each_key_to_exactly_one_reducer(keys, reducers):
     columns = [[float(i) for i in range(len(keys))]]
-    partitions = kmr.partition_points(keys, columns, reducers)
+    records = kmr.map_records(kmr.group_by_key(keys), columns)
+    partitions = kmr.partition(records, reducers)
     owners = {}
-    for number, (part_keys, part_columns) in enumerate(partitions):
-        assert all(kmr.partition_of(k, reducers) == number for k in part_keys)
-        for key in part_keys:
+    for number, part in enumerate(partitions):
+        assert [key for key, _, _ in part] == sorted(key for key, _, _ in part)
+        for key, count, (values,) in part:
+            assert kmr.partition_of(key, reducers) == number and count == len(values)
+            assert all(keys[int(i)] == key for i in values)
             owners.setdefault(key, set()).add(number)
-        assert len(part_columns[0]) == len(part_keys)
     assert all(len(o) == 1 for o in owners.values())
-    assert sorted(i for _, (c,) in partitions for i in c) == columns[0]   # no pair lost or doubled
+    assert sorted(i for part in partitions for _, _, (values,) in part for i in values) == columns[0]
+
+
+def test_group_by_key_keeps_input_order_within_a_key():
+    assert kmr.group_by_key([2, 0, 2, 1, 0]) == [(0, [1, 4]), (1, [3]), (2, [0, 2])]
 
 
 def test_shuffle_sort_groups_by_key_in_ascending_order():
-    batch1 = ([2, 0, 2], [[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
-    batch2 = ([0], [[4.0], [40.0]])
-    groups = kmr.shuffle_sort([batch1, batch2], [], 2)
+    from_mapper_1 = [(0, 1, [[2.0], [20.0]]), (2, 2, [[1.0, 3.0], [10.0, 30.0]])]
+    from_mapper_2 = [(0, 1, [[4.0], [40.0]])]
+    groups = kmr.shuffle_sort([from_mapper_1, from_mapper_2], 2)
     assert [key for key, _ in groups] == [0, 2]
-    assert (groups[0][1].count, groups[0][1].terms) == (2, [[2.0, 4.0], [20.0, 40.0]])
-    assert (groups[1][1].count, groups[1][1].terms) == (2, [[1.0, 3.0], [10.0, 30.0]])
+    assert (groups[0][1].count, groups[0][1].terms) == (2, [[[2.0], [4.0]], [[20.0], [40.0]]])
+    assert groups[1][1].count == 2
 
 
 def test_reduce_is_the_correctly_rounded_mean():
     columns = [[0.1, 0.2, 0.3], [1e16, 1.0, -1e16]]
     exact = [float(sum(map(Fraction, column))) / 3 for column in columns]   # round(exact sum) / count
-    assert kmr.reduce_cluster(kmr.Group(3, columns)) == tuple(exact) == (0.6 / 3, 1.0 / 3)
+    group = kmr.Group(3, [[column[:1], column[1:]] for column in columns])
+    assert kmr.reduce_cluster(group) == tuple(exact) == (0.6 / 3, 1.0 / 3)
     assert (0.1 + 0.2 + 0.3, 1e16 + 1.0 - 1e16) != (0.6, 1.0)   # a naive sum would differ
 
 
@@ -127,12 +143,14 @@ def test_combined_records_reduce_to_the_same_means_as_points(data):
     points, clusters, pieces = data
     dim = len(points[0])
     keys = [i % clusters for i in range(len(points))]
-    plain = kmr.shuffle_sort([(keys, kmr.to_columns(points, dim))], [], dim)
-    combined = []
-    for piece in range(pieces):   # combine each mapper's share separately, as mappers would
-        share = points[piece::pieces]
-        combined += kmr.combine(keys[piece::pieces], kmr.to_columns(share, dim)) if share else []
-    merged = kmr.shuffle_sort([], combined, dim)
+
+    def records_of(share_keys, share_points):
+        return kmr.map_records(kmr.group_by_key(share_keys), kmr.to_columns(share_points, dim))
+
+    plain = kmr.shuffle_sort([records_of(keys, points)], dim)
+    combined = [kmr.combine(records_of(keys[piece::pieces], points[piece::pieces]))   # per mapper
+                for piece in range(pieces) if points[piece::pieces]]
+    merged = kmr.shuffle_sort(combined, dim)
     assert [(k, g.count, repr(kmr.reduce_cluster(g))) for k, g in plain] == \
            [(k, g.count, repr(kmr.reduce_cluster(g))) for k, g in merged]
 
@@ -142,12 +160,46 @@ def test_empty_cluster_keeps_its_previous_centroid():
     assert kmr.next_centroids(old, {0: (1.0, 1.0), 2: (8.0, 8.0)}) == [(1.0, 1.0), (5.0, 5.0), (8.0, 8.0)]
 
 
-def test_partition_chunks_round_trip_through_bytes():
-    keys, columns = [3, 1, 3], [[0.1, -2.5, 1e-300], [7.0, 8.0, -0.0]]
-    decoded = [kmr.decode_chunk(c) for c in kmr.point_chunks(keys, columns)]
-    assert decoded == [("points", (keys, columns))]
-    records = kmr.combine(keys, columns)
-    assert [kmr.decode_chunk(c) for c in kmr.combined_chunks(records, 2)] == [("combined", records)]
+def as_lists(records):
+    return [(key, count, [list(values) for values in sums]) for key, count, sums in records]
+
+
+def test_partition_chunks_round_trip_through_bytes_and_stay_bounded(monkeypatch):
+    monkeypatch.setattr(kmr, "CHUNK_VALUES", 4)
+    records = [(1, 3, [[0.1, -2.5, 1e-300], [7.0, 8.0, -0.0]]), (3, 1, [[5.0], [6.0]])]
+    chunks = list(kmr.record_chunks(records, 2, splittable=True))
+    assert len(chunks) == 2 and all(len(c.values) <= 4 * 8 for c in chunks)
+    decoded = [r for c in chunks for r in kmr.decode_chunk(c, 2)]
+    assert as_lists(decoded) == [(1, 2, [[0.1, -2.5], [7.0, 8.0]]), (1, 1, [[1e-300], [-0.0]]),
+                                 (3, 1, [[5.0], [6.0]])]
+    combined = kmr.combine(records)
+    chunks = list(kmr.record_chunks(combined, 2, splittable=False))
+    assert as_lists(r for c in chunks for r in kmr.decode_chunk(c, 2)) == as_lists(combined)
+
+
+def test_malformed_chunk_is_refused():
+    (chunk,) = kmr.record_chunks([(1, 2, [[1.0, 2.0]])], 1, splittable=True)
+    chunk.values = chunk.values[:8]
+    with pytest.raises(ValueError):
+        kmr.decode_chunk(chunk, 1)
+    with pytest.raises(ValueError):
+        kmr.decode_chunk(next(kmr.record_chunks([(1, 1, [[1.0]])], 1, True)), 2)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,2\n3,4\n\n5,x\n", "f:4: 'x' is not a number"),
+    ("1,2\n3,4,5\n", "f:2: 3 coordinates, expected 2"),
+    ("1,2\n3\n4,5,6\n", "f:2: 1 coordinates, expected 2"),   # the field count adds up, lines don't
+    ("1,2\n3,inf\n", "f:2: inf is not a finite number"),
+])
+def test_fast_block_parser_falls_back_to_naming_the_line(text, message):
+    with pytest.raises(kmr.InputError, match=message):
+        kmr.parse_block(text.splitlines(True), 1, "f", None)
+
+
+def test_fast_block_parser_reads_columns():
+    columns, dim, lines = kmr.parse_block(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
+    assert (columns, dim, len(lines)) == ([[1.0, -300.0], [2.0, 4.5]], 2, 2)
 
 
 # -- the sequential reference on published cases --------------------------------------------------

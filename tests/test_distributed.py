@@ -47,7 +47,7 @@ def bits(centroids):
 @given(datasets(), st.integers(1, 5), st.integers(1, 4))
 @example(([(0.0,), (1.0,), (10.0,), (12.0,)], [(0.0,), (1.0,)], 5, 4, 10), 1, 1)   # M > N, R > K
 @example(([(1.0, 1.0)] * 7, [(1.0, 1.0)], 3, 2, 3), 2, 3)                          # K = 1, duplicates
-def test_distributed_centroids_equal_the_reference_bit_for_bit(worker_pool, tmp_path_factory, data,
+def test_distributed_centroids_with_or_without_combiner_equal_the_reference_bit_for_bit(worker_pool, tmp_path_factory, data,
                                                                 other_mappers, other_reducers):
     points, init, mappers, reducers, iterations = data
     expected, ran = kmr.kmeans_reference(points, init, iterations)
@@ -56,8 +56,8 @@ def test_distributed_centroids_equal_the_reference_bit_for_bit(worker_pool, tmp_
     assert bits(first.centroids) == bits(expected)
     assert len(first.iterations) == ran
     second, other_text = run_distributed(worker_pool, tmp_path_factory.mktemp("run"), points, init,
-                                         other_mappers, other_reducers, iterations)
-    assert other_text == text == kmr.format_centroids(expected)
+                                         other_mappers, other_reducers, iterations, combine=True)
+    assert other_text == text == kmr.format_centroids(expected)   # the combiner too, bit for bit
 
 
 def test_per_iteration_story_adds_up(worker_pool, tmp_path):

@@ -297,7 +297,8 @@ def test_worker_with_token_serves_calls_with_the_right_token(guarded):
     response = invoke(mapper, "mapper", "Map", request, TOKEN)
     assert response.status.success and response.reply.points == len(POINTS)
     chunks = invoke(mapper, "mapper", "GetPartition", partition_request(request.job), TOKEN)
-    assert sum(len(chunk.keys) // 4 for chunk in chunks) == response.reply.partition_points[0]
+    records = [r for chunk in chunks for r in kmr.decode_chunk(chunk, request.centroids.dim)]
+    assert sum(count for _, count, _ in records) == response.reply.partition_points[0]
 
 
 def test_refused_map_call_does_no_work(guarded):
