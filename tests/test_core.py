@@ -71,14 +71,16 @@ def test_split_ranges_cover_every_index_once_with_sizes_within_one(n_points, n_t
 @given(st.integers(1, 4).flatmap(lambda d: st.tuples(points_of(d), points_of(d, 8))))
 def test_assign_clusters_equals_nearest_point_by_point(data):
     points, centroids = data
-    keys, distances = kmr.assign_clusters(kmr.to_columns(points, len(points[0])), centroids)
+    keys, distances, members = kmr.assign_clusters(kmr.to_columns(points, len(points[0])), centroids)
     assert keys == [kmr.nearest(p, centroids) for p in points]
     assert distances == [kmr.squared_distance(p, centroids[k]) for p, k in zip(points, keys)]
+    assert [[list(column) for column in member] for member in members] == \
+        [kmr.to_columns([p for p, k in zip(points, keys) if k == key], len(points[0])) for key in range(len(centroids))]
 
 
 def test_ties_go_to_the_lowest_centroid_index():
     centroids = [(2.0, 0.0), (0.0, 0.0), (-2.0, 0.0), (0.0, 0.0)]
-    keys, _ = kmr.assign_clusters([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], centroids)
+    keys, _, _ = kmr.assign_clusters([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], centroids)
     assert keys == [0, 1, 1]   # (1,0) is as near to 0 as to 1; (-1,0) to 1, 2 and 3
 
 
@@ -88,15 +90,17 @@ def test_assign_clusters_without_unrolling_equals_nearest(monkeypatch):
     monkeypatch.setattr(kmr, "MAX_UNROLLED", 0)   # the path for K*D too large to unroll
     points = [(0.0, 0.0), (1.0, 1.0), (5.0, 5.0), (2.5, 2.5)]
     centroids = [(0.0, 0.0), (5.0, 5.0), (0.0, 0.0)]
-    keys, distances = kmr.assign_clusters(kmr.to_columns(points, 2), centroids)
+    keys, distances, members = kmr.assign_clusters(kmr.to_columns(points, 2), centroids)
     assert keys == [kmr.nearest(p, centroids) for p in points] == [0, 0, 1, 0]
     assert distances == [0.0, 2.0, 0.0, 12.5]
+    assert [[list(c) for c in m] for m in members] == [[[0.0, 1.0, 2.5], [0.0, 1.0, 2.5]], [[5.0], [5.0]], [[], []]]
 
 
 @given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 9))
 def test_partition_sends_each_key_to_exactly_one_reducer(keys, reducers):
     columns = [[float(i) for i in range(len(keys))]]
-    records = kmr.map_records(kmr.group_by_key(keys), columns)
+    members = [[[float(i) for i, k in enumerate(keys) if k == key]] for key in range(41)]
+    records = kmr.map_records(members)
     partitions = kmr.partition(records, reducers)
     owners = {}
     for number, part in enumerate(partitions):
@@ -145,7 +149,9 @@ def test_combined_records_reduce_to_the_same_means_as_points(data):
     keys = [i % clusters for i in range(len(points))]
 
     def records_of(share_keys, share_points):
-        return kmr.map_records(kmr.group_by_key(share_keys), kmr.to_columns(share_points, dim))
+        members = [kmr.to_columns([p for p, k in zip(share_points, share_keys) if k == key], dim)
+                   for key in range(clusters)]
+        return kmr.map_records(members)
 
     plain = kmr.shuffle_sort([records_of(keys, points)], dim)
     combined = [kmr.combine(records_of(keys[piece::pieces], points[piece::pieces]))   # per mapper
