@@ -14,11 +14,15 @@ Results go to stdout, the log to stderr and Data/dump.txt.
 """
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import functools
+import heapq
 import hmac
+import html
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -57,6 +61,7 @@ GRPC_OPTIONS = [
     ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
 ]
 REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
+MAX_SPLITS = 8        # parsed splits a mapper keeps
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -301,6 +306,30 @@ def largest_shift(old, new):
     return max(math.sqrt(squared_distance(a, b)) for a, b in zip(old, new))
 
 
+def nearest_distances(columns, centroids, previous=None):
+    """Each point's squared distance to the nearest of `centroids` (k-means++ weights, D^2).
+
+    `previous` holds the distances to all but the last centroid, so a round costs one pass.
+    """
+    start = 0 if previous is None else len(centroids) - 1
+    weights = previous
+    for centroid in centroids[start:]:
+        distances = [squared_distance(point, centroid) for point in zip(*columns)] if len(columns) != 2 \
+            else [(dx := x - centroid[0]) * dx + (dy := y - centroid[1]) * dy for x, y in zip(*columns)]
+        weights = distances if weights is None else list(map(min, weights, distances))
+    return weights
+
+
+def weighted_index(weights, fraction):
+    """The index i where the running sum of weights first exceeds fraction * total (0 <= fraction < 1);
+    a zero weight is never chosen."""
+    running = list(itertools.accumulate(weights))
+    index = bisect.bisect_right(running, fraction * running[-1])
+    while index >= len(weights) or weights[index] == 0:   # rounding at the very top end
+        index -= 1
+    return index
+
+
 def kmeans_reference(points, centroids, n, tol=0.0):
     """Sequential K-means built from the same map / partition / shuffle-sort / reduce functions.
 
@@ -416,34 +445,46 @@ class InputScan:
 
     points: int
     dim: int
-    sample: list   # K distinct points drawn at random (fewer if the input has fewer distinct points)
+    samples: list       # per seed: K distinct points drawn at random (fewer if the input has fewer)
+    plot_sample: list   # up to plot_points input points drawn at random, for the plot
 
 
-def scan_input(path, clusters, seed):
-    """Validate the whole input in one streaming pass, count its points and draw K distinct ones.
+def scan_input(path, clusters, seeds, plot_points=0):
+    """Validate the whole input in one streaming pass, count its points and, for every seed, draw K
+    distinct points (and a sample to plot).
 
-    Every point gets a random priority; the sample is the K distinct points with the lowest
+    Every point gets a random priority per seed; a sample is the K distinct points with the lowest
     priority (a point's priority is its lowest over its copies), so the draw is uniform over lines.
     """
-    draw = random.Random(seed).random
-    chosen = {}
-    threshold = math.inf
+    draws = [random.Random(seed).random for seed in seeds]
+    chosen = [{} for _ in seeds]
+    thresholds = [math.inf] * len(seeds)
+    plot_heap = []   # (-priority, index, point): the plot_points lowest priorities of the first seed
     count, dim = 0, None
     for first_line, block in line_blocks(path):
         columns, dim, lines = parse_block(block, first_line, path, dim)
-        for index, priority in enumerate([draw() for _ in lines]):
-            if priority >= threshold:
-                continue
-            point = tuple(column[index] for column in columns)
-            chosen[point] = min(priority, chosen.get(point, priority))
-            if len(chosen) > clusters:
-                del chosen[max(chosen, key=chosen.get)]
-            if len(chosen) == clusters:
-                threshold = max(chosen.values())
+        for number, draw in enumerate(draws):
+            sample, threshold = chosen[number], thresholds[number]
+            for index, priority in enumerate([draw() for _ in lines]):
+                if number == 0 and plot_points and (len(plot_heap) < plot_points or -plot_heap[0][0] > priority):
+                    point = tuple(column[index] for column in columns)
+                    heapq.heappush(plot_heap, (-priority, count + index, point))
+                    if len(plot_heap) > plot_points:
+                        heapq.heappop(plot_heap)
+                if priority >= threshold:
+                    continue
+                point = tuple(column[index] for column in columns)
+                sample[point] = min(priority, sample.get(point, priority))
+                if len(sample) > clusters:
+                    del sample[max(sample, key=sample.get)]
+                if len(sample) == clusters:
+                    threshold = max(sample.values())
+            thresholds[number] = threshold
         count += len(lines)
     if count == 0:
         raise InputError(f"{path}: no points")
-    return InputScan(count, dim, sorted(chosen, key=chosen.get))
+    samples = [sorted(sample, key=sample.get) for sample in chosen]
+    return InputScan(count, dim, samples, [point for _, _, point in sorted(plot_heap, key=lambda e: e[1])])
 
 
 def read_split(path, start, end, dim, keep_text):
@@ -696,8 +737,10 @@ class Split:
     stamp: tuple
     columns: list
     texts: list = None      # each point's text, for the plain partition files
-    keys: list = None
-    iteration: int = 0
+    keys: list = None       # the clusters of the last Map, to count moved points
+    keys_for: tuple = ()    # (job, iteration) of those keys
+    weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
+    weights_for: tuple = ()  # (job, centroids weighed against)
 
 
 @dataclass
@@ -717,7 +760,7 @@ class MapperServicer(pb_grpc.MapperServicer):
         self.faults = FaultInjector(settings)
         self.latest = LatestIteration()
         self.lock = threading.Lock()
-        self.splits = {}    # (job, path, start, end, dim) -> Split
+        self.splits = {}    # (path, start, end, dim) -> Split, least recently used first
         self.outputs = {}   # map task -> MapOutput
 
     def Ping(self, request, context):
@@ -725,32 +768,25 @@ class MapperServicer(pb_grpc.MapperServicer):
 
     def Map(self, request, context):
         task, iteration = request.task, request.iteration
-        log.info("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
+        log.debug("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
                  request.attempt, request.start, request.end, request.input_path)
-        require(context, task >= 1 and iteration >= 1 and request.job, "task, iteration and job are required")
-        require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
+        path = self.input_of(request, context)
+        require(context, iteration >= 1, "iterations start at 1")
         require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
         require_centroids(context, request.centroids, "centroids")
         if request.HasField("previous"):
             require_centroids(context, request.previous, "previous centroids")
             require(context, request.previous.dim == request.centroids.dim and
                     len(request.previous.values) == len(request.centroids.values), "previous: other shape")
-        path = resolve_input(request.input_path, self.settings.input_root)
-        require(context, path is not None, f"{request.input_path} is outside the input root",
-                grpc.StatusCode.PERMISSION_DENIED)
         if self.faults.fails(f"Map task {task}") or not self.latest.admit(request.job, task, iteration):
             return pb.MapResponse(status=failure("injected failure or stale attempt"))
         self.faults.crash_point("map", iteration, context)
-        try:
-            split = self.split(request, path)
-        except OSError as error:   # the file may be missing on this host only: let another mapper try
-            log.info("Map task %d: FAILURE %s", task, error)
-            return pb.MapResponse(status=failure(f"cannot read {request.input_path}: {error.strerror}"))
-        except InputError as error:
-            require(context, False, str(error))
+        split = self.load(request, path, request.centroids.dim, not request.combine, context)
+        if split is None:
+            return pb.MapResponse(status=failure(f"cannot read {request.input_path}"))
         keys, distances, members = assign_clusters(split.columns, unflatten(request.centroids))
         moved = self.count_moved(split, keys, request)
-        split.keys, split.iteration = keys, iteration
+        split.keys, split.keys_for = keys, (request.job, iteration)
         records = partition(map_records(members), request.reducers)
         if request.combine:
             records = [combine(part) for part in records]
@@ -767,34 +803,73 @@ class MapperServicer(pb_grpc.MapperServicer):
         with self.lock:
             self.outputs[task] = MapOutput(request.job, iteration, chunks)
         sizes = [sum(count for _, count, _ in part) for part in records]
-        log.info("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
+        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=len(keys), moved=moved, partition_points=sizes,
                             sse_terms=exact_terms(distances))
         return pb.MapResponse(status=success(), reply=reply)
 
-    def split(self, request, path):
-        """The task's points: parsed on first use, then kept while the file's size and mtime hold."""
+    def split(self, path, start, end, dim, keep_text):
+        """A task's points: parsed on first use, then kept while the file's size and mtime hold
+        (for MAX_SPLITS splits at most: restarts and re-executed tasks reuse them)."""
         status = os.stat(path)
         stamp = (status.st_size, status.st_mtime_ns)
-        key = (request.job, path, request.start, request.end, request.centroids.dim)
-        keep_text = not request.combine   # plain partition files show each point's own text
+        key = (path, start, end, dim)
         with self.lock:
-            split = self.splits.get(key)
+            split = self.splits.pop(key, None)
         if split is None or split.stamp != stamp or (keep_text and split.texts is None):
-            split = Split(stamp, *read_split(path, request.start, request.end, request.centroids.dim,
-                                             keep_text))
-            with self.lock:
-                self.splits = {k: v for k, v in self.splits.items() if k[0] == request.job}
-                self.splits[key] = split
+            split = Split(stamp, *read_split(path, start, end, dim, keep_text))
+        with self.lock:
+            self.splits[key] = split
+            while len(self.splits) > MAX_SPLITS:
+                del self.splits[next(iter(self.splits))]
         return split
+
+    def input_of(self, request, context):
+        """The checked input path of a Map or Weigh request."""
+        require(context, request.task >= 1 and request.job, "task and job are required")
+        require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
+        path = resolve_input(request.input_path, self.settings.input_root)
+        require(context, path is not None, f"{request.input_path} is outside the input root",
+                grpc.StatusCode.PERMISSION_DENIED)
+        return path
+
+    def load(self, request, path, dim, keep_text, context):
+        """The split of a request, or None after answering why not (FAILURE or INVALID_ARGUMENT)."""
+        try:
+            return self.split(path, request.start, request.end, dim, keep_text)
+        except OSError as error:   # the file may be missing on this host only: let another mapper try
+            log.info("task %d: FAILURE %s", request.task, error)
+            return None
+        except InputError as error:
+            require(context, False, str(error))
+
+    def Weigh(self, request, context):
+        log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
+                  len(request.centroids.values) // max(1, request.centroids.dim))
+        path = self.input_of(request, context)
+        require_centroids(context, request.centroids, "centroids")
+        if self.faults.fails(f"Weigh task {request.task}"):
+            return pb.WeighResponse(status=failure("injected failure"))
+        split = self.load(request, path, request.centroids.dim, False, context)
+        if split is None:
+            return pb.WeighResponse(status=failure(f"cannot read {request.input_path}"))
+        centroids = unflatten(request.centroids)
+        known = split.weights if split.weights_for == (request.job, len(centroids) - 1) else None
+        weights = nearest_distances(split.columns, centroids, known)
+        split.weights, split.weights_for = weights, (request.job, len(centroids))
+        reply = pb.WeighReply(mass_terms=exact_terms(weights))
+        if reply.mass_terms:
+            index = weighted_index(weights, random.Random(request.draw_seed).random())
+            reply.candidate.extend(column[index] for column in split.columns)
+        return pb.WeighResponse(status=success(), reply=reply)
 
     @staticmethod
     def count_moved(split, keys, request):
         """Points whose cluster differs from the previous iteration (all of them in the first)."""
         if request.iteration <= 1 or not request.HasField("previous"):
             return len(keys)
-        if split.keys is not None and split.iteration == request.iteration - 1:
+        if split.keys is not None and split.keys_for == (request.job, request.iteration - 1):
             previous = split.keys
         else:   # this mapper did not map the task last iteration: recompute what it was
             previous = assign_clusters(split.columns, unflatten(request.previous))[0]
@@ -838,7 +913,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         started = time.perf_counter()
         fetch = pb.PartitionRequest(job=request.job, iteration=request.iteration, task=output.task,
                                     partition=request.partition)
-        log.info("-> GetPartition(task %d, partition %d) to mapper %s", output.task,
+        log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task,
                  request.partition, output.address)
         try:
             stream = self.mapper(output.address).GetPartition(
@@ -858,13 +933,13 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             log.info("<- GetPartition(task %d) FAILURE from %s: cluster id out of range", output.task,
                      output.address)
             return None
-        log.info("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
+        log.debug("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
                  output.address, len(records), 1000 * (time.perf_counter() - started))
         return records
 
     def Reduce(self, request, context):
         partition, iteration = request.partition, request.iteration
-        log.info("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
+        log.debug("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
                  iteration, request.attempt, len(request.outputs))
         require(context, partition >= 1 and iteration >= 1 and request.job, "partition, iteration, job")
         require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
@@ -901,7 +976,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                                 points_from_task=per_task)
         with self.lock:
             self.results[partition] = (request.job, iteration, result)
-        log.info("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
+        log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
                  sum(per_task))
         self.faults.crash_point("after-reduce", iteration, context)
         return pb.ReduceResponse(status=success(), reply=pb.ReduceReply(points=sum(per_task)))
@@ -1005,7 +1080,9 @@ class JobOptions:
     iterations: int
     data_dir: str = "Data"
     seed: int = None
-    init_path: str = None
+    init: str = "random"          # random, k-means++, or the path of a file of centroids
+    restarts: int = 1
+    plot_points: int = 0          # how many input points the master samples for --plot
     tol: float = 0.0
     mapper_addrs: list = None
     reducer_addrs: list = None
@@ -1021,25 +1098,42 @@ class JobOptions:
 
 @dataclass
 class IterationStats:
-    """What one iteration did, for the log and the caller."""
+    """What one iteration did, for the console, dump.txt and the summary."""
 
     iteration: int
     shift: float
     moved: int
-    sse: float
+    sse: float            # of the centroids this iteration started from (what Map measured)
+    counts: list          # points per cluster
     seconds: float
+    phases: dict          # wall seconds of map, reduce (with collect and re-execution), compile
+    events: dict          # failures, re-assignments, re-executions, respawns during the iteration
+
+
+@dataclass
+class RunResult:
+    """One complete K-means run (one of --restarts)."""
+
+    seed: int
+    initial: list
+    centroids: list
+    iterations: list
+    converged: bool
+    sse: float            # of the final centroids
+    history: list         # the centroids before the first and after every iteration
 
 
 @dataclass
 class JobResult:
-    """A finished run: final centroids and the story of each iteration."""
+    """A finished job: the best run, every run, and what the plot needs."""
 
     centroids: list
-    initial: list
-    seed: int
-    iterations: list
-    converged: bool
+    best: RunResult
+    runs: list
     startup_seconds: float
+    dim: int
+    points: int
+    plot_sample: list
 
 
 class TaskFailed(Exception):
@@ -1059,12 +1153,15 @@ class Master:
 
     def __init__(self, options):
         self.options = options
-        self.job = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.job = self.job_base   # one job id per run of --restarts
         self.mappers, self.reducers = [], []
         self.context = multiprocessing.get_context("spawn")
         self.log_path = os.path.join(options.data_dir, "dump.txt")
         self.metadata = token_metadata(options.token)
         self.pool = None   # threads for concurrent RPCs, made once the workers are up
+        self.events = collections.Counter()   # failures and recoveries, for the summary
+        self.phases = {}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -1121,7 +1218,7 @@ class Master:
             receiver.close()
         if state != "ready":
             raise JobError(f"{worker.role} {worker.index} could not start: {detail}")
-        log.info("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
+        log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
                  worker.process.pid, detail)
         return f"127.0.0.1:{detail}"
 
@@ -1144,7 +1241,7 @@ class Master:
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
         worker.alive = True
-        log.info("%s answers: PID %d", worker.name, reply.pid)
+        log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout=2.0):
         """Whether a worker answers a Ping within a short deadline."""
@@ -1173,6 +1270,7 @@ class Master:
         except JobError as error:
             log.info("respawning %s %d failed: %s", worker.role, worker.index, error)
             return
+        self.events["respawns"] += 1
         log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid,
                  worker.address)
 
@@ -1211,7 +1309,7 @@ class Master:
 
     def call(self, worker, method, request, what):
         """One RPC with a deadline, logged as sent and answered (SUCCESS or FAILURE)."""
-        log.info("-> %s to %s", what, worker.name)
+        log.debug("-> %s to %s", what, worker.name)
         started = time.perf_counter()
         try:
             response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout,
@@ -1229,7 +1327,7 @@ class Master:
             log.info("<- %s FAILURE from %s: %s (%.1f ms)", what, worker.name, response.status.message,
                      elapsed)
             raise TaskFailed(response.status.message, response.reply)
-        log.info("<- %s SUCCESS from %s (%.1f ms)", what, worker.name, elapsed)
+        log.debug("<- %s SUCCESS from %s (%.1f ms)", what, worker.name, elapsed)
         return response.reply
 
     def run_tasks(self, workers, tasks, attempts, run_one):
@@ -1259,10 +1357,12 @@ class Master:
                     results[task] = (worker, future.result())
                 except TaskFailed as failed:
                     last_error[task] = failed
+                    self.events["failures"] += 1
                     log.info("%s task %d re-assigned after FAILURE", role, task)
                     pending.append(task)
                 except WorkerLost as lost:
                     last_error[task] = f"{worker.name} lost ({lost})"
+                    self.events["workers lost"] += 1
                     log.info("%s task %d re-assigned: %s did not answer", role, task, worker.name)
                     pending.append(task)
                     self.lose(worker, str(lost))
@@ -1315,8 +1415,10 @@ class Master:
         """One MapReduce round: map, shuffle + reduce, compile and account; returns new centroids."""
         self.revive()
         map_attempts, reduce_attempts = {}, {}
+        started = time.perf_counter()
         map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
                                      previous, map_attempts)
+        self.phases["map"] = time.perf_counter() - started
         results = {}
         pending = list(range(1, self.options.reducers + 1))
         while pending:
@@ -1328,8 +1430,10 @@ class Master:
                     if worker.alive and not self.answers(worker):
                         self.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
+                self.events["re-executions"] += len(lost)
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
                                                   map_attempts))
+        self.phases["reduce"] = time.perf_counter() - started - self.phases["map"]
         return self.compile(iteration, centroids, map_results, results)
 
     def compile(self, iteration, centroids, map_results, results):
@@ -1349,63 +1453,145 @@ class Master:
             for cluster in result.clusters:
                 if cluster.key in means or partition_of(cluster.key, self.options.reducers) != partition - 1:
                     problems.append(f"cluster {cluster.key} reported by reducer {partition}")
+                if not 0 <= cluster.key < len(centroids):
+                    problems.append(f"reducer {partition} reported unknown cluster {cluster.key}")
+                    continue
                 means[cluster.key] = tuple(cluster.mean)
                 counted += cluster.count
         if counted != self.points:
             problems.append(f"reducers counted {counted} points, the input has {self.points}")
         if problems:
             raise JobError(f"iteration {iteration}: points lost or counted twice: {'; '.join(problems)}")
-        log.info("iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
+        log.debug("iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
                  iteration, self.points, len(replies), len(results))
         moved = sum(reply.moved for reply in replies.values())
         sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
-        return next_centroids(centroids, means), moved, sse
+        sizes = [0] * len(centroids)
+        for result in results.values():
+            for cluster in result.clusters:
+                sizes[cluster.key] = cluster.count
+        return next_centroids(centroids, means), moved, sse, sizes
+
+    # -- k-means++ and the final SSE ---------------------------------------------------------
+
+    def weigh(self, centroids, rng):
+        """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
+        seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
+
+        def run_one(worker, task, attempt):
+            start, end = self.ranges[task - 1]
+            request = pb.WeighRequest(job=self.job, task=task, attempt=attempt, input_path=self.input_path,
+                                      start=start, end=end, centroids=flatten(centroids),
+                                      draw_seed=seeds[task])
+            return self.call(worker, "Weigh", request,
+                             f"Weigh(task {task}, {len(centroids)} centroids, attempt {attempt})")
+
+        done = self.run_tasks(self.mappers, list(seeds), {}, run_one)
+        return {task: reply for task, (_, reply) in sorted(done.items())}
+
+    def kmeans_plus_plus(self, first, rng):
+        """k-means++ without moving points: each round every mapper reports its split's D^2 mass and
+        a candidate drawn in proportion to D^2 within it; the master picks a split in proportion
+        to the masses and takes its candidate, which is an exact D^2 draw over all points."""
+        chosen = [first]
+        while len(chosen) < self.options.clusters:
+            replies = self.weigh(chosen, rng)
+            masses = [(task, math.fsum(reply.mass_terms)) for task, reply in replies.items()]
+            task = masses[weighted_index([mass for _, mass in masses], rng.random())][0]
+            chosen.append(tuple(replies[task].candidate))
+            log.info("k-means++ round %d: centroid from split %d: %s", len(chosen), task,
+                     format_point(chosen[-1]))
+        return chosen
+
+    def final_sse(self, run_stats, centroids, rng):
+        """The SSE of the final centroids: what the last Map measured if they did not move, else
+        one Weigh pass."""
+        if run_stats and run_stats[-1].shift == 0.0:
+            return run_stats[-1].sse
+        return math.fsum(t for reply in self.weigh(centroids, rng).values() for t in reply.mass_terms)
 
     # -- the run -------------------------------------------------------------------------------
 
-    def run(self):
-        """Validate the input, start workers, iterate; returns a JobResult."""
+    def prepare(self):
+        """Validate the input and draw what every run starts from; returns (InputScan, seeds)."""
         options = self.options
         seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
-        scan = scan_input(options.input_path, options.clusters, seed)   # input errors before any log line
-        if len(scan.sample) < options.clusters:
+        derive = random.Random(seed)
+        seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
+        scan = scan_input(options.input_path, options.clusters, seeds, options.plot_points)
+        if len(scan.samples[0]) < options.clusters:
             raise InputError(f"K={options.clusters} is larger than the number of distinct points "
-                             f"({len(scan.sample)}) in {options.input_path}")
-        if options.init_path:
-            initial = read_centroids(options.init_path, options.clusters, scan.dim)
-        else:
-            initial = scan.sample
+                             f"({len(scan.samples[0])}) in {options.input_path}")
+        self.given_init = None
+        if options.init not in ("random", "k-means++"):
+            self.given_init = read_centroids(options.init, options.clusters, scan.dim)
         self.points, self.dim = scan.points, scan.dim
         self.input_path = os.path.abspath(options.input_path)
         self.ranges = split_ranges(scan.points, options.mappers)
-        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g seed=%d", self.job, options.input_path,
-                 options.mappers, options.reducers, options.clusters, options.iterations, options.tol, seed)
+        return scan, seeds
+
+    def run(self):
+        """Validate the input, start workers, run every restart; returns a JobResult."""
+        options = self.options
+        scan, seeds = self.prepare()   # input errors before any log line
+        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
+                 options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
+                 options.tol, options.init, seeds[0], options.restarts)
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
-        log.info("initial centroids: %s", "  ".join(map(format_point, initial)))
         started = time.perf_counter()
         self.start_workers()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
-        centroids, previous, stats, converged = initial, None, [], False
+        runs = []
+        for number, (seed, sample) in enumerate(zip(seeds, scan.samples), 1):
+            self.job = f"{self.job_base}-{number}"
+            runs.append(self.run_once(seed, sample))
+            if options.restarts > 1:
+                log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,
+                         len(runs[-1].iterations), runs[-1].sse)
+        best = min(runs, key=lambda run: run.sse)   # the first of equals
+        if options.restarts > 1:
+            log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
+        write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(best.centroids))
+        return JobResult(best.centroids, best, runs, startup, scan.dim, scan.points, scan.plot_sample)
+
+    def run_once(self, seed, sample):
+        """One complete K-means run from the initial centroids of this seed."""
+        options = self.options
+        rng = random.Random(seed)
+        if self.given_init is not None:
+            initial = self.given_init
+        elif options.init == "k-means++":
+            initial = self.kmeans_plus_plus(sample[0], rng)
+        else:
+            initial = sample
+        log.info("initial centroids (%s, seed %d): %s", options.init, seed, "  ".join(map(format_point, initial)))
+        centroids, previous, stats, converged, history = initial, None, [], False, [initial]
         for iteration in range(1, options.iterations + 1):
             started = time.perf_counter()
-            log.info("iteration %d: start", iteration)
-            new, moved, sse = self.iterate(iteration, centroids, previous)
+            self.events.clear()
+            log.debug("iteration %d: start", iteration)
+            new, moved, sse, sizes = self.iterate(iteration, centroids, previous)
             shift = largest_shift(centroids, new)
             previous, centroids = centroids, new
+            history.append(centroids)
             write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
-            stats.append(IterationStats(iteration, shift, moved, sse, time.perf_counter() - started))
-            log.info("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
-            log.info("iteration %d: shift %.6g, %d points moved, SSE %.10g, %.3f s", iteration, shift,
+            seconds = time.perf_counter() - started
+            self.phases["compile"] = seconds - self.phases["map"] - self.phases["reduce"]
+            stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, dict(self.phases),
+                                        dict(self.events)))
+            log.debug("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
+            log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s", iteration, shift,
                      moved, sse, stats[-1].seconds)
             if shift <= options.tol:
                 converged = True
                 log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
                          shift, options.tol)
                 break
-        if options.iterations == 0:
+        if not stats:
             write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
-        return JobResult(centroids, initial, seed, stats, converged, startup)
+        return RunResult(seed, initial, centroids, stats, converged, self.final_sse(stats, centroids, rng),
+                         history)
 
 
 def run_job(options):
@@ -1418,19 +1604,135 @@ def run_job(options):
 
 
 # ####################################################################################################
+# Reports: the summary (JSON) and the plot (SVG), built from a JobResult
+# ####################################################################################################
+
+PLOT_POINTS = 3000    # input points the master samples for --plot
+
+
+def summary(result, options):
+    """Everything a run decided and measured, as one JSON-ready dict (fields in the README)."""
+    best = result.best
+    totals = collections.Counter()
+    for run in result.runs:
+        for stats in run.iterations:
+            totals.update(stats.events)
+    return {
+        "parameters": {"input": os.path.abspath(options.input_path), "points": result.points, "dim": result.dim,
+                       "M": options.mappers, "R": options.reducers, "K": options.clusters,
+                       "n": options.iterations, "tol": options.tol, "init": options.init,
+                       "restarts": options.restarts, "combiner": options.combine, "seed": result.runs[0].seed,
+                       "mappers": options.mapper_addrs or "spawned", "reducers": options.reducer_addrs or "spawned"},
+        "startup_seconds": result.startup_seconds,
+        "runs": [{"seed": run.seed, "iterations": len(run.iterations), "converged": run.converged,
+                  "sse": run.sse} for run in result.runs],
+        "best_run": result.runs.index(best) + 1,
+        "seed": best.seed,
+        "initial_centroids": [list(c) for c in best.initial],
+        "iterations": [{"iteration": s.iteration, "shift": s.shift, "moved": s.moved, "sse": s.sse,
+                        "counts": s.counts, "seconds": s.seconds, "phases": s.phases, "events": s.events}
+                       for s in best.iterations],
+        "failures": dict(totals),
+        "converged": best.converged,
+        "final_sse": best.sse,
+        "final_centroids": [list(c) for c in best.centroids],
+    }
+
+
+def nice_ticks(low, high, count=6):
+    """About `count` round tick values covering [low, high]."""
+    span = (high - low) or 1.0
+    step = 10 ** math.floor(math.log10(span / count))
+    step *= next(m for m in (1, 2, 5, 10) if span / (step * m) <= count)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def cluster_colour(key, clusters):
+    """A colour per cluster, spread around the hue circle."""
+    return f"hsl({round(360 * key / clusters)},70%,45%)"
+
+
+def plot_svg(result):
+    """An SVG of the sample points coloured by final cluster, each centroid's path, axes and a legend."""
+    width, height, left, right, top, bottom = 900, 640, 70, 230, 50, 60
+    best, clusters = result.best, len(result.centroids)
+    flat = [(p[0], p[1] if len(p) > 1 else 0.0) for p in result.plot_sample]
+    paths = [[(c[k][0], c[k][1] if len(c[k]) > 1 else 0.0) for c in best.history] for k in range(clusters)]
+    xs = [x for x, _ in flat] + [x for path in paths for x, _ in path]
+    ys = [y for _, y in flat] + [y for path in paths for _, y in path]
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x_low, x_high = min(xs + x_ticks), max(xs + x_ticks)
+    y_low, y_high = min(ys + y_ticks), max(ys + y_ticks)
+
+    def sx(x):
+        return left + (x - x_low) / ((x_high - x_low) or 1.0) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (y - y_low) / ((y_high - y_low) or 1.0) * (height - top - bottom)
+
+    counts = best.iterations[-1].counts if best.iterations else None
+    title = f"kmr: K={clusters}, {result.points} points, SSE {best.sse:.6g}"
+    if result.dim != 2:
+        title += f" (dimension {result.dim}: showing coordinate{'s 1 and 2' if result.dim > 2 else ' 1'})"
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text class="title" x="{left}" y="28" font-size="16">{html.escape(title)}</text>']
+    axis_y, axis_x = height - bottom, left
+    out.append(f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{width - right}" y2="{axis_y}" stroke="black"/>')
+    out.append(f'<line class="axis" x1="{axis_x}" y1="{top}" x2="{axis_x}" y2="{axis_y}" stroke="black"/>')
+    for tick in x_ticks:
+        out.append(f'<line x1="{sx(tick):.1f}" y1="{axis_y}" x2="{sx(tick):.1f}" y2="{axis_y + 5}" stroke="black"/>'
+                   f'<text class="tick" x="{sx(tick):.1f}" y="{axis_y + 18}" text-anchor="middle">{tick:g}</text>')
+    for tick in y_ticks:
+        out.append(f'<line x1="{axis_x - 5}" y1="{sy(tick):.1f}" x2="{axis_x}" y2="{sy(tick):.1f}" stroke="black"/>'
+                   f'<text class="tick" x="{axis_x - 8}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 20}" text-anchor="middle">coordinate 1</text>')
+    if result.dim > 1:
+        out.append(f'<text x="18" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 18 {(top + height - bottom) / 2})">coordinate 2</text>')
+    for point, (x, y) in zip(result.plot_sample, flat):
+        colour = cluster_colour(nearest(point, result.centroids), clusters)
+        out.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}" '
+                   f'fill-opacity="0.6"/>')
+    for key, path in enumerate(paths):
+        colour = cluster_colour(key, clusters)
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in path)
+        out.append(f'<polyline class="path" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        x, y = path[-1]
+        out.append(f'<circle class="centroid" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="7" fill="{colour}" '
+                   f'stroke="black" stroke-width="2"/>')
+    legend_x = width - right + 20
+    out.append(f'<text x="{legend_x}" y="{top}" font-weight="bold">clusters (points)</text>')
+    for key in range(clusters):
+        y = top + 20 + 18 * key
+        size = "?" if counts is None else counts[key]
+        out.append(f'<rect x="{legend_x}" y="{y - 10}" width="12" height="12" fill="{cluster_colour(key, clusters)}"/>'
+                   f'<text class="legend" x="{legend_x + 18}" y="{y}">cluster {key}: {size}</text>')
+    note = (f"{len(flat)} of {result.points} points shown (a seeded sample)" if len(flat) < result.points
+            else f"all {result.points} points shown")
+    out.append(f'<text class="note" x="{legend_x}" y="{top + 40 + 18 * clusters}">{note}</text>')
+    out.append(f'<text class="note" x="{legend_x}" y="{top + 58 + 18 * clusters}">lines: centroid paths</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# ####################################################################################################
 # Command line
 # ####################################################################################################
 
 
 def setup_logging(role, log_path, console_level=logging.INFO):
-    """Log lines prefixed by role and PID to stderr and, appended, to dump.txt."""
+    """Log lines prefixed by role and PID to stderr (from console_level) and, all of them (every
+    RPC is a DEBUG line), appended to dump.txt."""
     log.handlers.clear()
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
     log.propagate = False
     formatter = logging.Formatter(f"%(asctime)s [{role} %(process)d] %(message)s")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
-    console.setFormatter(formatter)
+    console.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
     log.addHandler(console)
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
@@ -1458,10 +1760,20 @@ def addresses(text):
     return items
 
 
+EXAMPLES = """examples:
+  python kmr.py --role master -M 3 -R 2 -K 2 -n 20            the bundled sample, 5 spawned workers
+  python kmr.py --role master -K 5 --input pts.txt --init k-means++ --restarts 10 --plot run.svg
+  python kmr.py --role master -K 8 --input big.txt --combiner --summary run.json -q
+  python kmr.py --role mapper --port 6001                     a standalone worker (also: reducer)
+  python kmr.py --role master --mapper-addrs h1:6001,h2:6001 --reducer-addrs h3:6101 --token T
+  python kmr.py --role master --fail-prob 0.5 --crash mapper:1:after-map:2 --max-attempts 20
+"""
+
+
 def parse_args(argv=None):
     """The command line of every role."""
     parser = ArgumentParser(prog="kmr.py", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--role", choices=["master", "mapper", "reducer"], required=True)
     parser.add_argument("--data-dir", default="Data", help="where a run writes everything (default Data)")
     parser.add_argument("--rpc-timeout", type=float, default=30.0,
@@ -1473,7 +1785,15 @@ def parse_args(argv=None):
     master.add_argument("-n", type=int, default=20, help="iterations at most (default 20)")
     master.add_argument("--input", default="points.txt", help="points, one 'x,y,...' per line")
     master.add_argument("--seed", type=int, help="seed of the initial draw (default: random, logged)")
-    master.add_argument("--init", metavar="FILE", help="initial centroids, one per line")
+    master.add_argument("--init", default="random", metavar="random|k-means++|FILE",
+                        help="initial centroids: K distinct input points at random (default), "
+                             "k-means++ (distributed), or a file of K centroids")
+    master.add_argument("--restarts", type=int, default=1,
+                        help="complete runs from different seeds; the lowest final SSE wins (default 1)")
+    master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")
+    master.add_argument("--summary", metavar="FILE.json", help="write parameters and per-iteration numbers")
+    master.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
+    master.add_argument("-v", "--verbose", action="store_true", help="show every RPC on the console too")
     master.add_argument("--tol", type=float, default=0.0,
                         help="stop when no centroid moved more than this (default 0: a fixed point)")
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
@@ -1496,7 +1816,8 @@ def parse_args(argv=None):
                         help="each task a worker gets fails with this probability (failure drills)")
     shared.add_argument("--fail-seed", type=int, help="seed of --fail-prob draws")
     args = parser.parse_args(argv)
-    checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, 10**6),
+    checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, MAX_CLUSTERS),
+              ("--restarts", args.restarts, 1, 1000),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
               ("--max-attempts", args.max_attempts, 1, 100)]
     for flag, value, low, high in checks:
@@ -1506,6 +1827,10 @@ def parse_args(argv=None):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
     if not (math.isfinite(args.rpc_timeout) and args.rpc_timeout > 0):
         raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
+    if args.restarts > 1 and args.init not in ("random", "k-means++"):
+        raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
+    if args.quiet and args.verbose:
+        raise InputError("-q and -v exclude each other")
     if not all(" " <= char <= "~" for char in args.token):
         raise InputError("--token / KMR_TOKEN must be printable ASCII (it travels as gRPC metadata)")
     if not 0 <= args.fail_prob < 1:
@@ -1532,14 +1857,22 @@ def run_master(args):
         write_atomic(log_path, "")
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
-    setup_logging("master", log_path)
+    setup_logging("master", log_path, logging.WARNING if args.quiet else
+                  logging.DEBUG if args.verbose else logging.INFO)
     options = JobOptions(input_path=args.input, mappers=args.M, reducers=args.R, clusters=args.K,
-                         iterations=args.n, data_dir=args.data_dir, seed=args.seed, init_path=args.init,
-                         tol=args.tol, mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
+                         iterations=args.n, data_dir=args.data_dir, seed=args.seed, init=args.init,
+                         restarts=args.restarts, plot_points=PLOT_POINTS if args.plot else 0, tol=args.tol,
+                         mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
                          rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts, token=args.token,
-                         input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob, fail_seed=args.fail_seed,
-                         crashes=args.crash)
+                         input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
+                         fail_seed=args.fail_seed, crashes=args.crash)
     result = run_job(options)
+    if args.summary:
+        write_atomic(args.summary, json.dumps(summary(result, options), indent=2) + "\n")
+        log.info("summary written to %s", args.summary)
+    if args.plot:
+        write_atomic(args.plot, plot_svg(result))
+        log.info("plot written to %s", args.plot)
     sys.stdout.write(format_centroids(result.centroids))
     return 0
 

@@ -109,7 +109,7 @@ def measure_kmr(spec):
     """Run one job in this process (the master) and report timings and peak RSS per role."""
     import kmr
     options = kmr.JobOptions(input_path=spec["path"], mappers=2, reducers=2, clusters=spec["clusters"],
-                             iterations=spec["iterations"], data_dir=spec["data_dir"], init_path=spec["init"],
+                             iterations=spec["iterations"], data_dir=spec["data_dir"], init=spec["init"],
                              combine=spec["combine"], rpc_timeout=600)
     master = kmr.Master(options)
     started = time.perf_counter()
@@ -120,7 +120,7 @@ def measure_kmr(spec):
     finally:
         master.stop_workers()
     return {"whole": time.perf_counter() - started, "startup": result.startup_seconds,
-            "iterations": [s.seconds for s in result.iterations], "rss_master": peak_rss_mb(),
+            "iterations": [s.seconds for s in result.best.iterations], "rss_master": peak_rss_mb(),
             "rss_mapper": rss["mapper"], "rss_reducer": rss["reducer"],
             "centroids": [list(c) for c in result.centroids]}
 

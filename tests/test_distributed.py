@@ -32,7 +32,7 @@ def run_distributed(pool, data_dir, points, init, mappers, reducers, iterations,
     init_path.write_text(kmr.format_centroids(init))
     options = kmr.JobOptions(input_path=str(input_path), mappers=mappers, reducers=reducers,
                              clusters=len(init), iterations=iterations, data_dir=str(data_dir),
-                             init_path=str(init_path), mapper_addrs=pool.mappers[:mappers],
+                             init=str(init_path), mapper_addrs=pool.mappers[:mappers],
                              reducer_addrs=pool.reducers[:reducers], rpc_timeout=20,
                              combine=combine)
     result = kmr.run_job(options)
@@ -54,7 +54,7 @@ def test_distributed_centroids_with_or_without_combiner_equal_the_reference_bit_
     first, text = run_distributed(worker_pool, tmp_path_factory.mktemp("run"), points, init,
                                   mappers, reducers, iterations)
     assert bits(first.centroids) == bits(expected)
-    assert len(first.iterations) == ran
+    assert len(first.best.iterations) == ran
     second, other_text = run_distributed(worker_pool, tmp_path_factory.mktemp("run"), points, init,
                                          other_mappers, other_reducers, iterations, combine=True)
     assert other_text == text == kmr.format_centroids(expected)   # the combiner too, bit for bit
@@ -64,9 +64,10 @@ def test_per_iteration_story_adds_up(worker_pool, tmp_path):
     """Moved points, SSE and shifts agree with what the reference implies."""
     points = [(0.0, 0.0), (0.0, 1.0), (9.0, 9.0), (9.0, 8.0), (5.0, 5.0)]
     result, _ = run_distributed(worker_pool, tmp_path, points, [(0.0, 0.0), (5.0, 5.0)], 2, 2, 10)
-    first, *rest = result.iterations
+    first, *rest = result.best.iterations
     assert first.moved == len(points)                   # every point gets its first cluster
-    assert rest[-1].moved == 0 and rest[-1].shift == 0.0 and result.converged
+    assert rest[-1].moved == 0 and rest[-1].shift == 0.0 and result.best.converged
     final = result.centroids
     sse = math.fsum(min(kmr.squared_distance(p, c) for c in final) for p in points)
-    assert rest[-1].sse == sse
+    assert rest[-1].sse == result.best.sse == sse
+    assert rest[-1].counts == [2, 3]
