@@ -1661,7 +1661,9 @@ def plot_svg(result):
     paths = [[(c[k][0], c[k][1] if len(c[k]) > 1 else 0.0) for c in best.history] for k in range(clusters)]
     xs = [x for x, _ in flat] + [x for path in paths for x, _ in path]
     ys = [y for _, y in flat] + [y for path in paths for _, y in path]
-    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x_pad, y_pad = 0.04 * ((max(xs) - min(xs)) or 1.0), 0.04 * ((max(ys) - min(ys)) or 1.0)
+    x_ticks = nice_ticks(min(xs) - x_pad, max(xs) + x_pad)
+    y_ticks = nice_ticks(min(ys) - y_pad, max(ys) + y_pad)
     x_low, x_high = min(xs + x_ticks), max(xs + x_ticks)
     y_low, y_high = min(ys + y_ticks), max(ys + y_ticks)
 
@@ -1700,6 +1702,8 @@ def plot_svg(result):
         colour = cluster_colour(key, clusters)
         points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in path)
         out.append(f'<polyline class="path" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<circle class="start" cx="{sx(path[0][0]):.1f}" cy="{sy(path[0][1]):.1f}" r="5" '
+                   f'fill="white" stroke="{colour}" stroke-width="2"/>')
         x, y = path[-1]
         out.append(f'<circle class="centroid" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="7" fill="{colour}" '
                    f'stroke="black" stroke-width="2"/>')
@@ -1710,10 +1714,10 @@ def plot_svg(result):
         size = "?" if counts is None else counts[key]
         out.append(f'<rect x="{legend_x}" y="{y - 10}" width="12" height="12" fill="{cluster_colour(key, clusters)}"/>'
                    f'<text class="legend" x="{legend_x + 18}" y="{y}">cluster {key}: {size}</text>')
-    note = (f"{len(flat)} of {result.points} points shown (a seeded sample)" if len(flat) < result.points
-            else f"all {result.points} points shown")
-    out.append(f'<text class="note" x="{legend_x}" y="{top + 40 + 18 * clusters}">{note}</text>')
-    out.append(f'<text class="note" x="{legend_x}" y="{top + 58 + 18 * clusters}">lines: centroid paths</text>')
+    notes = ([f"{len(flat)} of {result.points} points shown", "(a seeded sample)"] if len(flat) < result.points
+             else [f"all {result.points} points shown"]) + ["lines: centroid paths,", "from the hollow start"]
+    for number, note in enumerate(notes):
+        out.append(f'<text class="note" x="{legend_x}" y="{top + 40 + 18 * (clusters + number)}">{note}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
