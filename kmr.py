@@ -355,6 +355,10 @@ def kmeans_reference(points, centroids, n, tol=0.0):
 # ####################################################################################################
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def write_atomic(path, text):
     """Write a whole file or nothing: a temporary file in the same folder, then rename over."""
     folder = os.path.dirname(path) or "."
@@ -363,6 +367,7 @@ def write_atomic(path, text):
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        os.chmod(temporary, 0o666 & ~UMASK)   # mkstemp's 0600 would make results private
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -855,10 +860,16 @@ class MapperServicer(pb_grpc.MapperServicer):
         if split is None:
             return pb.WeighResponse(status=failure(f"cannot read {request.input_path}"))
         centroids = unflatten(request.centroids)
-        known = split.weights if split.weights_for == (request.job, len(centroids) - 1) else None
-        weights = nearest_distances(split.columns, centroids, known)
-        split.weights, split.weights_for = weights, (request.job, len(centroids))
-        reply = pb.WeighReply(mass_terms=exact_terms(weights))
+        reply = pb.WeighReply()
+        if request.count_clusters:
+            keys, weights, _ = assign_clusters(split.columns, centroids)
+            sizes = collections.Counter(keys)
+            reply.counts.extend(sizes[key] for key in range(len(centroids)))
+        else:
+            known = split.weights if split.weights_for == (request.job, len(centroids) - 1) else None
+            weights = nearest_distances(split.columns, centroids, known)
+            split.weights, split.weights_for = weights, (request.job, len(centroids))
+        reply.mass_terms.extend(exact_terms(weights))
         if reply.mass_terms:
             index = weighted_index(weights, random.Random(request.draw_seed).random())
             reply.candidate.extend(column[index] for column in split.columns)
@@ -896,6 +907,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         self.lock = threading.Lock()
         self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
         self.results = {}    # partition -> (job, iteration, ResultReply)
+        self.fetchers = concurrent.futures.ThreadPoolExecutor(16)   # pulls from all mappers at once
 
     def Ping(self, request, context):
         return pb.PingReply(role="reducer", pid=os.getpid())
@@ -952,12 +964,11 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         # leave time to report missing map output before the master's own deadline runs out
         remaining = context.time_remaining() or self.settings.rpc_timeout
         deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
-        with concurrent.futures.ThreadPoolExecutor(len(request.outputs)) as pool:
-            try:
-                fetched = list(pool.map(lambda output: self.fetch(request, output, deadline),
-                                        request.outputs))
-            except grpc.RpcError as error:
-                context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
+        try:
+            fetched = list(self.fetchers.map(lambda output: self.fetch(request, output, deadline),
+                                             request.outputs))
+        except grpc.RpcError as error:
+            context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         missing = [output.task for output, records in zip(request.outputs, fetched) if records is None]
         if missing:
             log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
@@ -1120,7 +1131,9 @@ class RunResult:
     iterations: list
     converged: bool
     sse: float            # of the final centroids
+    counts: list          # points nearest to each final centroid
     history: list         # the centroids before the first and after every iteration
+    events: dict          # failures and recoveries of the whole run, k-means++ and final SSE included
 
 
 @dataclass
@@ -1474,7 +1487,7 @@ class Master:
 
     # -- k-means++ and the final SSE ---------------------------------------------------------
 
-    def weigh(self, centroids, rng):
+    def weigh(self, centroids, rng, count_clusters=False):
         """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
         seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
 
@@ -1482,7 +1495,7 @@ class Master:
             start, end = self.ranges[task - 1]
             request = pb.WeighRequest(job=self.job, task=task, attempt=attempt, input_path=self.input_path,
                                       start=start, end=end, centroids=flatten(centroids),
-                                      draw_seed=seeds[task])
+                                      draw_seed=seeds[task], count_clusters=count_clusters)
             return self.call(worker, "Weigh", request,
                              f"Weigh(task {task}, {len(centroids)} centroids, attempt {attempt})")
 
@@ -1503,12 +1516,14 @@ class Master:
                      format_point(chosen[-1]))
         return chosen
 
-    def final_sse(self, run_stats, centroids, rng):
-        """The SSE of the final centroids: what the last Map measured if they did not move, else
-        one Weigh pass."""
+    def final_clusters(self, run_stats, centroids, rng):
+        """The SSE and cluster sizes of the final centroids: what the last Map measured if they did
+        not move, else one counting Weigh pass."""
         if run_stats and run_stats[-1].shift == 0.0:
-            return run_stats[-1].sse
-        return math.fsum(t for reply in self.weigh(centroids, rng).values() for t in reply.mass_terms)
+            return run_stats[-1].sse, run_stats[-1].counts
+        replies = self.weigh(centroids, rng, count_clusters=True).values()
+        sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
+        return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -1559,6 +1574,7 @@ class Master:
         """One complete K-means run from the initial centroids of this seed."""
         options = self.options
         rng = random.Random(seed)
+        self.events.clear()
         if self.given_init is not None:
             initial = self.given_init
         elif options.init == "k-means++":
@@ -1569,7 +1585,7 @@ class Master:
         centroids, previous, stats, converged, history = initial, None, [], False, [initial]
         for iteration in range(1, options.iterations + 1):
             started = time.perf_counter()
-            self.events.clear()
+            before = collections.Counter(self.events)
             log.debug("iteration %d: start", iteration)
             new, moved, sse, sizes = self.iterate(iteration, centroids, previous)
             shift = largest_shift(centroids, new)
@@ -1579,7 +1595,7 @@ class Master:
             seconds = time.perf_counter() - started
             self.phases["compile"] = seconds - self.phases["map"] - self.phases["reduce"]
             stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, dict(self.phases),
-                                        dict(self.events)))
+                                        dict(self.events - before)))
             log.debug("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
             log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s", iteration, shift,
                      moved, sse, stats[-1].seconds)
@@ -1590,8 +1606,8 @@ class Master:
                 break
         if not stats:
             write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
-        return RunResult(seed, initial, centroids, stats, converged, self.final_sse(stats, centroids, rng),
-                         history)
+        sse, sizes = self.final_clusters(stats, centroids, rng)
+        return RunResult(seed, initial, centroids, stats, converged, sse, sizes, history, dict(self.events))
 
 
 def run_job(options):
@@ -1615,8 +1631,7 @@ def summary(result, options):
     best = result.best
     totals = collections.Counter()
     for run in result.runs:
-        for stats in run.iterations:
-            totals.update(stats.events)
+        totals.update(run.events)
     return {
         "parameters": {"input": os.path.abspath(options.input_path), "points": result.points, "dim": result.dim,
                        "M": options.mappers, "R": options.reducers, "K": options.clusters,
@@ -1635,6 +1650,7 @@ def summary(result, options):
         "failures": dict(totals),
         "converged": best.converged,
         "final_sse": best.sse,
+        "final_counts": best.counts,
         "final_centroids": [list(c) for c in best.centroids],
     }
 
@@ -1663,7 +1679,7 @@ def plot_svg(result):
     ys = [y for _, y in flat] + [y for path in paths for _, y in path]
     x_pad, y_pad = 0.04 * ((max(xs) - min(xs)) or 1.0), 0.04 * ((max(ys) - min(ys)) or 1.0)
     x_ticks = nice_ticks(min(xs) - x_pad, max(xs) + x_pad)
-    y_ticks = nice_ticks(min(ys) - y_pad, max(ys) + y_pad)
+    y_ticks = nice_ticks(min(ys) - y_pad, max(ys) + y_pad) if result.dim > 1 else [-1.0, 0.0, 1.0]
     x_low, x_high = min(xs + x_ticks), max(xs + x_ticks)
     y_low, y_high = min(ys + y_ticks), max(ys + y_ticks)
 
@@ -1673,7 +1689,6 @@ def plot_svg(result):
     def sy(y):
         return height - bottom - (y - y_low) / ((y_high - y_low) or 1.0) * (height - top - bottom)
 
-    counts = best.iterations[-1].counts if best.iterations else None
     title = f"kmr: K={clusters}, {result.points} points, SSE {best.sse:.6g}"
     if result.dim != 2:
         title += f" (dimension {result.dim}: showing coordinate{'s 1 and 2' if result.dim > 2 else ' 1'})"
@@ -1711,7 +1726,7 @@ def plot_svg(result):
     out.append(f'<text x="{legend_x}" y="{top}" font-weight="bold">clusters (points)</text>')
     for key in range(clusters):
         y = top + 20 + 18 * key
-        size = "?" if counts is None else counts[key]
+        size = best.counts[key]
         out.append(f'<rect x="{legend_x}" y="{y - 10}" width="12" height="12" fill="{cluster_colour(key, clusters)}"/>'
                    f'<text class="legend" x="{legend_x + 18}" y="{y}">cluster {key}: {size}</text>')
     notes = ([f"{len(flat)} of {result.points} points shown", "(a seeded sample)"] if len(flat) < result.points
@@ -1835,6 +1850,9 @@ def parse_args(argv=None):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
     if args.quiet and args.verbose:
         raise InputError("-q and -v exclude each other")
+    for flag, path in (("--plot", args.plot), ("--summary", args.summary)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise InputError(f"{flag} {path}: not a file in an existing folder")
     if not all(" " <= char <= "~" for char in args.token):
         raise InputError("--token / KMR_TOKEN must be printable ASCII (it travels as gRPC metadata)")
     if not 0 <= args.fail_prob < 1:
@@ -1871,12 +1889,15 @@ def run_master(args):
                          input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
                          fail_seed=args.fail_seed, crashes=args.crash)
     result = run_job(options)
-    if args.summary:
-        write_atomic(args.summary, json.dumps(summary(result, options), indent=2) + "\n")
-        log.info("summary written to %s", args.summary)
-    if args.plot:
-        write_atomic(args.plot, plot_svg(result))
-        log.info("plot written to %s", args.plot)
+    reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
+               (args.plot, lambda: plot_svg(result))]
+    for path, render in reports:
+        if path:
+            try:
+                write_atomic(path, render())
+            except OSError as error:
+                raise JobError(f"cannot write {path}: {error.strerror}") from None
+            log.info("wrote %s", path)
     sys.stdout.write(format_centroids(result.centroids))
     return 0
 
