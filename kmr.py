@@ -9,8 +9,10 @@ One script, three roles:
 The master splits the input by index range among M map tasks; each mapper reads its range itself,
 assigns every point to its nearest centroid and partitions the pairs by key % R; each reducer pulls
 its partition from every mapper, shuffle-sorts it and averages each cluster; the master collects
-the new centroids from the reducers.  Everything a run writes lives under --data-dir (default Data).
-Results go to stdout, the log to stderr and Data/dump.txt.
+the new centroids from the reducers.  Means use math.fsum, so the result is the sequential
+reference's bit for bit for any M and R.  Failed, killed or hung workers are replaced and their
+tasks re-run.  Everything a run writes lives under --data-dir (default Data).  Results go to
+stdout, the log to stderr and Data/dump.txt.
 """
 
 import argparse
@@ -70,7 +72,9 @@ MAX_SPLITS = 8        # parsed splits a mapper keeps
 #   M        map tasks (index ranges of the input)  R              reduce tasks = partitions, key % R
 #   n        iterations at most                     tol            stop when no centroid moved more
 #   terms    doubles whose exact sum is a cluster sum (what makes the combiner exact)
-#   job      one run of the master; workers drop the state of other jobs
+#   record   (key, count, terms per dimension): what a partition carries, points or combined sums
+#   split    a map task's points, parsed once and kept by its mapper
+#   job      one run of the master (one per restart); workers drop the map output of other jobs
 
 
 class InputError(ValueError):
