@@ -32,6 +32,7 @@ import operator
 import os
 import random
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,13 +42,15 @@ from array import array
 from dataclasses import dataclass, field
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # gRPC's own C-core lines would break one-line errors
-import grpc  # noqa: E402  (after the environment it reads)
-
+try:
+    import grpc
+except ImportError:  # pragma: no cover - depends on the machine
+    sys.exit("kmr: error: grpcio is not installed: python3 -m pip install -r requirements.txt")
 try:
     import kmeans_pb2 as pb
     import kmeans_pb2_grpc as pb_grpc
 except ImportError:  # pragma: no cover - depends on the checkout
-    sys.exit("kmr: error: the gRPC stubs are missing: run ./gen_pb.sh first")
+    sys.exit("kmr: error: the gRPC stubs are missing: run sh gen_pb.sh first")
 
 log = logging.getLogger("kmr")
 
@@ -63,7 +66,8 @@ GRPC_OPTIONS = [
     ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
 ]
 REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
-MAX_SPLITS = 8        # parsed splits a mapper keeps
+MAX_SPLITS = 64       # parsed splits a mapper keeps (its own tasks, and tasks it took over)
+MAX_CHANNELS = 256    # mapper channels a reducer keeps
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -74,11 +78,15 @@ MAX_SPLITS = 8        # parsed splits a mapper keeps
 #   terms    doubles whose exact sum is a cluster sum (what makes the combiner exact)
 #   record   (key, count, terms per dimension): what a partition carries, points or combined sums
 #   split    a map task's points, parsed once and kept by its mapper
-#   job      one run of the master (one per restart); workers drop the map output of other jobs
+#   job      one run of the master (one per restart); workers refuse requests of a replaced job
 
 
 class InputError(ValueError):
     """Bad input or arguments the user can fix: one line on stderr, exit code 2."""
+
+
+class UnreadableInput(InputError):
+    """The input cannot be read here (missing, unreadable, shorter): on a worker, another may manage."""
 
 
 class JobError(RuntimeError):
@@ -411,7 +419,7 @@ def open_text(path):
     try:
         return open(path, encoding="utf-8", errors="replace")
     except OSError as error:
-        raise InputError(f"cannot read {path}: {error.strerror}") from None
+        raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
 
 
 def line_blocks(path):
@@ -516,7 +524,7 @@ def read_split(path, start, end, dim, keep_text):
                 texts.extend("".join(line.split()) for line in lines[low:high])
         index += in_block
     if index < end:
-        raise InputError(f"{path}: has {index} points, fewer than {end}")
+        raise UnreadableInput(f"{path}: has {index} points, fewer than {end}")
     return columns, texts if keep_text else None
 
 
@@ -614,9 +622,9 @@ MAX_CLUSTERS = 100_000
 MAX_DIM = 4096
 
 
-def success(message=""):
+def success():
     """A SUCCESS status."""
-    return pb.Status(success=True, message=message)
+    return pb.Status(success=True)
 
 
 def failure(message):
@@ -720,28 +728,35 @@ def resolve_input(path, root):
     return real if os.path.commonpath([real, real_root]) == real_root else None
 
 
-class LatestIteration:
-    """Remembers the newest iteration seen per task, so a stale attempt's output is dropped."""
+class Freshness:
+    """Tells a current attempt from a stale one: requests of an older job (one this worker has seen
+    replaced by a newer job) and of an older iteration of a task than one already seen are refused.
+    A worker therefore serves one master at a time."""
 
     def __init__(self):
-        self.newest = {}
-        self.lock = threading.Lock()
+        self.job = None
+        self.superseded = set()
+        self.newest = {}   # task -> newest iteration seen in the current job
+        self.lock = threading.RLock()   # held around "admit, then store", so the two stay together
 
     def admit(self, job, task, iteration):
-        """Record iteration; False when a newer iteration of this task was already seen."""
+        """Record the attempt; False when it is stale."""
         with self.lock:
-            key = (job, task)
-            if self.newest.get(key, 0) > iteration:
+            if job in self.superseded:
                 return False
-            if key[0] not in {k[0] for k in self.newest}:
-                self.newest = {}   # a new job: forget the old one
-            self.newest[key] = iteration
+            if job != self.job:
+                if self.job is not None:
+                    self.superseded.add(self.job)
+                self.job, self.newest = job, {}
+            if self.newest.get(task, 0) > iteration:
+                return False
+            self.newest[task] = iteration
             return True
 
 
 @dataclass
 class Split:
-    """A mapper's parsed split, kept for the whole job while the file is unchanged."""
+    """A mapper's parsed split, kept across iterations and jobs while the file is unchanged."""
 
     stamp: tuple
     columns: list
@@ -749,11 +764,11 @@ class Split:
     keys: list = None       # the clusters of the last Map, to count moved points
     keys_for: tuple = ()    # (job, iteration) of those keys
     weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
-    weights_for: tuple = ()  # (job, centroids weighed against)
+    weights_for: tuple = ()  # (job, how many centroids they were weighed against)
 
 
 @dataclass
-class MapOutput:
+class MapTaskOutput:
     """The partitions of one map task, kept in memory for the reducers to fetch."""
 
     job: str
@@ -767,10 +782,10 @@ class MapperServicer(pb_grpc.MapperServicer):
     def __init__(self, settings):
         self.settings = settings
         self.faults = FaultInjector(settings)
-        self.latest = LatestIteration()
+        self.fresh = Freshness()
         self.lock = threading.Lock()
         self.splits = {}    # (path, start, end, dim) -> Split, least recently used first
-        self.outputs = {}   # map task -> MapOutput
+        self.outputs = {}   # map task -> MapTaskOutput
 
     def Ping(self, request, context):
         return pb.PingReply(role="mapper", pid=os.getpid())
@@ -787,12 +802,12 @@ class MapperServicer(pb_grpc.MapperServicer):
             require_centroids(context, request.previous, "previous centroids")
             require(context, request.previous.dim == request.centroids.dim and
                     len(request.previous.values) == len(request.centroids.values), "previous: other shape")
-        if self.faults.fails(f"Map task {task}") or not self.latest.admit(request.job, task, iteration):
+        if self.faults.fails(f"Map task {task}") or not self.fresh.admit(request.job, task, iteration):
             return pb.MapResponse(status=failure("injected failure or stale attempt"))
         self.faults.crash_point("map", iteration, context)
-        split = self.load(request, path, request.centroids.dim, not request.combine, context)
+        split, problem = self.load(request, path, request.centroids.dim, not request.combine, context)
         if split is None:
-            return pb.MapResponse(status=failure(f"cannot read {request.input_path}"))
+            return pb.MapResponse(status=failure(problem))
         keys, distances, members = assign_clusters(split.columns, unflatten(request.centroids))
         moved = self.count_moved(split, keys, request)
         split.keys, split.keys_for = keys, (request.job, iteration)
@@ -804,13 +819,14 @@ class MapperServicer(pb_grpc.MapperServicer):
             texts = [format_partition(part, split.texts)
                      for part in partition(group_by_key(keys), request.reducers)]
         chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
-        if not self.latest.admit(request.job, task, iteration):
-            return pb.MapResponse(status=failure("stale attempt: a newer iteration of this task ran"))
-        folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
-        for number, text in enumerate(texts, 1):
-            write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
-        with self.lock:
-            self.outputs[task] = MapOutput(request.job, iteration, chunks)
+        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
+            if not self.fresh.admit(request.job, task, iteration):
+                return pb.MapResponse(status=failure("stale attempt: a newer job or iteration ran"))
+            folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
+            for number, text in enumerate(texts, 1):
+                write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
+            with self.lock:
+                self.outputs[task] = MapTaskOutput(request.job, iteration, chunks)
         sizes = [sum(count for _, count, _ in part) for part in records]
         log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
         self.faults.crash_point("after-map", iteration, context)
@@ -844,12 +860,13 @@ class MapperServicer(pb_grpc.MapperServicer):
         return path
 
     def load(self, request, path, dim, keep_text, context):
-        """The split of a request, or None after answering why not (FAILURE or INVALID_ARGUMENT)."""
+        """(the split of a request, None) or (None, why this host cannot read it: answer FAILURE);
+        a file unlike what the master validated is refused (INVALID_ARGUMENT)."""
         try:
-            return self.split(path, request.start, request.end, dim, keep_text)
-        except OSError as error:   # the file may be missing on this host only: let another mapper try
+            return self.split(path, request.start, request.end, dim, keep_text), None
+        except (OSError, UnreadableInput) as error:   # maybe on this host only: let another mapper try
             log.info("task %d: FAILURE %s", request.task, error)
-            return None
+            return None, str(error)
         except InputError as error:
             require(context, False, str(error))
 
@@ -860,9 +877,9 @@ class MapperServicer(pb_grpc.MapperServicer):
         require_centroids(context, request.centroids, "centroids")
         if self.faults.fails(f"Weigh task {request.task}"):
             return pb.WeighResponse(status=failure("injected failure"))
-        split = self.load(request, path, request.centroids.dim, False, context)
+        split, problem = self.load(request, path, request.centroids.dim, False, context)
         if split is None:
-            return pb.WeighResponse(status=failure(f"cannot read {request.input_path}"))
+            return pb.WeighResponse(status=failure(problem))
         centroids = unflatten(request.centroids)
         reply = pb.WeighReply()
         if request.count_clusters:
@@ -874,7 +891,7 @@ class MapperServicer(pb_grpc.MapperServicer):
             weights = nearest_distances(split.columns, centroids, known)
             split.weights, split.weights_for = weights, (request.job, len(centroids))
         reply.mass_terms.extend(exact_terms(weights))
-        if reply.mass_terms:
+        if reply.mass_terms and not request.count_clusters:
             index = weighted_index(weights, random.Random(request.draw_seed).random())
             reply.candidate.extend(column[index] for column in split.columns)
         return pb.WeighResponse(status=success(), reply=reply)
@@ -907,7 +924,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
     def __init__(self, settings):
         self.settings = settings
         self.faults = FaultInjector(settings)
-        self.latest = LatestIteration()
+        self.fresh = Freshness()
         self.lock = threading.Lock()
         self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
         self.results = {}    # partition -> (job, iteration, ResultReply)
@@ -917,12 +934,17 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         return pb.PingReply(role="reducer", pid=os.getpid())
 
     def mapper(self, address):
-        """The stub for a mapper, on a channel kept for the reducer's lifetime."""
+        """The stub for a mapper, on a channel kept while the mapper is in use (replaced mappers'
+        channels are closed once more than MAX_CHANNELS addresses were seen)."""
         with self.lock:
             if address not in self.channels:
+                if len(self.channels) >= MAX_CHANNELS:
+                    for channel, _ in self.channels.values():
+                        channel.close()
+                    self.channels.clear()
                 channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-                self.channels[address] = pb_grpc.MapperStub(channel)
-            return self.channels[address]
+                self.channels[address] = (channel, pb_grpc.MapperStub(channel))
+            return self.channels[address][1]
 
     def fetch(self, request, output, deadline):
         """All records of this partition from one map task's mapper; None if they cannot be had."""
@@ -931,10 +953,9 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                                     partition=request.partition)
         log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task,
                  request.partition, output.address)
+        stream = self.mapper(output.address).GetPartition(
+            fetch, timeout=max(0.05, deadline - time.monotonic()), metadata=token_metadata(self.settings.token))
         try:
-            stream = self.mapper(output.address).GetPartition(
-                fetch, timeout=max(0.05, deadline - time.monotonic()),
-                metadata=token_metadata(self.settings.token))
             records = [record for chunk in stream for record in decode_chunk(chunk, request.dim)]
         except grpc.RpcError as error:
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address,
@@ -943,6 +964,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                 raise
             return None
         except ValueError as error:
+            stream.cancel()
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, error)
             return None
         if any(not 0 <= key < request.clusters for key, _, _ in records):
@@ -963,10 +985,11 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
         require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
         if self.faults.fails(f"Reduce partition {partition}") or \
-                not self.latest.admit(request.job, partition, iteration):
+                not self.fresh.admit(request.job, partition, iteration):
             return pb.ReduceResponse(status=failure("injected failure or stale attempt"))
         # leave time to report missing map output before the master's own deadline runs out
-        remaining = context.time_remaining() or self.settings.rpc_timeout
+        remaining = context.time_remaining()
+        remaining = self.settings.rpc_timeout if remaining is None else remaining
         deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
         try:
             fetched = list(self.fetchers.map(lambda output: self.fetch(request, output, deadline),
@@ -982,19 +1005,20 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         per_task = [sum(count for _, count, _ in records) for records in fetched]
         groups = shuffle_sort(fetched, request.dim)
         clusters = [(key, group.count, reduce_cluster(group)) for key, group in groups]
-        if not self.latest.admit(request.job, partition, iteration):
-            return pb.ReduceResponse(status=failure("stale attempt: a newer iteration of this task ran"))
-        write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
-                     format_reducer_output(clusters))
         result = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
                                           for key, count, mean in clusters],
                                 points_from_task=per_task)
-        with self.lock:
-            self.results[partition] = (request.job, iteration, result)
+        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
+            if not self.fresh.admit(request.job, partition, iteration):
+                return pb.ReduceResponse(status=failure("stale attempt: a newer job or iteration ran"))
+            write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
+                         format_reducer_output(clusters))
+            with self.lock:
+                self.results[partition] = (request.job, iteration, result)
         log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
                  sum(per_task))
         self.faults.crash_point("after-reduce", iteration, context)
-        return pb.ReduceResponse(status=success(), reply=pb.ReduceReply(points=sum(per_task)))
+        return pb.ReduceResponse(status=success())
 
     def GetResult(self, request, context):
         with self.lock:
@@ -1032,10 +1056,10 @@ def start_server(role, host, port, settings):
     return server, bound
 
 
-def serve_until_stopped(server, should_stop):
-    """Block until SIGTERM/SIGINT (or should_stop()), then stop the server gracefully."""
+def serve_until_stopped(server, should_stop, signals=(signal.SIGTERM, signal.SIGINT)):
+    """Block until one of the signals arrives (or should_stop()), then stop the server gracefully."""
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in signals:
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(0.2):
         if should_stop():
@@ -1046,7 +1070,6 @@ def serve_until_stopped(server, should_stop):
 
 def spawned_worker(role, index, settings, log_path, connection):
     """Entry point of a worker process the master spawns: serve, report the port, obey the master."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the master's to handle
     setup_logging(f"{role} {index}", log_path, console_level=logging.WARNING)
     parent = os.getppid()
     try:
@@ -1057,7 +1080,9 @@ def spawned_worker(role, index, settings, log_path, connection):
     log.info("%s %d listening on 127.0.0.1:%d", role, index, port)
     connection.send(("ready", port))
     connection.close()
-    serve_until_stopped(server, lambda: os.getppid() != parent)   # the master died: leave too
+    # SIGINT stays ignored (inherited from spawn): Ctrl-C is the master's to handle; if the master
+    # dies, leave too
+    serve_until_stopped(server, lambda: os.getppid() != parent, signals=(signal.SIGTERM,))
 
 
 # ####################################################################################################
@@ -1122,7 +1147,7 @@ class IterationStats:
     counts: list          # points per cluster
     seconds: float
     phases: dict          # wall seconds of map, reduce (with collect and re-execution), compile
-    events: dict          # failures, re-assignments, re-executions, respawns during the iteration
+    events: dict          # failures, workers lost, respawns, re-executions during the iteration
 
 
 @dataclass
@@ -1175,7 +1200,9 @@ class Master:
         self.mappers, self.reducers = [], []
         self.context = multiprocessing.get_context("spawn")
         self.log_path = os.path.join(options.data_dir, "dump.txt")
-        self.metadata = token_metadata(options.token)
+        # workers this master spawns always require a token: a fresh one per run unless --token is set
+        self.token = options.token or secrets.token_hex(16)
+        self.metadata = token_metadata(self.token)
         self.pool = None   # threads for concurrent RPCs, made once the workers are up
         self.events = collections.Counter()   # failures and recoveries, for the summary
         self.phases = {}
@@ -1210,7 +1237,7 @@ class Master:
         crashes = {phase: iteration for r, i, phase, iteration in options.crashes
                    if first and (r, i) == (role, index)}
         settings = WorkerSettings(
-            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=options.token,
+            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=self.token,
             input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
             fail_prob=options.fail_prob,
             fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index,
@@ -1218,7 +1245,11 @@ class Master:
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
                                        args=(role, index, settings, self.log_path, sender), daemon=True)
-        process.start()
+        on_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)   # the child starts ignoring Ctrl-C
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, on_interrupt)
         sender.close()
         return Worker(role, index, "", process, receiver=receiver)
 
@@ -1262,12 +1293,15 @@ class Master:
 
     def answers(self, worker, timeout=2.0):
         """Whether a worker answers a Ping within a short deadline."""
+        log.debug("-> Ping to %s", worker.name)
         try:
             worker.stub.Ping(pb.PingRequest(), timeout=min(timeout, self.options.rpc_timeout),
                              metadata=self.metadata)
-            return True
-        except grpc.RpcError:
+        except grpc.RpcError as error:
+            log.debug("<- Ping FAILURE from %s: %s", worker.name, error.code().name)
             return False
+        log.debug("<- Ping SUCCESS from %s", worker.name)
+        return True
 
     def lose(self, worker, why):
         """A worker stopped answering: mark it dead and, if this master spawned it, replace it."""
@@ -1303,6 +1337,19 @@ class Master:
                 log.info("%s answers again", worker.name)
             else:
                 worker.next_ping = now + REVIVE_EVERY
+
+    def await_revival(self, workers):
+        """With no live worker of a role, keep asking the dead ones we did not spawn, for at most
+        --rpc-timeout; whether one answered."""
+        deadline = time.monotonic() + self.options.rpc_timeout
+        while time.monotonic() < deadline:
+            for worker in workers:
+                worker.next_ping = 0.0
+            self.revive()
+            if any(worker.alive for worker in workers):
+                return True
+            time.sleep(0.5)
+        return False
 
     def stop_workers(self):
         """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
@@ -1363,10 +1410,12 @@ class Master:
                     attempts[task] = attempts.get(task, 0) + 1
                     if attempts[task] > self.options.max_attempts:
                         raise JobError(f"{role} task {task} failed {self.options.max_attempts} times, "
-                                       f"last: {last_error[task]}")
+                                       f"last: {last_error.get(task, 'its map output was lost')}")
                     running[self.pool.submit(run_one, worker, task, attempts[task])] = (worker, task)
-            if not running:
+            if not running and not self.await_revival(workers):
                 raise JobError(f"no live {role} left for task {pending[0]}")
+            if not running:
+                continue
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 worker, task = running.pop(future)
@@ -1514,6 +1563,9 @@ class Master:
         while len(chosen) < self.options.clusters:
             replies = self.weigh(chosen, rng)
             masses = [(task, math.fsum(reply.mass_terms)) for task, reply in replies.items()]
+            if not any(mass for _, mass in masses):
+                raise JobError("k-means++: every point is at squared distance 0 from the chosen centroids "
+                               "(coordinates too close to tell apart); use --init random")
             task = masses[weighted_index([mass for _, mass in masses], rng.random())][0]
             chosen.append(tuple(replies[task].candidate))
             log.info("k-means++ round %d: centroid from split %d: %s", len(chosen), task,
@@ -1538,6 +1590,9 @@ class Master:
         derive = random.Random(seed)
         seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
         scan = scan_input(options.input_path, options.clusters, seeds, options.plot_points)
+        if scan.dim > MAX_DIM or options.clusters * scan.dim * 8 > MAX_MESSAGE_BYTES // 4:
+            raise InputError(f"K={options.clusters} centroids of dimension {scan.dim} are too many to send "
+                             f"(limits: D <= {MAX_DIM}, K x D x 8 bytes <= {MAX_MESSAGE_BYTES // 4})")
         if len(scan.samples[0]) < options.clusters:
             raise InputError(f"K={options.clusters} is larger than the number of distinct points "
                              f"({len(scan.samples[0])}) in {options.input_path}")
@@ -1557,6 +1612,8 @@ class Master:
                  options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
                  options.tol, options.init, seeds[0], options.restarts)
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
+        for stale in ("Mappers", "Reducers"):   # an earlier run's files would pass for this run's
+            shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
         started = time.perf_counter()
         self.start_workers()
         startup = time.perf_counter() - started
@@ -1571,8 +1628,12 @@ class Master:
         best = min(runs, key=lambda run: run.sse)   # the first of equals
         if options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
-        write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(best.centroids))
+        self.write_centroids(best.centroids)
         return JobResult(best.centroids, best, runs, startup, scan.dim, scan.points, scan.plot_sample)
+
+    def write_centroids(self, centroids):
+        """centroids.txt: the last complete iteration while running, the best run's at the end."""
+        write_atomic(os.path.join(self.options.data_dir, "centroids.txt"), format_centroids(centroids))
 
     def run_once(self, seed, sample):
         """One complete K-means run from the initial centroids of this seed."""
@@ -1595,7 +1656,7 @@ class Master:
             shift = largest_shift(centroids, new)
             previous, centroids = centroids, new
             history.append(centroids)
-            write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
+            self.write_centroids(centroids)
             seconds = time.perf_counter() - started
             self.phases["compile"] = seconds - self.phases["map"] - self.phases["reduce"]
             stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, dict(self.phases),
@@ -1608,8 +1669,6 @@ class Master:
                 log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
                          shift, options.tol)
                 break
-        if not stats:
-            write_atomic(os.path.join(options.data_dir, "centroids.txt"), format_centroids(centroids))
         sse, sizes = self.final_clusters(stats, centroids, rng)
         return RunResult(seed, initial, centroids, stats, converged, sse, sizes, history, dict(self.events))
 
@@ -1863,6 +1922,12 @@ def parse_args(argv=None):
         raise InputError(f"--fail-prob must be in [0, 1), got {args.fail_prob}")
     if args.input_root is not None and not os.path.isdir(args.input_root):
         raise InputError(f"--input-root {args.input_root} is not a folder")
+    if args.role == "master" and args.input_root is not None and args.mapper_addrs is None and \
+            resolve_input(os.path.abspath(args.input), args.input_root) is None:
+        raise InputError(f"--input {args.input} is outside --input-root {args.input_root}")
+    for role, index, _, _ in args.crash:
+        if index > (args.M if role == "mapper" else args.R):
+            raise InputError(f"--crash {role}:{index}: there is no {role} {index}")
     return args
 
 
@@ -1908,7 +1973,11 @@ def run_master(args):
 
 def run_worker(args):
     """The mapper or reducer role, standalone: serve until SIGTERM or Ctrl-C."""
-    setup_logging(args.role, os.path.join(args.data_dir, f"{args.role}-{os.getpid()}.log"))
+    try:
+        setup_logging(args.role, os.path.join(args.data_dir, f"{args.role}-{os.getpid()}.log"),
+                      logging.DEBUG if args.verbose else logging.INFO)
+    except OSError as error:
+        raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
     settings = WorkerSettings(data_dir=args.data_dir, rpc_timeout=args.rpc_timeout, token=args.token,
                               input_root=args.input_root or os.getcwd(), fail_prob=args.fail_prob,
                               fail_seed=args.fail_seed)
@@ -1936,6 +2005,8 @@ def main(argv=None):
         return report("interrupted", EXIT_INTERRUPTED)
     except Terminated:
         return report("terminated", EXIT_TERMINATED)
+    except OSError as error:   # the data dir vanished, the disk filled up, ...
+        return report(f"{error.filename or 'I/O'}: {error.strerror}", EXIT_RUNTIME)
 
 
 def report(error, code):

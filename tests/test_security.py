@@ -495,8 +495,6 @@ BAD_MAP_REQUESTS = {
     "task-zero": dict(task=0),
     "iteration-zero": dict(iteration=0),
     "no-job": dict(job=""),
-    "range-past-end-of-file": dict(start=0, end=len(POINTS) + 5),
-    "range-far-past-end": dict(start=2**40, end=2**40 + 1),
     "dim-mismatch-with-file": dict(centroids=centroids((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))),
 }
 
@@ -506,6 +504,14 @@ def test_mapper_refuses_malformed_map_requests(rooted, bad):
     """A malformed task must be refused with INVALID_ARGUMENT, before it can crash or mislead a mapper."""
     request = map_request("points.txt", **BAD_MAP_REQUESTS[bad])
     assert refusal(rooted.mapper, "mapper", "Map", request) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("start, end", [(0, len(POINTS) + 5), (2**40, 2**40 + 1)], ids=["past-end", "far-past-end"])
+def test_range_past_the_end_of_this_hosts_file_answers_failure_so_another_mapper_can_try(rooted, start, end):
+    """The master counted the points; a mapper whose copy is shorter answers FAILURE (not a refusal),
+    so the master re-assigns the task to a mapper whose copy is whole."""
+    response = invoke(rooted.mapper, "mapper", "Map", map_request("points.txt", start=start, end=end), None)
+    assert not response.status.success and "fewer than" in response.status.message
 
 
 BAD_REDUCE_REQUESTS = {
