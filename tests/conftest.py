@@ -84,13 +84,13 @@ def run_kmr(*args, cwd, timeout=120, env=None):
 class StandaloneWorker:
     """A `kmr.py --role mapper|reducer --port 0` process and the address it printed."""
 
-    def __init__(self, role, cwd, *extra):
+    def __init__(self, role, cwd, *extra, env=None):
         self.tag = uuid.uuid4().hex
         # stderr to a file: a worker logs every call there, and an unread pipe would fill and stall it
         self.stderr = open(Path(cwd) / f"{role}-{self.tag}.err", "w+")
         self.process = subprocess.Popen(
             [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
-            cwd=cwd, env=kmr_env(self.tag), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+            cwd=cwd, env=kmr_env(self.tag, env), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         line = self.process.stdout.readline().strip()
         if not line:
             self.stop()

@@ -14,10 +14,8 @@ The positive cases at the end are parsing quirks that must *succeed*; their answ
 for bit against kmr.kmeans_reference run on points parsed independently (conftest.read_points).
 """
 
-import os
 import re
 import socket
-import stat
 import time
 from pathlib import Path
 

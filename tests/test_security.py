@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -28,8 +26,8 @@ import pytest
 import kmeans_pb2 as pb
 import kmeans_pb2_grpc as pb_grpc
 import kmr
-from conftest import (DATA, KMR, MasterProcess, StandaloneWorker, WorkerPool, centroid_lines, kmr_env,
-                      read_points, run_kmr, wait_for_line, write_points)
+from conftest import (DATA, MasterProcess, StandaloneWorker, WorkerPool, centroid_lines, read_points, run_kmr,
+                      wait_for_line, write_points)
 
 TOKEN = "s3cret"
 RPC = 10            # deadline of every direct call, seconds
@@ -112,22 +110,6 @@ def reference_lines(points_path, init_path, iterations=100):
     """The answer of the sequential reference, as sorted centroid lines."""
     expected, _ = kmr.kmeans_reference(read_points(points_path), read_points(init_path), iterations)
     return centroid_lines(kmr.format_centroids(expected))
-
-
-class EnvWorker(StandaloneWorker):
-    """A standalone worker started with extra environment variables (conftest's takes none)."""
-
-    def __init__(self, role, cwd, env, *extra):
-        self.tag = uuid.uuid4().hex
-        self.stderr = open(Path(cwd) / f"{role}-{self.tag}.err", "w+")   # a file: a full pipe would stall it
-        self.process = subprocess.Popen(
-            [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
-            cwd=cwd, env=kmr_env(self.tag, env), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        line = self.process.stdout.readline().strip()
-        if not line:
-            self.stop()
-            raise RuntimeError(f"{role} did not start")
-        self.address = line
 
 
 def listening_addresses(port):
@@ -314,7 +296,7 @@ def test_refused_map_call_does_no_work(guarded):
 def test_worker_takes_its_token_from_KMR_TOKEN(tmp_path):
     """The token can stay off the command line (visible in ps): $KMR_TOKEN works like --token."""
     write_points(tmp_path / "points.txt", POINTS)
-    worker = EnvWorker("mapper", tmp_path, {"KMR_TOKEN": TOKEN})
+    worker = StandaloneWorker("mapper", tmp_path, env={"KMR_TOKEN": TOKEN})
     try:
         for token in (None, "wrong"):
             assert refusal(worker.address, "mapper", "Ping", pb.PingRequest(), token) == \
