@@ -1206,6 +1206,7 @@ class Master:
         self.pool = None   # threads for concurrent RPCs, made once the workers are up
         self.events = collections.Counter()   # failures and recoveries, for the summary
         self.phases = {}
+        self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -1353,6 +1354,7 @@ class Master:
 
     def stop_workers(self):
         """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
+        self.stopping = True
         for worker in self.mappers + self.reducers:
             if worker.channel is not None:
                 worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
@@ -1380,7 +1382,8 @@ class Master:
                                                     metadata=self.metadata)
         except grpc.RpcError as error:
             code = error.code()
-            log.info("<- %s FAILURE from %s: %s %s", what, worker.name, code.name, error.details())
+            log.log(logging.DEBUG if self.stopping else logging.INFO, "<- %s FAILURE from %s: %s %s", what,
+                    worker.name, code.name, error.details())
             if code in REFUSALS:
                 raise JobError(f"{worker.name} refused {what}: {code.name}: {error.details()}") from None
             if code in LOST:
