@@ -456,6 +456,39 @@ def parse_block(block, first_line, name, dim):
     return [values[d::dim] for d in range(dim)], dim, lines
 
 
+class DistinctSample:
+    """The K distinct points with the lowest priority seen so far (a point's priority is the lowest
+    of its copies'); a lazy max-heap keeps each offer O(log K), whatever K."""
+
+    def __init__(self, size):
+        self.size = size
+        self.priority = {}   # point -> its priority
+        self.heap = []       # (-priority, point), with stale entries skipped when they surface
+        self.threshold = math.inf   # a point must beat this to get in
+
+    def offer(self, point, priority):
+        """Consider one point (callers skip priorities >= threshold: they cannot get in)."""
+        if priority >= self.priority.get(point, math.inf):
+            return
+        self.priority[point] = priority
+        heapq.heappush(self.heap, (-priority, point))
+        if len(self.priority) > self.size:
+            del self.priority[self.worst()]
+            heapq.heappop(self.heap)
+        if len(self.priority) == self.size:
+            self.threshold = self.priority[self.worst()]
+
+    def worst(self):
+        """The point of highest priority in the sample."""
+        while self.priority.get(self.heap[0][1]) != -self.heap[0][0]:
+            heapq.heappop(self.heap)
+        return self.heap[0][1]
+
+    def points(self):
+        """The sample, lowest priority first."""
+        return sorted(self.priority, key=self.priority.get)
+
+
 @dataclass
 class InputScan:
     """What the master learns from one pass over the input."""
@@ -474,33 +507,24 @@ def scan_input(path, clusters, seeds, plot_points=0):
     priority (a point's priority is its lowest over its copies), so the draw is uniform over lines.
     """
     draws = [random.Random(seed).random for seed in seeds]
-    chosen = [{} for _ in seeds]
-    thresholds = [math.inf] * len(seeds)
+    chosen = [DistinctSample(clusters) for _ in seeds]
     plot_heap = []   # (-priority, index, point): the plot_points lowest priorities of the first seed
     count, dim = 0, None
     for first_line, block in line_blocks(path):
         columns, dim, lines = parse_block(block, first_line, path, dim)
-        for number, draw in enumerate(draws):
-            sample, threshold = chosen[number], thresholds[number]
+        for number, (draw, sample) in enumerate(zip(draws, chosen)):
             for index, priority in enumerate([draw() for _ in lines]):
                 if number == 0 and plot_points and (len(plot_heap) < plot_points or -plot_heap[0][0] > priority):
                     point = tuple(column[index] for column in columns)
                     heapq.heappush(plot_heap, (-priority, count + index, point))
                     if len(plot_heap) > plot_points:
                         heapq.heappop(plot_heap)
-                if priority >= threshold:
-                    continue
-                point = tuple(column[index] for column in columns)
-                sample[point] = min(priority, sample.get(point, priority))
-                if len(sample) > clusters:
-                    del sample[max(sample, key=sample.get)]
-                if len(sample) == clusters:
-                    threshold = max(sample.values())
-            thresholds[number] = threshold
+                if priority < sample.threshold:
+                    sample.offer(tuple(column[index] for column in columns), priority)
         count += len(lines)
     if count == 0:
         raise InputError(f"{path}: no points")
-    samples = [sorted(sample, key=sample.get) for sample in chosen]
+    samples = [sample.points() for sample in chosen]
     return InputScan(count, dim, samples, [point for _, _, point in sorted(plot_heap, key=lambda e: e[1])])
 
 

@@ -216,3 +216,16 @@ def test_reference_reproduces_a_hand_computed_iteration():
     assert centroids == [(0.0,), (23.0 / 3,)] and iterations == 1
     centroids, iterations = kmr.kmeans_reference(points, [(0.0,), (1.0,)], 10)
     assert centroids == [(0.5,), (11.0,)] and iterations == 3
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.floats(0, 1, exclude_max=True)), max_size=120), st.integers(1, 5))
+def test_distinct_sample_keeps_the_k_distinct_points_of_lowest_priority(offers, size):
+    sample = kmr.DistinctSample(size)
+    for value, priority in offers:
+        if priority < sample.threshold:
+            sample.offer((float(value),), priority)
+    lowest = {}
+    for value, priority in offers:   # brute force: each point's lowest priority, then the K lowest
+        lowest[(float(value),)] = min(priority, lowest.get((float(value),), priority))
+    expected = sorted(lowest, key=lambda p: (lowest[p], p))[:size]
+    assert sorted(sample.points()) == sorted(expected)
