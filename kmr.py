@@ -513,14 +513,18 @@ def scan_input(path, clusters, seeds, plot_points=0):
     for first_line, block in line_blocks(path):
         columns, dim, lines = parse_block(block, first_line, path, dim)
         for number, (draw, sample) in enumerate(zip(draws, chosen)):
+            plotting = number == 0 and plot_points
             for index, priority in enumerate([draw() for _ in lines]):
-                if number == 0 and plot_points and (len(plot_heap) < plot_points or -plot_heap[0][0] > priority):
-                    point = tuple(column[index] for column in columns)
+                to_plot = plotting and (len(plot_heap) < plot_points or -plot_heap[0][0] > priority)
+                if not to_plot and priority >= sample.threshold:
+                    continue   # the common case: this point is in neither sample
+                point = tuple(column[index] for column in columns)
+                if to_plot:
                     heapq.heappush(plot_heap, (-priority, count + index, point))
                     if len(plot_heap) > plot_points:
                         heapq.heappop(plot_heap)
                 if priority < sample.threshold:
-                    sample.offer(tuple(column[index] for column in columns), priority)
+                    sample.offer(point, priority)
         count += len(lines)
     if count == 0:
         raise InputError(f"{path}: no points")
@@ -981,19 +985,14 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             fetch, timeout=max(0.05, deadline - time.monotonic()), metadata=token_metadata(self.settings.token))
         try:
             records = [record for chunk in stream for record in decode_chunk(chunk, request.dim)]
-        except grpc.RpcError as error:
-            log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address,
-                     error.code().name)
-            if error.code() in REFUSALS:
-                raise
-            return None
-        except ValueError as error:
+            if any(not 0 <= key < request.clusters for key, _, _ in records):
+                raise ValueError("cluster id out of range")
+        except (grpc.RpcError, ValueError) as error:
             stream.cancel()
-            log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, error)
-            return None
-        if any(not 0 <= key < request.clusters for key, _, _ in records):
-            log.info("<- GetPartition(task %d) FAILURE from %s: cluster id out of range", output.task,
-                     output.address)
+            why = error.code().name if isinstance(error, grpc.RpcError) else str(error)
+            log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, why)
+            if isinstance(error, grpc.RpcError) and error.code() in REFUSALS:
+                raise
             return None
         log.debug("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
                  output.address, len(records), 1000 * (time.perf_counter() - started))
@@ -1193,13 +1192,17 @@ class RunResult:
 class JobResult:
     """A finished job: the best run, every run, and what the plot needs."""
 
-    centroids: list
     best: RunResult
     runs: list
     startup_seconds: float
     dim: int
     points: int
     plot_sample: list
+
+    @property
+    def centroids(self):
+        """The answer: the best run's final centroids."""
+        return self.best.centroids
 
 
 class TaskFailed(Exception):
@@ -1229,7 +1232,6 @@ class Master:
         self.metadata = token_metadata(self.token)
         self.pool = None   # threads for concurrent RPCs, made once the workers are up
         self.events = collections.Counter()   # failures and recoveries, for the summary
-        self.phases = {}
         self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
 
     # -- workers -------------------------------------------------------------------------------
@@ -1505,13 +1507,16 @@ class Master:
         return results, lost
 
     def iterate(self, iteration, centroids, previous):
-        """One MapReduce round: map, shuffle + reduce, compile and account; returns new centroids."""
+        """One MapReduce round: map, shuffle + reduce, compile and account.
+
+        Returns (new centroids, moved points, SSE, cluster sizes, {phase: wall seconds}).
+        """
         self.revive()
         map_attempts, reduce_attempts = {}, {}
         started = time.perf_counter()
         map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
                                      previous, map_attempts)
-        self.phases["map"] = time.perf_counter() - started
+        mapped = time.perf_counter()
         results = {}
         pending = list(range(1, self.options.reducers + 1))
         while pending:
@@ -1526,8 +1531,10 @@ class Master:
                 self.events["re-executions"] += len(lost)
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
                                                   map_attempts))
-        self.phases["reduce"] = time.perf_counter() - started - self.phases["map"]
-        return self.compile(iteration, centroids, map_results, results)
+        reduced = time.perf_counter()
+        outcome = self.compile(iteration, centroids, map_results, results)
+        phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
+        return (*outcome, phases)
 
     def compile(self, iteration, centroids, map_results, results):
         """New centroids from the reducers' means, after checking every point was counted once."""
@@ -1536,7 +1543,7 @@ class Master:
         for task, (start, end) in enumerate(self.ranges, 1):
             if replies[task].points != end - start:
                 problems.append(f"map task {task} mapped {replies[task].points} of {end - start} points")
-        means, counted = {}, 0
+        means, sizes, counted = {}, [0] * len(centroids), 0
         task_order = sorted(replies)
         for partition, result in sorted(results.items()):
             for task, received in zip(task_order, result.points_from_task):
@@ -1544,12 +1551,12 @@ class Master:
                 if received != sent:
                     problems.append(f"reducer {partition} got {received} of {sent} points of map task {task}")
             for cluster in result.clusters:
-                if cluster.key in means or partition_of(cluster.key, self.options.reducers) != partition - 1:
+                if not 0 <= cluster.key < len(centroids) or cluster.key in means or \
+                        partition_of(cluster.key, self.options.reducers) != partition - 1:
                     problems.append(f"cluster {cluster.key} reported by reducer {partition}")
-                if not 0 <= cluster.key < len(centroids):
-                    problems.append(f"reducer {partition} reported unknown cluster {cluster.key}")
                     continue
                 means[cluster.key] = tuple(cluster.mean)
+                sizes[cluster.key] = cluster.count
                 counted += cluster.count
         if counted != self.points:
             problems.append(f"reducers counted {counted} points, the input has {self.points}")
@@ -1559,10 +1566,6 @@ class Master:
                  iteration, self.points, len(replies), len(results))
         moved = sum(reply.moved for reply in replies.values())
         sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
-        sizes = [0] * len(centroids)
-        for result in results.values():
-            for cluster in result.clusters:
-                sizes[cluster.key] = cluster.count
         return next_centroids(centroids, means), moved, sse, sizes
 
     # -- k-means++ and the final SSE ---------------------------------------------------------
@@ -1656,7 +1659,7 @@ class Master:
         if options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
-        return JobResult(best.centroids, best, runs, startup, scan.dim, scan.points, scan.plot_sample)
+        return JobResult(best, runs, startup, scan.dim, scan.points, scan.plot_sample)
 
     def write_centroids(self, centroids):
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
@@ -1679,14 +1682,14 @@ class Master:
             started = time.perf_counter()
             before = collections.Counter(self.events)
             log.debug("iteration %d: start", iteration)
-            new, moved, sse, sizes = self.iterate(iteration, centroids, previous)
+            new, moved, sse, sizes, phases = self.iterate(iteration, centroids, previous)
             shift = largest_shift(centroids, new)
             previous, centroids = centroids, new
             history.append(centroids)
             self.write_centroids(centroids)
             seconds = time.perf_counter() - started
-            self.phases["compile"] = seconds - self.phases["map"] - self.phases["reduce"]
-            stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, dict(self.phases),
+            phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is compiling too
+            stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, phases,
                                         dict(self.events - before)))
             log.debug("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
             log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s", iteration, shift,

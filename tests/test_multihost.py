@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 import kmr
-from conftest import KMR, kmr_env, read_points, stop_tagged, tagged_processes
+from conftest import KMR, kmr_env, read_points, stop_tagged, tagged_processes, wait_for_line
 
 TOKEN = "multihost-" + secrets.token_hex(8)
 PORT = 7000
@@ -186,21 +186,6 @@ def blobs(count, seed):
     return [tuple(round(rng.gauss(c, 3.0), 4) for c in centres[i % 4]) for i in range(count)]
 
 
-def wait_for(path, pattern, process, timeout):
-    """Wait (bounded) until a whole line of a log matches; returns the match."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        found = re.search(pattern, text[:text.rfind("\n") + 1])
-        if found:
-            return found
-        if process.poll() is not None:
-            raise AssertionError(f"the master ended (exit {process.returncode}) before {pattern!r} "
-                                 f"appeared: make the dataset bigger")
-        time.sleep(0.02)
-    raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
-
-
 def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged_reducer(tmp_path):
     reason = netns_unavailable()
     if reason:
@@ -247,10 +232,10 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
 
         # the master reaches mapper 2 and it answers with the PID we are about to kill
         victim = hosts["m2"].process.pid
-        found = wait_for(dump, rf"mapper 2 \({re.escape(addresses['m2'])}\) answers: PID (\d+)",
-                         master.process, 20)
+        found = wait_for_line(dump, rf"mapper 2 \({re.escape(addresses['m2'])}\) answers: PID (\d+)",
+                              timeout=20, process=master.process)
         assert int(found.group(1)) == victim
-        wait_for(dump, r"iteration 2: centroids", master.process, 30)
+        wait_for_line(dump, r"iteration 2: centroids", timeout=30, process=master.process)
         os.kill(victim, signal.SIGKILL)
         network.unplug("r2")
         injected = time.monotonic()
