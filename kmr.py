@@ -458,12 +458,14 @@ def parse_block(block, first_line, name, dim):
 
 class DistinctSample:
     """The K distinct points with the lowest priority seen so far (a point's priority is the lowest
-    of its copies'); a lazy max-heap keeps each offer O(log K), whatever K."""
+    of its copies'; of equal priorities the earlier offer wins); a lazy max-heap keeps each offer
+    O(log K), whatever K."""
 
     def __init__(self, size):
         self.size = size
         self.priority = {}   # point -> its priority
-        self.heap = []       # (-priority, point), with stale entries skipped when they surface
+        self.heap = []       # (-priority, -arrival, point), stale entries skipped when they surface
+        self.arrivals = itertools.count()
         self.threshold = math.inf   # a point must beat this to get in
 
     def offer(self, point, priority):
@@ -471,7 +473,7 @@ class DistinctSample:
         if priority >= self.priority.get(point, math.inf):
             return
         self.priority[point] = priority
-        heapq.heappush(self.heap, (-priority, point))
+        heapq.heappush(self.heap, (-priority, -next(self.arrivals), point))
         if len(self.priority) > self.size:
             del self.priority[self.worst()]
             heapq.heappop(self.heap)
@@ -480,9 +482,9 @@ class DistinctSample:
 
     def worst(self):
         """The point of highest priority in the sample."""
-        while self.priority.get(self.heap[0][1]) != -self.heap[0][0]:
+        while self.priority.get(self.heap[0][2]) != -self.heap[0][0]:
             heapq.heappop(self.heap)
-        return self.heap[0][1]
+        return self.heap[0][2]
 
     def points(self):
         """The sample, lowest priority first."""

@@ -4,7 +4,7 @@ import math
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import kmr
 
@@ -219,13 +219,17 @@ def test_reference_reproduces_a_hand_computed_iteration():
 
 
 @given(st.lists(st.tuples(st.integers(0, 6), st.floats(0, 1, exclude_max=True)), max_size=120), st.integers(1, 5))
+@example([(1, 0.0), (0, 0.0)], 1)                        # equal priorities: the earlier offer wins
+@example([(0, 0.5), (1, 0.5), (2, 0.3)], 2)              # ... also when one of them must leave
 def test_distinct_sample_keeps_the_k_distinct_points_of_lowest_priority(offers, size):
     sample = kmr.DistinctSample(size)
     for value, priority in offers:
         if priority < sample.threshold:
             sample.offer((float(value),), priority)
-    lowest = {}
-    for value, priority in offers:   # brute force: each point's lowest priority, then the K lowest
-        lowest[(float(value),)] = min(priority, lowest.get((float(value),), priority))
-    expected = sorted(lowest, key=lambda p: (lowest[p], p))[:size]
+    lowest = {}   # brute force: each point's lowest priority and when it first had it; the K first
+    for arrival, (value, priority) in enumerate(offers):
+        point = (float(value),)
+        if priority < lowest.get(point, (math.inf,))[0]:
+            lowest[point] = (priority, arrival)
+    expected = sorted(lowest, key=lowest.get)[:size]
     assert sorted(sample.points()) == sorted(expected)
