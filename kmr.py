@@ -53,6 +53,8 @@ except ImportError:  # pragma: no cover - depends on the checkout
     sys.exit("kmr: error: the gRPC stubs are missing: run sh gen_pb.sh first")
 
 log = logging.getLogger("kmr")
+DETAIL = 15   # log level of the assignment's display: every call, reply and iteration's centroids
+logging.addLevelName(DETAIL, "DETAIL")
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 MAX_COORDINATE = 1e150        # larger values could overflow a squared distance to inf
@@ -832,8 +834,10 @@ class MapperServicer(pb_grpc.MapperServicer):
             require_centroids(context, request.previous, "previous centroids")
             require(context, request.previous.dim == request.centroids.dim and
                     len(request.previous.values) == len(request.centroids.values), "previous: other shape")
-        if self.faults.fails(f"Map task {task}") or not self.fresh.admit(request.job, task, iteration):
-            return pb.MapResponse(status=failure("injected failure or stale attempt"))
+        if self.faults.fails(f"Map task {task}"):
+            return pb.MapResponse(status=failure("injected failure"))
+        if not self.fresh.admit(request.job, task, iteration):
+            return pb.MapResponse(status=failure("stale attempt: a newer job or iteration ran"))
         self.faults.crash_point("map", iteration, context)
         split, problem = self.load(request, path, request.centroids.dim, not request.combine, context)
         if split is None:
@@ -1009,9 +1013,10 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                 f"dimension {request.dim} or K={request.clusters} out of range")
         require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
         require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
-        if self.faults.fails(f"Reduce partition {partition}") or \
-                not self.fresh.admit(request.job, partition, iteration):
-            return pb.ReduceResponse(status=failure("injected failure or stale attempt"))
+        if self.faults.fails(f"Reduce partition {partition}"):
+            return pb.ReduceResponse(status=failure("injected failure"))
+        if not self.fresh.admit(request.job, partition, iteration):
+            return pb.ReduceResponse(status=failure("stale attempt: a newer job or iteration ran"))
         # leave time to report missing map output before the master's own deadline runs out
         remaining = context.time_remaining()
         remaining = self.settings.rpc_timeout if remaining is None else remaining
@@ -1152,7 +1157,7 @@ class JobOptions:
     mapper_addrs: list = None
     reducer_addrs: list = None
     rpc_timeout: float = 30.0
-    max_attempts: int = 4
+    max_attempts: int = None      # None: attempt_budget decides
     combine: bool = False
     token: str = ""
     input_root: str = None        # for spawned mappers; default: the input file's folder
@@ -1219,6 +1224,28 @@ class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
 
 
+DRILL_RISK = 1e-6   # the chance that a --fail-prob drill fails by bad luck under the default budget
+BASE_ATTEMPTS = 4   # tries per task and iteration when no failures are injected
+
+
+def task_runs(options):
+    """How many tasks the job may run at most: per restart, M + R per iteration, and M per Weigh
+    pass (one per k-means++ round, one for the final SSE)."""
+    weigh_passes = (options.clusters - 1 if options.init == "k-means++" else 0) + 1
+    return options.restarts * (options.iterations * (options.mappers + options.reducers)
+                               + weigh_passes * options.mappers)
+
+
+def attempt_budget(fail_prob, runs):
+    """Tries per task and iteration: BASE_ATTEMPTS, or under a drill where each try fails with
+    probability P, the fewest A with runs * P^A < DRILL_RISK.  A task fails for good only after A
+    failures in a row, so by the union bound the whole job fails by bad luck with probability
+    below DRILL_RISK, while a failure that does not go away still ends the run after A tries."""
+    if fail_prob <= 0:
+        return BASE_ATTEMPTS
+    return max(BASE_ATTEMPTS, math.floor(math.log(DRILL_RISK / runs) / math.log(fail_prob)) + 1)
+
+
 class Master:
     """Owns the workers and runs the job, one named stage at a time."""
 
@@ -1235,6 +1262,7 @@ class Master:
         self.pool = None   # threads for concurrent RPCs, made once the workers are up
         self.events = collections.Counter()   # failures and recoveries, for the summary
         self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
+        self.max_attempts = options.max_attempts or attempt_budget(options.fail_prob, task_runs(options))
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -1401,28 +1429,30 @@ class Master:
 
     # -- running tasks -------------------------------------------------------------------------
 
-    def call(self, worker, method, request, what):
-        """One RPC with a deadline, logged as sent and answered (SUCCESS or FAILURE)."""
-        log.debug("-> %s to %s", what, worker.name)
+    def call(self, worker, method, request, label, attempt):
+        """One RPC with a deadline, shown as sent and as answered (SUCCESS or FAILURE, with the
+        reason), in aligned columns: the assignment's console display."""
+        what = f"{method:<9} {label:<12} attempt {attempt:<3}"
+        log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
         started = time.perf_counter()
         try:
             response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout,
                                                     metadata=self.metadata)
         except grpc.RpcError as error:
             code = error.code()
-            log.log(logging.DEBUG if self.stopping else logging.INFO, "<- %s FAILURE from %s: %s %s", what,
-                    worker.name, code.name, error.details())
+            log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
+                    what, 1000 * (time.perf_counter() - started), worker.name, code.name, error.details())
             if code in REFUSALS:
-                raise JobError(f"{worker.name} refused {what}: {code.name}: {error.details()}") from None
+                raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
             if code in LOST:
                 raise WorkerLost(code.name) from None
             raise TaskFailed(f"{code.name}: {error.details()}", None) from None
         elapsed = 1000 * (time.perf_counter() - started)
         if not response.status.success:
-            log.info("<- %s FAILURE from %s: %s (%.1f ms)", what, worker.name, response.status.message,
-                     elapsed)
+            log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
+                    response.status.message)
             raise TaskFailed(response.status.message, response.reply)
-        log.debug("<- %s SUCCESS from %s (%.1f ms)", what, worker.name, elapsed)
+        log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
         return response.reply
 
     def run_tasks(self, workers, tasks, attempts, run_one):
@@ -1432,16 +1462,18 @@ class Master:
         may raise TaskFailed (re-assign) or WorkerLost (the worker is lost, re-assign).
         """
         role = workers[0].role
-        pending, results, running, last_error = list(tasks), {}, {}, {}
+        pending, results, running = list(tasks), {}, {}
+        reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
         while pending or running:
             busy = {id(worker) for worker, _ in running.values()}
             for worker in workers:
                 if pending and worker.alive and id(worker) not in busy:
                     task = pending.pop(0)
                     attempts[task] = attempts.get(task, 0) + 1
-                    if attempts[task] > self.options.max_attempts:
-                        raise JobError(f"{role} task {task} failed {self.options.max_attempts} times, "
-                                       f"last: {last_error.get(task, 'its map output was lost')}")
+                    if attempts[task] > self.max_attempts:
+                        why = reasons[task] or {"its map output was lost": 1}
+                        raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
+                            f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
                     running[self.pool.submit(run_one, worker, task, attempts[task])] = (worker, task)
             if not running and not self.await_revival(workers):
                 raise JobError(f"no live {role} left for task {pending[0]}")
@@ -1453,14 +1485,14 @@ class Master:
                 try:
                     results[task] = (worker, future.result())
                 except TaskFailed as failed:
-                    last_error[task] = failed
+                    reasons[task][str(failed)] += 1
                     self.events["failures"] += 1
-                    log.info("%s task %d re-assigned after FAILURE", role, task)
+                    log.log(DETAIL, "  %s task %d re-assigned after FAILURE", role, task)
                     pending.append(task)
                 except WorkerLost as lost:
-                    last_error[task] = f"{worker.name} lost ({lost})"
+                    reasons[task][f"{worker.name} lost ({lost})"] += 1
                     self.events["workers lost"] += 1
-                    log.info("%s task %d re-assigned: %s did not answer", role, task, worker.name)
+                    log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
                     pending.append(task)
                     self.lose(worker, str(lost))
         return results
@@ -1477,8 +1509,7 @@ class Master:
                                     combine=self.options.combine)
             if previous is not None:
                 request.previous.CopyFrom(flatten(previous))
-            return self.call(worker, "Map", request,
-                             f"Map(task {task}, iteration {iteration}, attempt {attempt})")
+            return self.call(worker, "Map", request, f"task {task}", attempt)
 
         return self.run_tasks(self.mappers, tasks, attempts, run_one)
 
@@ -1492,9 +1523,8 @@ class Master:
             request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition,
                                        attempt=attempt, outputs=outputs, dim=self.dim,
                                        clusters=self.options.clusters)
-            what = f"Reduce(partition {partition}, iteration {iteration}, attempt {attempt})"
             try:
-                self.call(worker, "Reduce", request, what)
+                self.call(worker, "Reduce", request, f"partition {partition}", attempt)
             except TaskFailed as failed:
                 if failed.reply is None or not failed.reply.missing_tasks:
                     raise
@@ -1502,7 +1532,7 @@ class Master:
                 return None
             return self.call(worker, "GetResult",
                              pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
-                             f"GetResult(partition {partition}, iteration {iteration})")
+                             f"partition {partition}", attempt)
 
         done = self.run_tasks(self.reducers, partitions, attempts, run_one)
         results = {p: reply for p, (_, reply) in done.items() if reply is not None}
@@ -1564,7 +1594,7 @@ class Master:
             problems.append(f"reducers counted {counted} points, the input has {self.points}")
         if problems:
             raise JobError(f"iteration {iteration}: points lost or counted twice: {'; '.join(problems)}")
-        log.debug("iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
+        log.log(DETAIL, "iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
                  iteration, self.points, len(replies), len(results))
         moved = sum(reply.moved for reply in replies.values())
         sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
@@ -1581,8 +1611,7 @@ class Master:
             request = pb.WeighRequest(job=self.job, task=task, attempt=attempt, input_path=self.input_path,
                                       start=start, end=end, centroids=flatten(centroids),
                                       draw_seed=seeds[task], count_clusters=count_clusters)
-            return self.call(worker, "Weigh", request,
-                             f"Weigh(task {task}, {len(centroids)} centroids, attempt {attempt})")
+            return self.call(worker, "Weigh", request, f"task {task}", attempt)
 
         done = self.run_tasks(self.mappers, list(seeds), {}, run_one)
         return {task: reply for task, (_, reply) in sorted(done.items())}
@@ -1593,6 +1622,7 @@ class Master:
         to the masses and takes its candidate, which is an exact D^2 draw over all points."""
         chosen = [first]
         while len(chosen) < self.options.clusters:
+            log.log(DETAIL, "=== k-means++ round %d: weigh every split ===", len(chosen) + 1)
             replies = self.weigh(chosen, rng)
             masses = [(task, math.fsum(reply.mass_terms)) for task, reply in replies.items()]
             if not any(mass for _, mass in masses):
@@ -1609,6 +1639,7 @@ class Master:
         not move, else one counting Weigh pass."""
         if run_stats and run_stats[-1].shift == 0.0:
             return run_stats[-1].sse, run_stats[-1].counts
+        log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
         replies = self.weigh(centroids, rng, count_clusters=True).values()
         sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
         return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
@@ -1643,6 +1674,10 @@ class Master:
         log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
                  options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
                  options.tol, options.init, seeds[0], options.restarts)
+        if options.fail_prob or options.max_attempts:
+            log.info("up to %d tries per task%s", self.max_attempts, "" if options.max_attempts else
+                     f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
+                     f"chance of failing by bad luck < {DRILL_RISK:g})")
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
         for stale in ("Mappers", "Reducers"):   # an earlier run's files would pass for this run's
             shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
@@ -1683,7 +1718,7 @@ class Master:
         for iteration in range(1, options.iterations + 1):
             started = time.perf_counter()
             before = collections.Counter(self.events)
-            log.debug("iteration %d: start", iteration)
+            log.log(DETAIL, "=== iteration %d ===", iteration)
             new, moved, sse, sizes, phases = self.iterate(iteration, centroids, previous)
             shift = largest_shift(centroids, new)
             previous, centroids = centroids, new
@@ -1693,9 +1728,10 @@ class Master:
             phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is compiling too
             stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, phases,
                                         dict(self.events - before)))
-            log.debug("iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
-            log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s", iteration, shift,
-                     moved, sse, stats[-1].seconds)
+            log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
+            log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s%s", iteration, shift,
+                     moved, sse, stats[-1].seconds,
+                     "".join(f"   {what} {count}" for what, count in sorted(stats[-1].events.items())))
             if shift <= options.tol:
                 converged = True
                 log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
@@ -1906,15 +1942,22 @@ def parse_args(argv=None):
                         help="complete runs from different seeds; the lowest final SSE wins (default 1)")
     master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")
     master.add_argument("--summary", metavar="FILE.json", help="write parameters and per-iteration numbers")
-    master.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
-    master.add_argument("-v", "--verbose", action="store_true", help="show every RPC on the console too")
+    display = master.add_mutually_exclusive_group()
+    display.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
+    display.add_argument("--compact", action="store_true",
+                         help="one line per iteration instead of every call and reply (for big jobs)")
+    display.add_argument("-v", "--verbose", action="store_true",
+                         help="also pings, spawns and every other line of dump.txt on the console")
     master.add_argument("--tol", type=float, default=0.0,
                         help="stop when no centroid moved more than this (default 0: a fixed point)")
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
     master.add_argument("--combiner", action="store_true",
                         help="mappers pre-sum each cluster (exactly) so partitions carry sums, not points")
-    master.add_argument("--max-attempts", type=int, default=4, help="tries per task per iteration (default 4)")
+    master.add_argument("--max-attempts", type=int,
+                        help="tries per task per iteration (default 4; under --fail-prob P: the fewest A "
+                             "with T x P^A < 1e-6, T = M+R per iteration plus M per Weigh pass, times "
+                             "restarts, so a drill fails by bad luck with probability below 1e-6)")
     master.add_argument("--crash", type=crash_spec, action="append", default=[], metavar="ROLE:I:PHASE:IT",
                         help="make spawned worker I die by SIGKILL at PHASE (map, after-map, reduce, "
                              "after-reduce) of iteration IT; repeatable (failure drills)")
@@ -1933,7 +1976,7 @@ def parse_args(argv=None):
     checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, MAX_CLUSTERS),
               ("--restarts", args.restarts, 1, 1000),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
-              ("--max-attempts", args.max_attempts, 1, 100)]
+              ("--max-attempts", 1 if args.max_attempts is None else args.max_attempts, 1, 10**6)]
     for flag, value, low, high in checks:
         if not low <= value <= high:
             raise InputError(f"{flag} must be between {low} and {high}, got {value}")
@@ -1943,8 +1986,6 @@ def parse_args(argv=None):
         raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
-    if args.quiet and args.verbose:
-        raise InputError("-q and -v exclude each other")
     for flag, path in (("--plot", args.plot), ("--summary", args.summary)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
             raise InputError(f"{flag} {path}: not a file in an existing folder")
@@ -1980,8 +2021,8 @@ def run_master(args):
         write_atomic(log_path, "")
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
-    setup_logging("master", log_path, logging.WARNING if args.quiet else
-                  logging.DEBUG if args.verbose else logging.INFO)
+    setup_logging("master", log_path, logging.WARNING if args.quiet else logging.INFO if args.compact else
+                  logging.DEBUG if args.verbose else DETAIL)
     options = JobOptions(input_path=args.input, mappers=args.M, reducers=args.R, clusters=args.K,
                          iterations=args.n, data_dir=args.data_dir, seed=args.seed, init=args.init,
                          restarts=args.restarts, plot_points=PLOT_POINTS if args.plot else 0, tol=args.tol,

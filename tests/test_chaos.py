@@ -32,7 +32,7 @@ def faults_and_recoveries(dump_text, external):
     for line in dump_text.splitlines():
         if not STAMP.match(line):
             continue
-        if found := re.search(r"\] iteration (\d+): start", line):
+        if found := re.search(r"\] === iteration (\d+) ===", line):
             iteration = int(found.group(1))
         elif found := re.search(r"\] iteration (\d+): all \d+ points accounted", line):
             done[int(found.group(1))] = stamp_of(line)
@@ -73,7 +73,7 @@ def test_chaos_runs_all_end_with_the_fault_free_centroids(tmp_path):
                 dump = out / "dump.txt"
                 pid = int(wait_for_line(dump, rf"spawned {role} {index}, PID (\d+),", process=master.process).group(1))
                 try:
-                    wait_for_line(dump, rf"\] iteration {at}: start", process=master.process)
+                    wait_for_line(dump, rf"\] === iteration {at} ===", process=master.process)
                     os.kill(pid, signum)
                     external.append((f"{signum.name} from outside", at, time.time()))
                 except (AssertionError, ProcessLookupError):

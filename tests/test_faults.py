@@ -47,13 +47,13 @@ def dump_of(tmp_path):
 
 
 def test_failure_replies_are_reassigned_until_the_job_is_done(tmp_path):
-    result = case5_run(tmp_path, "--fail-prob", 0.5, "--fail-seed", 4, "--max-attempts", 30)
+    result = case5_run(tmp_path, "--fail-prob", 0.5, "--fail-seed", 4)
     assert result.returncode == 0, result.stderr
     assert centroid_lines(result.stdout) == reference_lines(CASE5, CASE5_INIT)
     dump = dump_of(tmp_path)
     assert dump.count("injected FAILURE") >= 5
     assert "re-assigned after FAILURE" in dump
-    assert re.search(r"<- Map\(task \d, iteration \d, attempt [2-9]\) SUCCESS", dump)
+    assert re.search(r"<- Map +task \d +attempt [2-9] +SUCCESS", dump)
 
 
 @pytest.mark.parametrize("role, index, phase", [
@@ -72,6 +72,67 @@ def test_worker_killed_in_any_phase_is_respawned_and_its_task_rerun(tmp_path, ro
     assert "iteration 2: all 100 points accounted for exactly once" in dump
     if phase == "after-map":   # its output is gone: the map task must run again before Reduce succeeds
         assert re.search(r"iteration 2: re-executing map tasks \[1\]", dump)
+
+
+def initial_of(stderr):
+    """The initial centroids a run logged."""
+    found = re.search(r"initial centroids \([^)]*\): (.*)", stderr)[1]
+    return [tuple(map(float, c.split(","))) for c in found.split("  ")]
+
+
+@pytest.mark.parametrize("fail_seed", [1, 2, 3, 4, 5])
+def test_failure_drill_at_0_8_on_the_sample_finishes_exactly_with_default_flags(tmp_path, fail_seed):
+    """The handout's drill with the failure flag alone: 80 % of all tasks answer FAILURE."""
+    shutil.copy(DATA / "case1_points.txt", tmp_path / "points.txt")
+    result = run_kmr("--role", "master", "-M", 3, "-R", 2, "-K", 2, "-n", 20, "--fail-prob", 0.8,
+                     "--fail-seed", fail_seed, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, _ = kmr.kmeans_reference(read_points(tmp_path / "points.txt"), initial_of(result.stderr), 20)
+    assert centroid_lines(result.stdout) == centroid_lines(kmr.format_centroids(expected))
+    assert result.stderr.count("injected failure") >= 10
+
+
+def test_failure_drill_at_0_5_on_20000_points_finishes_exactly_with_default_flags(tmp_path):
+    points = write_points(tmp_path / "points.txt", uniform_points(20_000, seed=11))
+    result = run_kmr("--role", "master", "-M", 4, "-R", 3, "-K", 5, "-n", 10, "--fail-prob", 0.5,
+                     "--fail-seed", 11, "--compact", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, _ = kmr.kmeans_reference(read_points(points), initial_of(result.stderr), 10)
+    assert centroid_lines(result.stdout) == centroid_lines(kmr.format_centroids(expected))
+    assert "up to 27 tries per task (--fail-prob 0.5: 74 task runs at most" in result.stderr
+
+
+@pytest.mark.parametrize("fail_prob, runs, budget", [(0.0, 10**6, 4), (0.1, 5, 7), (0.5, 74, 27),
+                                                     (0.8, 103, 83), (0.9, 103, 176)])
+def test_attempt_budget_is_the_fewest_tries_that_keep_bad_luck_below_one_in_a_million(fail_prob, runs, budget):
+    assert kmr.attempt_budget(fail_prob, runs) == budget
+    if fail_prob:
+        assert runs * fail_prob ** budget < 1e-6
+        assert budget == kmr.BASE_ATTEMPTS or runs * fail_prob ** (budget - 1) >= 1e-6
+
+
+def test_task_runs_counts_every_map_reduce_and_weigh_task_of_every_restart():
+    options = kmr.JobOptions(input_path="p", mappers=4, reducers=3, clusters=5, iterations=10,
+                             init="k-means++", restarts=2)
+    assert kmr.task_runs(options) == 2 * (10 * (4 + 3) + (4 + 1) * 4)
+
+
+def test_failure_that_does_not_go_away_ends_the_drill_with_one_line(tmp_path):
+    """The input vanishes under the mappers mid-run (every try of every map task now fails for a
+    reason no retry mends): even with the large budget of a 0.9 drill the run ends, exit 1, one line."""
+    master, _ = long_run(tmp_path, "--fail-prob", 0.9, "--fail-seed", 2)
+    try:
+        wait_for_line(tmp_path / "out" / "dump.txt", r"map task ranges", process=master.process)
+        (tmp_path / "points.txt").write_text("")
+        code, stdout, stderr = master.finish(timeout=120)
+    finally:
+        master.stop()
+    assert code == 1 and stdout == "" and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("kmr: error:")]
+    assert len(errors) == 1 and re.search(r"mapper task \d failed 171 times: .*points.txt: has 0 points",
+                                          errors[0]), errors
+    written = tmp_path / "out" / "centroids.txt"
+    assert not written.exists() or len(read_points(written)) == 8   # whole iterations only
 
 
 def test_task_failing_every_attempt_stops_the_run_with_one_line(tmp_path):
@@ -105,7 +166,7 @@ def test_worker_killed_or_hung_mid_run_is_replaced(tmp_path, signum):
     try:
         dump = tmp_path / "out" / "dump.txt"
         victim = spawned_pid(dump, "mapper", 2, master.process)
-        wait_for_line(dump, r"iteration 2: start", process=master.process)
+        wait_for_line(dump, r"=== iteration 2 ===", process=master.process)
         os.kill(victim, signum)
         code, stdout, stderr = master.finish()
     finally:
@@ -129,7 +190,7 @@ def test_standalone_mapper_that_dies_leaves_its_tasks_to_the_others(tmp_path):
                                "--reducer-addrs", ",".join(pool.reducers), "--data-dir", tmp_path / "out",
                                cwd=tmp_path)
         try:
-            wait_for_line(tmp_path / "out" / "dump.txt", r"iteration 2: start", process=master.process)
+            wait_for_line(tmp_path / "out" / "dump.txt", r"=== iteration 2 ===", process=master.process)
             pool.workers[1].process.kill()
             code, stdout, stderr = master.finish()
         finally:
@@ -146,7 +207,7 @@ def test_interrupted_master_stops_workers_and_keeps_the_last_complete_iteration(
     master, _ = long_run(tmp_path)
     try:
         dump = tmp_path / "out" / "dump.txt"
-        wait_for_line(dump, r"iteration 3: start", process=master.process)
+        wait_for_line(dump, r"=== iteration 3 ===", process=master.process)
         master.process.send_signal(signum)
         exit_code, stdout, stderr = master.finish()
     finally:

@@ -240,7 +240,7 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
         network.unplug("r2")
         injected = time.monotonic()
         assert master.process.poll() is None, "the run ended before the faults: make the dataset bigger"
-        fault_iteration = max(map(int, re.findall(r"iteration (\d+): start", dump.read_text())))
+        fault_iteration = max(map(int, re.findall(r"=== iteration (\d+) ===", dump.read_text())))
         print(f"faults injected {injected - master_started:.2f} s into the run, in iteration "
               f"{fault_iteration}: SIGKILL mapper 2 (PID {victim}), reducer 2's port down")
 
@@ -277,7 +277,7 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
         assert re.search(rf"mapper task \d re-assigned: mapper 2 \({re.escape(addresses['m2'])}\) did not "
                          rf"answer|iteration \d+: re-executing map tasks", log)
         # after the faults, only the survivors did the work
-        last = log[log.rfind(f"iteration {iterations}: start"):]
+        last = log[log.rfind(f"=== iteration {iterations} ==="):]
         assert "SUCCESS from mapper 2 " not in last and "SUCCESS from reducer 2 " not in last
         assert "SUCCESS from mapper 1 " in last and "SUCCESS from mapper 3 " in last
         assert "SUCCESS from reducer 1 " in last

@@ -440,12 +440,12 @@ def test_summary_of_a_run_stopped_by_n_measures_its_final_centroids(stopped):
 
 def master_failures(dump):
     """The master's FAILURE replies in dump.txt: [(RPC name, iteration or None)]."""
-    found = []
+    found, iteration = [], None
     for line in dump.splitlines():
-        reply = re.search(r"\[master \d+\] <- (\w+)\(([^)]*)\) FAILURE from .*injected failure", line)
-        if reply:
-            iteration = re.search(r"iteration (\d+)", reply[2])
-            found.append((reply[1], int(iteration[1]) if iteration else None))
+        if header := re.search(r"\[master \d+\] === iteration (\d+) ===", line):
+            iteration = int(header[1])
+        elif reply := re.search(r"\[master \d+\]   <- (\w+) .* FAILURE .*: injected failure", line):
+            found.append((reply[1], iteration if reply[1] != "Weigh" else None))
     return found
 
 
@@ -508,30 +508,74 @@ def test_summary_of_restarts_points_at_the_best_run(tmp_path):
 
 # -- the console -----------------------------------------------------------------------------------
 
-RPC_SENT = "-> Map(task 1"
+CALL = re.compile(r"  -> (\w+) +(task|partition) (\d+) +attempt (\d+) +sent +(\S+ \d+) \(")
+REPLY = re.compile(r"  <- (\w+) +(task|partition) (\d+) +attempt (\d+) +(SUCCESS|FAILURE) +[\d.]+ ms +(\S+ \d+) \(")
 
 
-def test_default_console_shows_one_line_per_iteration_and_no_rpcs(case5):
-    """The default console is a progress report: one line per iteration, the RPCs only in dump.txt."""
-    lines = [line for line in case5.stderr.splitlines() if re.search(r"iteration +\d+ +shift", line)]
-    assert len(lines) == len(case5.summary["iterations"])
-    assert "-> Map(" not in case5.stderr and "Traceback" not in case5.stderr
-    assert RPC_SENT in (case5.tmp / "Data" / "dump.txt").read_text()
+def console_iterations(stderr):
+    """The default console cut at its iteration headers: {iteration: [lines]}, and the lines before."""
+    blocks, current = {0: []}, 0
+    for line in stderr.splitlines():
+        if header := re.search(r"=== iteration (\d+) ===", line):
+            current = int(header[1])
+            blocks[current] = []
+        else:
+            blocks[current].append(line)
+    return blocks
 
 
-@pytest.mark.parametrize("flag", ["-q", "-v"])
-def test_quiet_and_verbose_change_the_console_not_the_dump(tmp_path, flag):
-    """-q prints only the centroids; -v adds every RPC to the console; dump.txt has the RPCs either way."""
+def test_default_console_shows_every_call_its_reply_and_the_centroids_of_each_iteration(case5):
+    """The assignment's display: per iteration its number, every Map / Reduce / GetResult call as it
+    is made and its SUCCESS or FAILURE, and the centroids after it (the initial ones before)."""
+    blocks = console_iterations(case5.stderr)
+    initial = re.search(r"initial centroids \([^)]*\): (.*)", "\n".join(blocks[0]))[1]
+    assert [tuple(map(float, c.split(","))) for c in initial.split("  ")] == case5.init
+    assert sorted(blocks) == list(range(len(case5.summary["iterations"]) + 1))
+    for iteration in sorted(blocks)[1:]:
+        lines = blocks[iteration]
+        calls = [CALL.search(line).groups() for line in lines if CALL.search(line)]
+        replies = [REPLY.search(line).groups() for line in lines if REPLY.search(line)]
+        assert sorted(calls) == sorted(r[:4] + r[5:] for r in replies)   # every call answered, once
+        done = {(rpc, number) for rpc, _, number, _, outcome, _ in replies if outcome == "SUCCESS"}
+        assert done == {("Map", str(t)) for t in (1, 2, 3)} | \
+            {(rpc, str(p)) for rpc in ("Reduce", "GetResult") for p in (1, 2)}
+        for rpc, _, number, _, _, worker in replies:   # tasks go to workers of the right role
+            assert worker.startswith("mapper" if rpc == "Map" else "reducer")
+        shown = re.search(rf"iteration {iteration}: centroids (.*)", "\n".join(lines))[1]
+        expected, _ = kmr.kmeans_reference(case5.points, case5.init, iteration)
+        assert [tuple(map(float, c.split(","))) for c in shown.split("  ")] == expected
+        assert re.search(rf"iteration +{iteration} +shift", "\n".join(lines))
+        assert f"iteration {iteration}: all 100 points accounted for exactly once" in "\n".join(lines)
+    assert "Traceback" not in case5.stderr
+
+
+def test_default_console_shows_failures_with_their_reason(tmp_path):
+    points, init = DATA / "case1_points.txt", DATA / "case1_init.txt"
+    result = master(tmp_path, "-K", 2, "--input", points, "--init", init, "--fail-prob", 0.5, "--fail-seed", 5)
+    assert result.returncode == 0, result.stderr
+    failed = [line for line in result.stderr.splitlines() if REPLY.search(line) and " FAILURE " in line]
+    assert failed and all(line.endswith(": injected failure") for line in failed)
+    assert len(failed) == result.stderr.count("re-assigned after FAILURE")
+
+
+@pytest.mark.parametrize("flag", ["-q", "--compact", "-v"])
+def test_quiet_compact_and_verbose_change_the_console_not_the_dump(tmp_path, flag):
+    """-q prints only the centroids; --compact one line per iteration; -v pings and spawns too;
+    dump.txt has every call either way."""
     points, init = DATA / "case1_points.txt", DATA / "case1_init.txt"
     result = master(tmp_path, "-K", 2, "--input", points, "--init", init, flag)
     assert result.returncode == 0, result.stderr
-    final, _ = kmr.kmeans_reference(read_points(points), read_points(init), 20)
+    final, iterations = kmr.kmeans_reference(read_points(points), read_points(init), 20)
     assert stdout_centroids(result.stdout) == [tuple(c) for c in final]
     if flag == "-q":
         assert result.stderr == ""
+    elif flag == "--compact":
+        assert len(re.findall(r"iteration +\d+ +shift", result.stderr)) == iterations
+        assert not CALL.search(result.stderr) and "=== iteration" not in result.stderr
     else:
-        assert RPC_SENT in result.stderr and re.search(r"iteration +\d+ +shift", result.stderr)
-    assert RPC_SENT in (tmp_path / "Data" / "dump.txt").read_text()
+        assert CALL.search(result.stderr) and "-> Ping" in result.stderr and "spawned mapper 1" in result.stderr
+    dump = (tmp_path / "Data" / "dump.txt").read_text()
+    assert CALL.search(dump) and REPLY.search(dump) and "-> Ping" in dump
 
 
 def test_help_lists_every_flag_and_examples(tmp_path):
@@ -540,16 +584,17 @@ def test_help_lists_every_flag_and_examples(tmp_path):
     assert result.returncode == 0 and result.stderr == ""
     assert "examples:" in result.stdout
     flags = ["--role", "--data-dir", "--rpc-timeout", "-M", "-R", "-K", "-n", "--input", "--seed", "--init",
-             "--restarts", "--plot", "--summary", "-q", "--quiet", "-v", "--verbose", "--tol",
+             "--restarts", "--plot", "--summary", "-q", "--quiet", "--compact", "-v", "--verbose", "--tol",
              "--mapper-addrs", "--reducer-addrs", "--combiner", "--max-attempts", "--crash", "--host",
              "--port", "--input-root", "--token", "--fail-prob", "--fail-seed", "-h", "--help"]
     shown = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
     assert [flag for flag in flags if flag not in shown] == []
 
 
-def test_quiet_and_verbose_together_is_a_usage_error(tmp_path):
-    """-q and -v contradict each other: exit 2, one error line, nothing run or written."""
-    result = run_kmr("--role", "master", "-q", "-v", "--input", DATA / "case1_points.txt", cwd=tmp_path)
+@pytest.mark.parametrize("flags", [("-q", "-v"), ("-q", "--compact"), ("--compact", "-v")])
+def test_two_console_modes_together_are_a_usage_error(tmp_path, flags):
+    """-q, --compact and -v exclude each other: exit 2, one error line, nothing run or written."""
+    result = run_kmr("--role", "master", *flags, "--input", DATA / "case1_points.txt", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("kmr: error:") and result.stderr.count("\n") == 1
