@@ -1912,11 +1912,12 @@ def addresses(text):
 
 EXAMPLES = """examples:
   python kmr.py --role master -M 3 -R 2 -K 2 -n 20            the bundled sample, 5 spawned workers
-  python kmr.py --role master -K 5 --input pts.txt --init k-means++ --restarts 10 --plot run.svg
+  python kmr.py --role master -K 5 --input pts.txt --init k-means++ --restarts 30 --plot run.svg
   python kmr.py --role master -K 8 --input big.txt --combiner --summary run.json -q
   python kmr.py --role mapper --port 6001                     a standalone worker (also: reducer)
   python kmr.py --role master --mapper-addrs h1:6001,h2:6001 --reducer-addrs h3:6101 --token T
-  python kmr.py --role master --fail-prob 0.5 --crash mapper:1:after-map:2 --max-attempts 20
+  python kmr.py --role master --fail-prob 0.5                 the failure drill: half of all tasks fail
+  python kmr.py --role master --crash mapper:1:after-map:2    mapper 1 dies after its Map of iteration 2
 """
 
 
