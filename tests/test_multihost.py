@@ -278,9 +278,8 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
                          rf"answer|iteration \d+: re-executing map tasks", log)
         # after the faults, only the survivors did the work
         last = log[log.rfind(f"=== iteration {iterations} ==="):]
-        assert "SUCCESS from mapper 2 " not in last and "SUCCESS from reducer 2 " not in last
-        assert "SUCCESS from mapper 1 " in last and "SUCCESS from mapper 3 " in last
-        assert "SUCCESS from reducer 1 " in last
+        succeeded = set(re.findall(r"<- \w+ .* SUCCESS .* ms   (\w+ \d) \(", last))
+        assert succeeded == {"mapper 1", "mapper 3", "reducer 1"}, succeeded
         # the reducers fetched partitions straight from the mappers' namespaces
         r1_log = next((tmp_path / "r1").glob("reducer-*.log")).read_text()
         assert re.search(rf"GetPartition\(task \d\) SUCCESS from {re.escape(addresses['m1'])}", r1_log)
