@@ -19,6 +19,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import heapq
 import hmac
@@ -34,6 +35,7 @@ import random
 import secrets
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -68,6 +70,7 @@ GRPC_OPTIONS = [
     ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
 ]
 REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
+CONNECT_SECONDS = 30.0   # longest wait for a worker to answer at all (at start, after a respawn)
 MAX_SPLITS = 64       # parsed splits a mapper keeps (its own tasks, and tasks it took over)
 MAX_CHANNELS = 256    # mapper channels a reducer keeps
 
@@ -369,6 +372,8 @@ def kmeans_reference(points, centroids, n, tol=0.0):
 # ####################################################################################################
 
 
+CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
+
 UMASK = os.umask(0o022)
 os.umask(UMASK)
 
@@ -669,17 +674,92 @@ def token_metadata(token):
     return ((TOKEN_KEY, token),) if token else ()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """TLS material, as PEM bytes: a worker's certificate and key, and the CA its clients trust."""
+
+    cert: bytes = None
+    key: bytes = None
+    ca: bytes = None
+
+
+def open_channel(address, tls):
+    """One channel to a worker: TLS, verifying the server against the CA, when a CA is given."""
+    if tls is not None and tls.ca:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls.ca),
+                                   options=GRPC_OPTIONS)
+    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def connection_problem(error, tls):
+    """What to fix when a worker was reached but cannot be spoken to; None when it may just not be
+    listening yet (or any more)."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return "it refused the token: set the same --token / KMR_TOKEN on master and workers"
+    if "WRONG_VERSION_NUMBER" in details:
+        return "it does not speak TLS: start the workers with --tls-cert/--tls-key, or drop --tls-ca"
+    if "CERTIFICATE_VERIFY_FAILED" in details or "Peer name" in details:
+        return ("its TLS certificate is not trusted: it must be signed by the CA of --tls-ca and name "
+                f"the address used ({details.rsplit(': ', 2)[-2] if ': ' in details else details})")
+    if "andshake" in details:
+        return f"the TLS handshake failed ({details})"
+    if "Socket closed" in details and tls is None:
+        return "it closed the connection at once: it probably serves TLS (give --tls-ca)"
+    return None
+
+
+def await_calls(calls, silence, metadata):
+    """Wait until every call has ended, pinging each call's server meanwhile (heartbeats), and
+    cancel the calls of a server that answered no ping for `silence` seconds.
+
+    `calls` maps each call in flight (a gRPC future or response stream) to (its server's stub, its
+    name). Pings start once a call has run silence/8 seconds, so quick calls cost none, and go one at
+    a time with a deadline of `silence`. A worker busy computing still answers: its gRPC threads
+    get the GIL between the bytecodes of the computing one. Returns the calls cancelled.
+    """
+    interval = silence / 8
+    ended = threading.Event()
+    for call in calls:
+        call.add_done_callback(lambda _: ended.set())
+    heard = dict.fromkeys(calls, time.monotonic())
+    pings, silent = {}, set()
+    while running := [call for call in calls if not call.done()]:
+        now = time.monotonic()
+        for call in running:
+            stub, name = calls[call]
+            ping = pings.get(call)
+            if ping is not None and ping.done():
+                del pings[call]
+                if ping.code() == grpc.StatusCode.OK:
+                    heard[call] = now
+                log.debug("<- Ping (heartbeat) %s from %s", "SUCCESS" if ping.code() == grpc.StatusCode.OK
+                          else f"FAILURE {ping.code().name}", name)
+            if now - heard[call] > silence:
+                log.info("%s answered no heartbeat for %g s: its call is cancelled", name, silence)
+                call.cancel()
+                silent.add(call)
+            elif call not in pings and now - heard[call] >= interval:
+                log.debug("-> Ping (heartbeat) to %s", name)
+                pings[call] = stub.Ping.future(pb.PingRequest(), timeout=silence, metadata=metadata)
+        ended.wait(interval)
+        ended.clear()
+    return silent
+
+
 @dataclass
 class WorkerSettings:
     """How a mapper or reducer behaves; picklable, so the master can hand it to spawned workers."""
 
     data_dir: str = "Data"
-    rpc_timeout: float = 30.0
+    rpc_timeout: float = 300.0
     token: str = ""
     input_root: str = "."
     fail_prob: float = 0.0
     fail_seed: int = None
     crashes: dict = field(default_factory=dict)   # phase -> iteration in which to die by SIGKILL
+    heartbeat: float = 2.0   # a mapper that answers no ping for this long while we fetch is lost
+    tls: TlsFiles = None
 
 
 class FaultInjector:
@@ -843,6 +923,8 @@ class MapperServicer(pb_grpc.MapperServicer):
         if split is None:
             return pb.MapResponse(status=failure(problem))
         keys, distances, members = assign_clusters(split.columns, unflatten(request.centroids))
+        if not context.is_active():   # cancelled: a backup copy finished first, or the master left
+            return pb.MapResponse(status=failure("cancelled"))
         moved = self.count_moved(split, keys, request)
         split.keys, split.keys_for = keys, (request.job, iteration)
         records = partition(map_records(members), request.reducers)
@@ -976,22 +1058,16 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                     for channel, _ in self.channels.values():
                         channel.close()
                     self.channels.clear()
-                channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                channel = open_channel(address, self.settings.tls)
                 self.channels[address] = (channel, pb_grpc.MapperStub(channel))
             return self.channels[address][1]
 
-    def fetch(self, request, output, deadline):
-        """All records of this partition from one map task's mapper; None if they cannot be had."""
+    def fetch(self, output, stream, dim, clusters):
+        """All records of this partition from one map task's stream; None if they cannot be had."""
         started = time.perf_counter()
-        fetch = pb.PartitionRequest(job=request.job, iteration=request.iteration, task=output.task,
-                                    partition=request.partition)
-        log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task,
-                 request.partition, output.address)
-        stream = self.mapper(output.address).GetPartition(
-            fetch, timeout=max(0.05, deadline - time.monotonic()), metadata=token_metadata(self.settings.token))
         try:
-            records = [record for chunk in stream for record in decode_chunk(chunk, request.dim)]
-            if any(not 0 <= key < request.clusters for key, _, _ in records):
+            records = [record for chunk in stream for record in decode_chunk(chunk, dim)]
+            if any(not 0 <= key < clusters for key, _, _ in records):
                 raise ValueError("cluster id out of range")
         except (grpc.RpcError, ValueError) as error:
             stream.cancel()
@@ -1001,7 +1077,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
                 raise
             return None
         log.debug("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
-                 output.address, len(records), 1000 * (time.perf_counter() - started))
+                  output.address, len(records), 1000 * (time.perf_counter() - started))
         return records
 
     def Reduce(self, request, context):
@@ -1021,9 +1097,19 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         remaining = context.time_remaining()
         remaining = self.settings.rpc_timeout if remaining is None else remaining
         deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
+        metadata = token_metadata(self.settings.token)
+        streams = {}
+        for output in request.outputs:   # every fetch heartbeats its mapper: a hung one is reported in seconds
+            log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition, output.address)
+            stub = self.mapper(output.address)
+            fetch = pb.PartitionRequest(job=request.job, iteration=iteration, task=output.task, partition=partition)
+            stream = stub.GetPartition(fetch, timeout=max(0.05, deadline - time.monotonic()), metadata=metadata)
+            streams[stream] = (stub, f"mapper {output.address}")
+        pulls = [self.fetchers.submit(self.fetch, output, stream, request.dim, request.clusters)
+                 for output, stream in zip(request.outputs, streams)]
+        await_calls(streams, self.settings.heartbeat, metadata)
         try:
-            fetched = list(self.fetchers.map(lambda output: self.fetch(request, output, deadline),
-                                             request.outputs))
+            fetched = [pull.result() for pull in pulls]
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         missing = [output.task for output, records in zip(request.outputs, fetched) if records is None]
@@ -1076,8 +1162,12 @@ def start_server(role, host, port, settings):
     else:
         pb_grpc.add_ReducerServicer_to_server(ReducerServicer(settings), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    tls = settings.tls
     try:
-        bound = server.add_insecure_port(address)
+        if tls is not None and tls.cert:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -1116,7 +1206,7 @@ def spawned_worker(role, index, settings, log_path, connection):
 
 
 # ####################################################################################################
-# Master: workers, one iteration as named stages, the run loop
+# Workers: spawning, connecting, heartbeats, losing, respawning and reviving (the master's side)
 # ####################################################################################################
 
 
@@ -1133,10 +1223,277 @@ class Worker:
     stub: object = None
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
+    beaten: bool = False       # a backup copy of its last task finished first: back it up early
 
     @property
     def name(self):
         return f"{self.role} {self.index} ({self.address})"
+
+
+@dataclass
+class Attempt:
+    """One try of one task on one worker (a backup copy is an attempt too)."""
+
+    worker: Worker
+    task: int
+    number: int
+    backup: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class TaskFailed(Exception):
+    """A worker answered FAILURE: the task is re-assigned, the worker stays."""
+
+    def __init__(self, message, reply):
+        super().__init__(message)
+        self.reply = reply
+
+
+class WorkerLost(Exception):
+    """A worker did not answer in time or at all: it is marked dead."""
+
+
+class Workers:
+    """Every mapper and reducer of a job and whether it is alive.
+
+    The master's stages see a small interface: `start`, `live(role)`, `call`, `lose`,
+    `await_live(role)`, `revive` and `stop`. Behind it: spawning (before the master touches gRPC),
+    one channel per worker, heartbeats while a call runs (see `await_calls`), killing a lost
+    spawned worker by PID and respawning it in its slot in the background, and asking lost
+    workers we did not spawn again from time to time.
+    """
+
+    def __init__(self, options, token, log_path, events):
+        self.options = options
+        self.token = token
+        self.metadata = token_metadata(token)
+        self.log_path = log_path
+        self.events = events
+        self.context = multiprocessing.get_context("spawn")
+        self.pool = {"mapper": [], "reducer": []}
+        self.returned = threading.Condition()   # notified when a lost worker answers again
+        self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
+        self.threads = None     # runs RPCs concurrently, made once the workers are up
+
+    def every(self):
+        """All workers, mappers first."""
+        return self.pool["mapper"] + self.pool["reducer"]
+
+    def live(self, role):
+        """The live workers of a role."""
+        return [worker for worker in self.pool[role] if worker.alive]
+
+    def start(self):
+        """Spawn (or connect to) every worker; spawning happens before the master touches gRPC."""
+        options = self.options
+        given = {"mapper": options.mapper_addrs, "reducer": options.reducer_addrs}
+        counts = {"mapper": options.mappers, "reducer": options.reducers}
+        for role in ("mapper", "reducer"):
+            if given[role] is None:
+                self.pool[role] = [self.spawn(role, i, first=True) for i in range(1, counts[role] + 1)]
+            else:
+                self.pool[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
+        for worker in self.every():
+            if worker.process is not None:
+                worker.address = self.await_port(worker)
+        for worker in self.every():
+            self.connect(worker)
+        self.threads = concurrent.futures.ThreadPoolExecutor(len(self.every()) * 2)   # backups too
+
+    def spawn(self, role, index, first=False):
+        """Start one worker process; it reports its port through a pipe (see await_port).
+
+        Injected crashes apply to the first process of a slot only, never to its replacement.
+        """
+        options = self.options
+        crashes = {phase: iteration for r, i, phase, iteration in options.crashes
+                   if first and (r, i) == (role, index)}
+        settings = WorkerSettings(
+            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=self.token,
+            input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
+            fail_prob=options.fail_prob,
+            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index,
+            crashes=crashes, heartbeat=options.heartbeat, tls=options.tls)
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
+                                       args=(role, index, settings, self.log_path, sender), daemon=True)
+        on_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)   # the child starts ignoring Ctrl-C
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, on_interrupt)
+        sender.close()
+        return Worker(role, index, "", process, receiver=receiver)
+
+    def await_port(self, worker):
+        """The address a spawned worker reports once it listens."""
+        receiver, worker.receiver = worker.receiver, None
+        try:
+            if not receiver.poll(CONNECT_SECONDS):
+                raise JobError(f"{worker.role} {worker.index} did not start in time")
+            state, detail = receiver.recv()
+        except EOFError:
+            raise JobError(f"{worker.role} {worker.index} exited while starting") from None
+        finally:
+            receiver.close()
+        if state != "ready":
+            raise JobError(f"{worker.role} {worker.index} could not start: {detail}")
+        log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
+                  worker.process.pid, detail)
+        return f"127.0.0.1:{detail}"
+
+    def connect(self, worker):
+        """Open the worker's channel and wait (bounded) until it answers a Ping. A worker that can be
+        reached but not spoken to (a wrong token, TLS on one side only, an untrusted certificate)
+        fails at once with what to fix; one not listening yet is asked again until CONNECT_SECONDS."""
+        worker.channel = open_channel(worker.address, self.options.tls)
+        stub_type = pb_grpc.MapperStub if worker.role == "mapper" else pb_grpc.ReducerStub
+        worker.stub = stub_type(worker.channel)
+        waited = min(self.options.rpc_timeout, CONNECT_SECONDS)
+        deadline = time.monotonic() + waited
+        while True:
+            try:
+                reply = worker.stub.Ping(pb.PingRequest(), timeout=max(0.05, min(2.0, deadline - time.monotonic())),
+                                         metadata=self.metadata)
+                break
+            except grpc.RpcError as error:
+                problem = connection_problem(error, self.options.tls)
+                if problem:
+                    raise JobError(f"{worker.name}: {problem}") from None
+                if time.monotonic() >= deadline:
+                    raise JobError(f"no {worker.role} answers at {worker.address} (waited {waited:g} s: "
+                                   f"{error.code().name})") from None
+                time.sleep(0.1)
+        if reply.role != worker.role:
+            raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
+        worker.alive = True
+        log.debug("%s answers: PID %d", worker.name, reply.pid)
+
+    def answers(self, worker, timeout):
+        """Whether a worker answers a Ping within a short deadline."""
+        log.debug("-> Ping to %s", worker.name)
+        try:
+            worker.stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            log.debug("<- Ping FAILURE from %s: %s", worker.name, error.code().name)
+            return False
+        log.debug("<- Ping SUCCESS from %s", worker.name)
+        return True
+
+    def call(self, attempt, method, request, label):
+        """One RPC of an attempt, with a deadline and heartbeats, shown as sent and as answered
+        (SUCCESS or FAILURE, with the reason) in aligned columns: the assignment's display."""
+        worker = attempt.worker
+        what = f"{method:<9} {label:<12} attempt {attempt.number:<3}"
+        log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
+        started = time.perf_counter()
+        future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
+                                                     metadata=self.metadata)
+        silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata)
+        elapsed = 1000 * (time.perf_counter() - started)
+        if silent:
+            log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: no heartbeat for %g s", what, elapsed, worker.name,
+                    self.options.heartbeat)
+            raise WorkerLost(f"no heartbeat for {self.options.heartbeat:g} s")
+        try:
+            response = future.result()
+        except grpc.RpcError as error:
+            code = error.code()
+            log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
+                    what, elapsed, worker.name, code.name, error.details())
+            if code in REFUSALS:
+                raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
+            if code in LOST:
+                raise WorkerLost(code.name) from None
+            raise TaskFailed(f"{code.name}: {error.details()}", None) from None
+        if not response.status.success:
+            log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
+                    response.status.message)
+            raise TaskFailed(response.status.message, response.reply)
+        log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
+        return response.reply
+
+    def lose(self, worker, why):
+        """A worker stopped answering: mark it dead and, if this master spawned it, kill it by PID
+        and start its replacement, which joins in the background once it answers."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        self.events["workers lost"] += 1
+        log.info("%s marked dead (%s)", worker.name, why)
+        if worker.process is None:
+            worker.next_ping = time.monotonic() + REVIVE_EVERY
+            return
+        worker.channel.close()
+        worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
+        worker.process.join(5)
+        fresh = self.spawn(worker.role, worker.index)
+        worker.process, worker.receiver = fresh.process, fresh.receiver
+        log.info("replacing %s %d: PID %d starting", worker.role, worker.index, worker.process.pid)
+        threading.Thread(target=self.rejoin, args=(worker,), name=f"respawn-{worker.role}-{worker.index}",
+                         daemon=True).start()
+
+    def rejoin(self, worker):
+        """Wait for a respawned worker to listen and answer, then count it live again."""
+        try:
+            worker.address = self.await_port(worker)
+            self.connect(worker)
+        except JobError as error:
+            if not self.stopping:
+                log.info("respawning %s %d failed: %s", worker.role, worker.index, error)
+            return
+        self.events["respawns"] += 1
+        log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid, worker.address)
+        with self.returned:
+            self.returned.notify_all()
+
+    def revive(self):
+        """Give dead workers we did not spawn another chance if they answer again (pinged in
+        parallel, each at most every REVIVE_EVERY seconds, so an unreachable host costs little)."""
+        now = time.monotonic()
+        due = [w for w in self.every() if not w.alive and w.process is None and w.next_ping <= now]
+        for worker, answered in zip(due, self.threads.map(lambda w: self.answers(w, 0.5), due)):
+            if answered:
+                worker.alive = True
+                log.info("%s answers again", worker.name)
+            else:
+                worker.next_ping = now + REVIVE_EVERY
+
+    def await_live(self, role):
+        """With no live worker of a role, wait for a respawn or ask the dead ones we did not spawn,
+        for at most CONNECT_SECONDS; whether one is live now."""
+        deadline = time.monotonic() + min(self.options.rpc_timeout, CONNECT_SECONDS)
+        while not self.live(role) and time.monotonic() < deadline:
+            for worker in self.pool[role]:
+                worker.next_ping = 0.0
+            self.revive()
+            with self.returned:
+                self.returned.wait_for(lambda: self.live(role), timeout=0.5)
+        return bool(self.live(role))
+
+    def stop(self):
+        """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
+        self.stopping = True
+        for worker in self.every():
+            if worker.channel is not None:
+                worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
+        if self.threads is not None:
+            self.threads.shutdown(wait=False, cancel_futures=True)
+        spawned = [w.process for w in self.every() if w.process is not None]
+        for process in spawned:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + 3.0
+        for process in spawned:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+# ####################################################################################################
+# Master: one iteration as named stages, the run loop
+# ####################################################################################################
 
 
 @dataclass
@@ -1156,7 +1513,9 @@ class JobOptions:
     tol: float = 0.0
     mapper_addrs: list = None
     reducer_addrs: list = None
-    rpc_timeout: float = 30.0
+    rpc_timeout: float = 300.0
+    heartbeat: float = 2.0        # a worker holding a task that answers no ping for this long is lost
+    tls: TlsFiles = None
     max_attempts: int = None      # None: attempt_budget decides
     combine: bool = False
     token: str = ""
@@ -1164,6 +1523,7 @@ class JobOptions:
     fail_prob: float = 0.0
     fail_seed: int = None
     crashes: list = field(default_factory=list)   # (role, index, phase, iteration) for spawned workers
+    resume: bool = False          # continue after the last complete iteration of the data dir's checkpoint
 
 
 @dataclass
@@ -1196,6 +1556,40 @@ class RunResult:
 
 
 @dataclass
+class Progress:
+    """A run under way: all its next iteration and the reports need (what a checkpoint keeps)."""
+
+    number: int           # which of --restarts, from 1
+    seed: int
+    initial: list
+    centroids: list
+    previous: list = None  # the centroids before the last iteration (mappers count moved points)
+    iterations: list = field(default_factory=list)   # IterationStats
+    history: list = field(default_factory=list)
+    converged: bool = False
+    events: dict = field(default_factory=dict)
+
+
+def as_points(rows):
+    """Coordinates read back from JSON, as the tuples the job works with."""
+    return None if rows is None else [tuple(row) for row in rows]
+
+
+def progress_from(saved):
+    """A Progress read back from a checkpoint."""
+    return Progress(**{**saved, "initial": as_points(saved["initial"]), "centroids": as_points(saved["centroids"]),
+                       "previous": as_points(saved["previous"]), "history": list(map(as_points, saved["history"])),
+                       "iterations": [IterationStats(**stats) for stats in saved["iterations"]]})
+
+
+def run_from(saved):
+    """A finished RunResult read back from a checkpoint."""
+    return RunResult(**{**saved, "initial": as_points(saved["initial"]), "centroids": as_points(saved["centroids"]),
+                        "history": list(map(as_points, saved["history"])),
+                        "iterations": [IterationStats(**stats) for stats in saved["iterations"]]})
+
+
+@dataclass
 class JobResult:
     """A finished job: the best run, every run, and what the plot needs."""
 
@@ -1212,18 +1606,8 @@ class JobResult:
         return self.best.centroids
 
 
-class TaskFailed(Exception):
-    """A worker answered FAILURE: the task is re-assigned, the worker stays."""
-
-    def __init__(self, message, reply):
-        super().__init__(message)
-        self.reply = reply
-
-
-class WorkerLost(Exception):
-    """A worker did not answer in time or at all: it is marked dead."""
-
-
+BACKUP_AFTER = 1.5          # a straggler is backed up once it ran this many times the median task
+BACKUP_MIN_SECONDS = 0.5    # ... and at least this long: short tasks are never worth a second copy
 DRILL_RISK = 1e-6   # the chance that a --fail-prob drill fails by bad luck under the default budget
 BASE_ATTEMPTS = 4   # tries per task and iteration when no failures are injected
 
@@ -1253,265 +1637,132 @@ class Master:
         self.options = options
         self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.job = self.job_base   # one job id per run of --restarts
-        self.mappers, self.reducers = [], []
-        self.context = multiprocessing.get_context("spawn")
-        self.log_path = os.path.join(options.data_dir, "dump.txt")
-        # workers this master spawns always require a token: a fresh one per run unless --token is set
-        self.token = options.token or secrets.token_hex(16)
-        self.metadata = token_metadata(self.token)
-        self.pool = None   # threads for concurrent RPCs, made once the workers are up
         self.events = collections.Counter()   # failures and recoveries, for the summary
-        self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
+        self.leftovers = {}   # future -> Attempt: losers of backup races, still running
+        self.finished = []    # RunResults of the runs done so far (for the checkpoint)
+        self.checkpoint_path = os.path.join(options.data_dir, CHECKPOINT)
+        # workers this master spawns always require a token: a fresh one per run unless --token is set
+        self.workers = Workers(options, options.token or secrets.token_hex(16),
+                               os.path.join(options.data_dir, "dump.txt"), self.events)
         self.max_attempts = options.max_attempts or attempt_budget(options.fail_prob, task_runs(options))
-
-    # -- workers -------------------------------------------------------------------------------
-
-    def start_workers(self):
-        """Spawn (or connect to) every worker; spawning happens before the master touches gRPC."""
-        options = self.options
-        given = {"mapper": options.mapper_addrs, "reducer": options.reducer_addrs}
-        counts = {"mapper": options.mappers, "reducer": options.reducers}
-        pools = {}
-        for role in ("mapper", "reducer"):
-            if given[role] is None:
-                pools[role] = [self.spawn(role, index, first=True) for index in range(1, counts[role] + 1)]
-            else:
-                pools[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
-        self.mappers, self.reducers = pools["mapper"], pools["reducer"]
-        for worker in self.mappers + self.reducers:
-            if worker.process is not None:
-                worker.address = self.await_port(worker)
-        for worker in self.mappers + self.reducers:
-            self.connect(worker)
-        self.pool = concurrent.futures.ThreadPoolExecutor(len(self.mappers) + len(self.reducers))
-
-    def spawn(self, role, index, first=False):
-        """Start one worker process; it reports its port through a pipe (see await_port).
-
-        Injected crashes apply to the first process of a slot only, never to its replacement.
-        """
-        options = self.options
-        crashes = {phase: iteration for r, i, phase, iteration in options.crashes
-                   if first and (r, i) == (role, index)}
-        settings = WorkerSettings(
-            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=self.token,
-            input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
-            fail_prob=options.fail_prob,
-            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index,
-            crashes=crashes)
-        receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
-                                       args=(role, index, settings, self.log_path, sender), daemon=True)
-        on_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)   # the child starts ignoring Ctrl-C
-        try:
-            process.start()
-        finally:
-            signal.signal(signal.SIGINT, on_interrupt)
-        sender.close()
-        return Worker(role, index, "", process, receiver=receiver)
-
-    def await_port(self, worker):
-        """The address a spawned worker reports once it listens."""
-        receiver, worker.receiver = worker.receiver, None
-        try:
-            if not receiver.poll(max(30.0, self.options.rpc_timeout)):
-                raise JobError(f"{worker.role} {worker.index} did not start in time")
-            state, detail = receiver.recv()
-        except EOFError:
-            raise JobError(f"{worker.role} {worker.index} exited while starting") from None
-        finally:
-            receiver.close()
-        if state != "ready":
-            raise JobError(f"{worker.role} {worker.index} could not start: {detail}")
-        log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
-                 worker.process.pid, detail)
-        return f"127.0.0.1:{detail}"
-
-    def connect(self, worker):
-        """Open the worker's channel and wait (bounded) until it answers a Ping."""
-        worker.channel = grpc.insecure_channel(worker.address, options=GRPC_OPTIONS)
-        stub_type = pb_grpc.MapperStub if worker.role == "mapper" else pb_grpc.ReducerStub
-        worker.stub = stub_type(worker.channel)
-        timeout = self.options.rpc_timeout
-        try:
-            grpc.channel_ready_future(worker.channel).result(timeout=timeout)
-            reply = worker.stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self.metadata)
-        except grpc.FutureTimeoutError:
-            raise JobError(f"no {worker.role} answers at {worker.address} (waited {timeout:g} s)") from None
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise JobError(f"{worker.name} refused the token: set the same --token / "
-                               f"KMR_TOKEN on master and workers") from None
-            raise JobError(f"no {worker.role} answers at {worker.address}: {error.code().name}") from None
-        if reply.role != worker.role:
-            raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
-        worker.alive = True
-        log.debug("%s answers: PID %d", worker.name, reply.pid)
-
-    def answers(self, worker, timeout=2.0):
-        """Whether a worker answers a Ping within a short deadline."""
-        log.debug("-> Ping to %s", worker.name)
-        try:
-            worker.stub.Ping(pb.PingRequest(), timeout=min(timeout, self.options.rpc_timeout),
-                             metadata=self.metadata)
-        except grpc.RpcError as error:
-            log.debug("<- Ping FAILURE from %s: %s", worker.name, error.code().name)
-            return False
-        log.debug("<- Ping SUCCESS from %s", worker.name)
-        return True
-
-    def lose(self, worker, why):
-        """A worker stopped answering: mark it dead and, if this master spawned it, replace it."""
-        worker.alive = False
-        log.info("%s marked dead (%s)", worker.name, why)
-        if worker.process is None:
-            worker.next_ping = time.monotonic() + REVIVE_EVERY
-            return
-        worker.channel.close()
-        worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
-        worker.process.join(5)
-        fresh = self.spawn(worker.role, worker.index)
-        worker.process, worker.receiver = fresh.process, fresh.receiver
-        try:
-            worker.address = self.await_port(worker)
-            self.connect(worker)
-        except JobError as error:
-            log.info("respawning %s %d failed: %s", worker.role, worker.index, error)
-            return
-        self.events["respawns"] += 1
-        log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid,
-                 worker.address)
-
-    def revive(self):
-        """Give dead workers we did not spawn another chance if they answer again (pinged in
-        parallel, each at most every REVIVE_EVERY seconds, so an unreachable host costs little)."""
-        now = time.monotonic()
-        due = [w for w in self.mappers + self.reducers
-               if not w.alive and w.process is None and w.next_ping <= now]
-        for worker, answered in zip(due, self.pool.map(lambda w: self.answers(w, 0.5), due)):
-            if answered:
-                worker.alive = True
-                log.info("%s answers again", worker.name)
-            else:
-                worker.next_ping = now + REVIVE_EVERY
-
-    def await_revival(self, workers):
-        """With no live worker of a role, keep asking the dead ones we did not spawn, for at most
-        --rpc-timeout; whether one answered."""
-        deadline = time.monotonic() + self.options.rpc_timeout
-        while time.monotonic() < deadline:
-            for worker in workers:
-                worker.next_ping = 0.0
-            self.revive()
-            if any(worker.alive for worker in workers):
-                return True
-            time.sleep(0.5)
-        return False
-
-    def stop_workers(self):
-        """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
-        self.stopping = True
-        for worker in self.mappers + self.reducers:
-            if worker.channel is not None:
-                worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        spawned = [w.process for w in self.mappers + self.reducers if w.process is not None]
-        for process in spawned:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + 3.0
-        for process in spawned:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
 
     # -- running tasks -------------------------------------------------------------------------
 
-    def call(self, worker, method, request, label, attempt):
-        """One RPC with a deadline, shown as sent and as answered (SUCCESS or FAILURE, with the
-        reason), in aligned columns: the assignment's console display."""
-        what = f"{method:<9} {label:<12} attempt {attempt:<3}"
-        log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
-        started = time.perf_counter()
-        try:
-            response = getattr(worker.stub, method)(request, timeout=self.options.rpc_timeout,
-                                                    metadata=self.metadata)
-        except grpc.RpcError as error:
-            code = error.code()
-            log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
-                    what, 1000 * (time.perf_counter() - started), worker.name, code.name, error.details())
-            if code in REFUSALS:
-                raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
-            if code in LOST:
-                raise WorkerLost(code.name) from None
-            raise TaskFailed(f"{code.name}: {error.details()}", None) from None
-        elapsed = 1000 * (time.perf_counter() - started)
-        if not response.status.success:
-            log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
-                    response.status.message)
-            raise TaskFailed(response.status.message, response.reply)
-        log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
-        return response.reply
+    def run_tasks(self, role, tasks, attempts, run_one):
+        """Run every task on some live worker of a role; {task: (worker, result)}.
 
-    def run_tasks(self, workers, tasks, attempts, run_one):
-        """Run every task on some live worker, re-assigning failed ones; {task: (worker, result)}.
-
-        `attempts` counts tries per task for the whole iteration; run_one(worker, task, attempt)
-        may raise TaskFailed (re-assign) or WorkerLost (the worker is lost, re-assign).
+        A task that failed is re-assigned; a worker that went silent is lost (see Workers.lose). Once
+        no task is waiting, a straggler gets a backup copy on an idle worker (MapReduce section 3.6):
+        when it has run BACKUP_AFTER times as long as the median finished task of this call, and at
+        least BACKUP_MIN_SECONDS (past the median alone if its worker was beaten by a backup before).
+        The first copy to succeed wins; the other is left to finish and ignored, and its worker gets
+        no new task until it has. `attempts` counts tries per task for the whole iteration;
+        run_one(attempt) may raise TaskFailed or WorkerLost.
         """
-        role = workers[0].role
-        pending, results, running = list(tasks), {}, {}
+        pending, results, running, durations = list(tasks), {}, {}, []
         reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
-        while pending or running:
-            busy = {id(worker) for worker, _ in running.values()}
-            for worker in workers:
-                if pending and worker.alive and id(worker) not in busy:
-                    task = pending.pop(0)
-                    attempts[task] = attempts.get(task, 0) + 1
-                    if attempts[task] > self.max_attempts:
-                        why = reasons[task] or {"its map output was lost": 1}
-                        raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
-                            f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
-                    running[self.pool.submit(run_one, worker, task, attempts[task])] = (worker, task)
-            if not running and not self.await_revival(workers):
-                raise JobError(f"no live {role} left for task {pending[0]}")
+
+        def launch(worker, task, backup=False):
+            attempts[task] = attempts.get(task, 0) + 1
+            if attempts[task] > self.max_attempts:
+                why = reasons[task] or {"its map output was lost": 1}
+                raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
+                    f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
+            attempt = Attempt(worker, task, attempts[task], backup)
+            running[self.workers.threads.submit(run_one, attempt)] = attempt
+            return attempt
+
+        while pending or any(attempt.task not in results for attempt in running.values()):
+            self.settle_leftovers()
+            busy = {id(attempt.worker) for attempt in [*running.values(), *self.leftovers.values()]}
+            for worker in [w for w in self.workers.live(role) if id(w) not in busy]:
+                if pending:
+                    launch(worker, pending.pop(0))
+                elif straggler := self.straggler([a for a in running.values() if a.task not in results],
+                                                 durations):
+                    copy = launch(worker, straggler.task, backup=True)
+                    self.events["backups"] += 1
+                    log.log(DETAIL, "  %s task %d: backup copy (attempt %d) on %s: attempt %d on %s has run "
+                            "%.2f s, the median finished task %.2f s", role, straggler.task, copy.number,
+                            worker.name, straggler.number, straggler.worker.name,
+                            time.monotonic() - straggler.started, statistics.median(durations))
             if not running:
+                if not self.workers.await_live(role):
+                    raise JobError(f"no live {role} left for task {pending[0]}")
                 continue
-            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            done, _ = concurrent.futures.wait(running, timeout=BACKUP_MIN_SECONDS / 4,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                worker, task = running.pop(future)
+                attempt = running.pop(future)
+                task, worker = attempt.task, attempt.worker
                 try:
-                    results[task] = (worker, future.result())
-                except TaskFailed as failed:
-                    reasons[task][str(failed)] += 1
+                    result = future.result()
+                except WorkerLost as error:
+                    reasons[task][f"{worker.name} lost ({error})"] += 1
+                    log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
+                    self.workers.lose(worker, str(error))
+                except TaskFailed as error:
+                    reasons[task][str(error)] += 1
                     self.events["failures"] += 1
                     log.log(DETAIL, "  %s task %d re-assigned after FAILURE", role, task)
+                else:
+                    if task not in results:
+                        results[task] = (worker, result)
+                        durations.append(time.monotonic() - attempt.started)
+                        self.race_won(role, attempt, [a for a in running.values() if a.task == task])
+                    continue
+                if task not in results and all(other.task != task for other in running.values()):
                     pending.append(task)
-                except WorkerLost as lost:
-                    reasons[task][f"{worker.name} lost ({lost})"] += 1
-                    self.events["workers lost"] += 1
-                    log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    pending.append(task)
-                    self.lose(worker, str(lost))
+        self.leftovers.update(running)   # losers of backup races: they finish (or go silent) on their own
         return results
+
+    def race_won(self, role, winner, others):
+        """A task's first successful copy: the others lose, and their workers count as beaten."""
+        winner.worker.beaten = False
+        for other in others:
+            other.worker.beaten = True
+            if winner.backup:
+                self.events["backups won"] += 1
+            log.log(DETAIL, "  %s task %d: %s copy (attempt %d on %s) finished first; attempt %d on %s is "
+                    "ignored", role, winner.task, "the backup" if winner.backup else "the original", winner.number,
+                    winner.worker.name, other.number, other.worker.name)
+
+    def settle_leftovers(self):
+        """Forget finished losers of backup races; one that went silent meanwhile is lost."""
+        for future in [f for f in self.leftovers if f.done()]:
+            attempt = self.leftovers.pop(future)
+            if isinstance(future.exception(), WorkerLost):
+                self.workers.lose(attempt.worker, str(future.exception()))
+
+    @staticmethod
+    def straggler(attempts, durations):
+        """The running attempt to back up now, if any: the longest-running task with a single copy
+        that has run long enough past the median of the finished ones."""
+        if not durations:
+            return None
+        copies = collections.Counter(attempt.task for attempt in attempts)
+        now, median = time.monotonic(), statistics.median(durations)
+        due = [attempt for attempt in attempts if copies[attempt.task] == 1 and now - attempt.started >=
+               max(BACKUP_MIN_SECONDS, median if attempt.worker.beaten else BACKUP_AFTER * median)]
+        return min(due, key=lambda attempt: attempt.started, default=None)
+
 
     # -- one iteration -------------------------------------------------------------------------
 
     def map_stage(self, iteration, tasks, centroids, previous, attempts):
         """Map: run the given map tasks; {task: (mapper, MapReply)}."""
-        def run_one(worker, task, attempt):
+        def run_one(attempt):
+            task = attempt.task
             start, end = self.ranges[task - 1]
-            request = pb.MapRequest(job=self.job, iteration=iteration, task=task, attempt=attempt,
+            request = pb.MapRequest(job=self.job, iteration=iteration, task=task, attempt=attempt.number,
                                     input_path=self.input_path, start=start, end=end,
                                     reducers=self.options.reducers, centroids=flatten(centroids),
                                     combine=self.options.combine)
             if previous is not None:
                 request.previous.CopyFrom(flatten(previous))
-            return self.call(worker, "Map", request, f"task {task}", attempt)
+            return self.workers.call(attempt, "Map", request, f"task {task}")
 
-        return self.run_tasks(self.mappers, tasks, attempts, run_one)
+        return self.run_tasks("mapper", tasks, attempts, run_one)
 
     def reduce_stage(self, iteration, partitions, map_results, attempts):
         """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
@@ -1519,22 +1770,23 @@ class Master:
                    for task, (worker, _) in sorted(map_results.items())]
         lost = set()
 
-        def run_one(worker, partition, attempt):
+        def run_one(attempt):
+            partition = attempt.task
             request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition,
-                                       attempt=attempt, outputs=outputs, dim=self.dim,
+                                       attempt=attempt.number, outputs=outputs, dim=self.dim,
                                        clusters=self.options.clusters)
             try:
-                self.call(worker, "Reduce", request, f"partition {partition}", attempt)
+                self.workers.call(attempt, "Reduce", request, f"partition {partition}")
             except TaskFailed as failed:
                 if failed.reply is None or not failed.reply.missing_tasks:
                     raise
                 lost.update(failed.reply.missing_tasks)
                 return None
-            return self.call(worker, "GetResult",
-                             pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
-                             f"partition {partition}", attempt)
+            return self.workers.call(attempt, "GetResult",
+                                     pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
+                                     f"partition {partition}")
 
-        done = self.run_tasks(self.reducers, partitions, attempts, run_one)
+        done = self.run_tasks("reducer", partitions, attempts, run_one)
         results = {p: reply for p, (_, reply) in done.items() if reply is not None}
         return results, lost
 
@@ -1543,7 +1795,7 @@ class Master:
 
         Returns (new centroids, moved points, SSE, cluster sizes, {phase: wall seconds}).
         """
-        self.revive()
+        self.workers.revive()
         map_attempts, reduce_attempts = {}, {}
         started = time.perf_counter()
         map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
@@ -1557,8 +1809,8 @@ class Master:
             pending = [p for p in pending if p not in results]
             if lost:
                 for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
-                    if worker.alive and not self.answers(worker):
-                        self.lose(worker, "its map output could not be fetched")
+                    if worker.alive and not self.workers.answers(worker, self.options.heartbeat):
+                        self.workers.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
                 self.events["re-executions"] += len(lost)
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
@@ -1606,14 +1858,15 @@ class Master:
         """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
         seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
 
-        def run_one(worker, task, attempt):
+        def run_one(attempt):
+            task = attempt.task
             start, end = self.ranges[task - 1]
-            request = pb.WeighRequest(job=self.job, task=task, attempt=attempt, input_path=self.input_path,
+            request = pb.WeighRequest(job=self.job, task=task, attempt=attempt.number, input_path=self.input_path,
                                       start=start, end=end, centroids=flatten(centroids),
                                       draw_seed=seeds[task], count_clusters=count_clusters)
-            return self.call(worker, "Weigh", request, f"task {task}", attempt)
+            return self.workers.call(attempt, "Weigh", request, f"task {task}")
 
-        done = self.run_tasks(self.mappers, list(seeds), {}, run_one)
+        done = self.run_tasks("mapper", list(seeds), {}, run_one)
         return {task: reply for task, (_, reply) in sorted(done.items())}
 
     def kmeans_plus_plus(self, first, rng):
@@ -1649,7 +1902,9 @@ class Master:
     def prepare(self):
         """Validate the input and draw what every run starts from; returns (InputScan, seeds)."""
         options = self.options
-        seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
+        self.saved = self.restore() if options.resume else None
+        seed = self.saved["seed"] if self.saved else \
+            options.seed if options.seed is not None else secrets.randbelow(2**32)
         derive = random.Random(seed)
         seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
         scan = scan_input(options.input_path, options.clusters, seeds, options.plot_points)
@@ -1665,7 +1920,56 @@ class Master:
         self.points, self.dim = scan.points, scan.dim
         self.input_path = os.path.abspath(options.input_path)
         self.ranges = split_ranges(scan.points, options.mappers)
+        self.seeds = seeds
         return scan, seeds
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def identity(self):
+        """What a checkpoint must share with the command that resumes it: whatever decides the answer."""
+        options = self.options
+        init = options.init if options.init in ("random", "k-means++") else os.path.abspath(options.init)
+        return {"input": os.path.abspath(options.input_path), "M": options.mappers, "R": options.reducers,
+                "K": options.clusters, "n": options.iterations, "tol": options.tol, "init": init,
+                "restarts": options.restarts, "combiner": options.combine}
+
+    def input_stamp(self):
+        """The input's identity: size and modification time."""
+        status = os.stat(self.options.input_path)
+        return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+    def save(self, progress):
+        """Write the checkpoint (atomically): the job, its input, the runs done and the one under way."""
+        state = {"kmr checkpoint": 1, "job": self.identity(), "input file": self.input_stamp(),
+                 "seed": self.seeds[0], "runs": [dataclasses.asdict(run) for run in self.finished],
+                 "current": None if progress is None else dataclasses.asdict(progress)}
+        write_atomic(self.checkpoint_path, json.dumps(state) + "\n")
+
+    def restore(self):
+        """The checkpoint --resume continues from, after checking it belongs to this command and input."""
+        where = self.checkpoint_path
+        try:
+            with open(where, encoding="utf-8") as saved_file:
+                saved = json.load(saved_file)
+            if saved.get("kmr checkpoint") != 1:
+                raise ValueError
+        except FileNotFoundError:
+            raise InputError(f"--resume: there is no checkpoint in {self.options.data_dir} (no run of "
+                             f"this job got past its start there): run without --resume") from None
+        except (OSError, ValueError, AttributeError):
+            raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
+        here = self.identity()
+        for key, value in here.items():
+            if saved["job"].get(key) != value:
+                raise InputError(f"--resume: {where} is of another job ({key} {saved['job'].get(key)} "
+                                 f"there, {value} here): run without --resume or with the same flags")
+        if self.options.seed is not None and self.options.seed != saved["seed"]:
+            raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, "
+                             f"{self.options.seed} here)")
+        if saved["input file"] != self.input_stamp():
+            raise InputError(f"--resume: {self.options.input_path} changed since {where} was written "
+                             f"(size or modification time): run without --resume")
+        return saved
 
     def run(self):
         """Validate the input, start workers, run every restart; returns a JobResult."""
@@ -1682,13 +1986,25 @@ class Master:
         for stale in ("Mappers", "Reducers"):   # an earlier run's files would pass for this run's
             shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
         started = time.perf_counter()
-        self.start_workers()
+        self.workers.start()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
-        runs = []
+        resumed = None
+        if self.saved:
+            self.finished = [run_from(run) for run in self.saved["runs"]]
+            resumed = self.saved["current"] and progress_from(self.saved["current"])
+            log.info("resumed from %s: %d of %d runs done%s", self.checkpoint_path, len(self.finished),
+                     options.restarts, f"; run {resumed.number} continues after iteration "
+                     f"{len(resumed.iterations)}" if resumed else "")
+        runs = list(self.finished)
         for number, (seed, sample) in enumerate(zip(seeds, scan.samples), 1):
+            if number <= len(runs):
+                continue
             self.job = f"{self.job_base}-{number}"
-            runs.append(self.run_once(seed, sample))
+            progress = resumed if resumed and resumed.number == number else None
+            runs.append(self.run_once(number, seed, sample, progress))
+            self.finished.append(runs[-1])
+            self.save(None)
             if options.restarts > 1:
                 log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,
                          len(runs[-1].iterations), runs[-1].sse)
@@ -1702,43 +2018,55 @@ class Master:
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
         write_atomic(os.path.join(self.options.data_dir, "centroids.txt"), format_centroids(centroids))
 
-    def run_once(self, seed, sample):
-        """One complete K-means run from the initial centroids of this seed."""
+    def run_once(self, number, seed, sample, progress=None):
+        """One complete K-means run from the initial centroids of this seed, or from where a
+        checkpoint left it (`progress`); a checkpoint is written after every iteration."""
         options = self.options
         rng = random.Random(seed)
         self.events.clear()
-        if self.given_init is not None:
-            initial = self.given_init
-        elif options.init == "k-means++":
-            initial = self.kmeans_plus_plus(sample[0], rng)
+        if progress is None:
+            if self.given_init is not None:
+                initial = self.given_init
+            elif options.init == "k-means++":
+                initial = self.kmeans_plus_plus(sample[0], rng)
+            else:
+                initial = sample
+            log.info("initial centroids (%s, seed %d): %s", options.init, seed,
+                     "  ".join(map(format_point, initial)))
+            progress = Progress(number, seed, initial, initial, history=[initial])
+            self.save(progress)
         else:
-            initial = sample
-        log.info("initial centroids (%s, seed %d): %s", options.init, seed, "  ".join(map(format_point, initial)))
-        centroids, previous, stats, converged, history = initial, None, [], False, [initial]
-        for iteration in range(1, options.iterations + 1):
+            self.events.update(progress.events)
+            log.info("initial centroids (%s, seed %d): %s", options.init, seed,
+                     "  ".join(map(format_point, progress.initial)))
+            log.info("resuming run %d after iteration %d: centroids %s", number, len(progress.iterations),
+                     "  ".join(map(format_point, progress.centroids)))
+        while not progress.converged and len(progress.iterations) < options.iterations:
+            iteration = len(progress.iterations) + 1
             started = time.perf_counter()
             before = collections.Counter(self.events)
             log.log(DETAIL, "=== iteration %d ===", iteration)
-            new, moved, sse, sizes, phases = self.iterate(iteration, centroids, previous)
-            shift = largest_shift(centroids, new)
-            previous, centroids = centroids, new
-            history.append(centroids)
-            self.write_centroids(centroids)
+            new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
+            shift = largest_shift(progress.centroids, new)
+            progress.previous, progress.centroids = progress.centroids, new
+            progress.history.append(new)
+            self.write_centroids(new)
             seconds = time.perf_counter() - started
             phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is compiling too
-            stats.append(IterationStats(iteration, shift, moved, sse, sizes, seconds, phases,
-                                        dict(self.events - before)))
-            log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, centroids)))
+            stats = IterationStats(iteration, shift, moved, sse, sizes, seconds, phases, dict(self.events - before))
+            progress.iterations.append(stats)
+            progress.converged = shift <= options.tol
+            progress.events = dict(self.events)
+            self.save(progress)
+            log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, new)))
             log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s%s", iteration, shift,
-                     moved, sse, stats[-1].seconds,
-                     "".join(f"   {what} {count}" for what, count in sorted(stats[-1].events.items())))
-            if shift <= options.tol:
-                converged = True
+                     moved, sse, seconds, "".join(f"   {what} {count}" for what, count in sorted(stats.events.items())))
+            if progress.converged:
                 log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
                          shift, options.tol)
-                break
-        sse, sizes = self.final_clusters(stats, centroids, rng)
-        return RunResult(seed, initial, centroids, stats, converged, sse, sizes, history, dict(self.events))
+        sse, sizes = self.final_clusters(progress.iterations, progress.centroids, rng)
+        return RunResult(seed, progress.initial, progress.centroids, progress.iterations, progress.converged, sse,
+                         sizes, progress.history, dict(self.events))
 
 
 def run_job(options):
@@ -1747,7 +2075,7 @@ def run_job(options):
     try:
         return master.run()
     finally:
-        master.stop_workers()
+        master.workers.stop()
 
 
 # ####################################################################################################
@@ -1927,8 +2255,12 @@ def parse_args(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--role", choices=["master", "mapper", "reducer"], required=True)
     parser.add_argument("--data-dir", default="Data", help="where a run writes everything (default Data)")
-    parser.add_argument("--rpc-timeout", type=float, default=30.0,
-                        help="deadline of every RPC and of waiting for a worker, seconds (default 30)")
+    parser.add_argument("--rpc-timeout", type=float, default=300.0,
+                        help="deadline of every task RPC, seconds (default 300; heartbeats find a lost "
+                             "worker long before)")
+    parser.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
+                        help="a worker holding a task (for reducers: a mapper they fetch from) that answers "
+                             "no ping for S seconds is lost (default 2)")
     master = parser.add_argument_group("master")
     master.add_argument("-M", type=int, default=3, help="map tasks (default 3)")
     master.add_argument("-R", type=int, default=2, help="reduce tasks = partitions (default 2)")
@@ -1955,6 +2287,9 @@ def parse_args(argv=None):
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
     master.add_argument("--combiner", action="store_true",
                         help="mappers pre-sum each cluster (exactly) so partitions carry sums, not points")
+    master.add_argument("--resume", action="store_true",
+                        help="continue a job (the same command) after the last iteration it completed, "
+                             "from the checkpoint in the data dir (after the master was killed, say)")
     master.add_argument("--max-attempts", type=int,
                         help="tries per task per iteration (default 4; under --fail-prob P: the fewest A "
                              "with T x P^A < 1e-6, T = M+R per iteration plus M per Weigh pass, times "
@@ -1970,6 +2305,11 @@ def parse_args(argv=None):
     shared = parser.add_argument_group("every role")
     shared.add_argument("--token", default=os.environ.get("KMR_TOKEN", ""),
                         help="shared secret every RPC must carry (default $KMR_TOKEN; none: no check)")
+    shared.add_argument("--tls-cert", metavar="PEM", help="workers: serve TLS with this certificate "
+                        "(the master hands it to the workers it spawns)")
+    shared.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    shared.add_argument("--tls-ca", metavar="PEM", help="clients (master, reducers): speak TLS to workers "
+                        "and trust only certificates signed by this CA")
     shared.add_argument("--fail-prob", type=float, default=0.0,
                         help="each task a worker gets fails with this probability (failure drills)")
     shared.add_argument("--fail-seed", type=int, help="seed of --fail-prob draws")
@@ -1983,8 +2323,10 @@ def parse_args(argv=None):
             raise InputError(f"{flag} must be between {low} and {high}, got {value}")
     if not (math.isfinite(args.tol) and args.tol >= 0):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
-    if not (math.isfinite(args.rpc_timeout) and args.rpc_timeout > 0):
-        raise InputError(f"--rpc-timeout must be > 0, got {args.rpc_timeout}")
+    for flag, value in (("--rpc-timeout", args.rpc_timeout), ("--heartbeat", args.heartbeat)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{flag} must be > 0, got {value}")
+    args.tls = tls_files(args)
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
     for flag, path in (("--plot", args.plot), ("--summary", args.summary)):
@@ -2005,6 +2347,28 @@ def parse_args(argv=None):
     return args
 
 
+def tls_files(args):
+    """The TLS material the flags name, read once (None without TLS flags)."""
+    paths = {"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca}
+    if not any(paths.values()):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert and --tls-key go together")
+    if args.role == "master" and not args.tls_ca:
+        raise InputError("the master needs --tls-ca to verify its workers")
+    material = {}
+    for name, path in paths.items():
+        if path:
+            try:
+                with open(path, "rb") as pem:
+                    material[name] = pem.read()
+            except OSError as error:
+                raise InputError(f"--tls-{name} {path}: {error.strerror}") from None
+            if b"-----BEGIN" not in material[name]:
+                raise InputError(f"--tls-{name} {path}: not a PEM file")
+    return TlsFiles(**material)
+
+
 def crash_spec(text):
     """'mapper:2:after-map:3' as ('mapper', 2, 'after-map', 3)."""
     parts = text.split(":")
@@ -2019,7 +2383,10 @@ def run_master(args):
     """The master role: run the job and print the final centroids on stdout."""
     log_path = os.path.join(args.data_dir, "dump.txt")
     try:
-        write_atomic(log_path, "")
+        if args.resume:   # the interrupted run's log goes on
+            os.makedirs(args.data_dir, exist_ok=True)
+        else:
+            write_atomic(log_path, "")
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
     setup_logging("master", log_path, logging.WARNING if args.quiet else logging.INFO if args.compact else
@@ -2028,9 +2395,10 @@ def run_master(args):
                          iterations=args.n, data_dir=args.data_dir, seed=args.seed, init=args.init,
                          restarts=args.restarts, plot_points=PLOT_POINTS if args.plot else 0, tol=args.tol,
                          mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
-                         rpc_timeout=args.rpc_timeout, max_attempts=args.max_attempts, token=args.token,
+                         rpc_timeout=args.rpc_timeout, heartbeat=args.heartbeat, tls=args.tls,
+                         max_attempts=args.max_attempts, token=args.token,
                          input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
-                         fail_seed=args.fail_seed, crashes=args.crash)
+                         fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
                (args.plot, lambda: plot_svg(result))]
@@ -2053,6 +2421,7 @@ def run_worker(args):
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
     settings = WorkerSettings(data_dir=args.data_dir, rpc_timeout=args.rpc_timeout, token=args.token,
+                              heartbeat=args.heartbeat, tls=args.tls,
                               input_root=args.input_root or os.getcwd(), fail_prob=args.fail_prob,
                               fail_seed=args.fail_seed)
     server, port = start_server(args.role, args.host, args.port, settings)

@@ -219,3 +219,28 @@ class MasterProcess:
         self.stdout.close()
         self.stderr.close()
         stop_tagged(self.tag)
+
+
+def make_certificates(folder, addresses=("127.0.0.1",), name="kmr test"):
+    """A throwaway CA and one worker certificate it signs, naming the given IP addresses (and
+    localhost), made with the openssl command; returns (ca.pem, worker.pem, worker.key)."""
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is missing (.ci/run installs it)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = folder / "ca.pem", folder / "worker.pem", folder / "worker.key"
+    names = ",".join([f"IP:{address}" for address in addresses] + ["DNS:localhost"])
+    (folder / "san.ext").write_text(f"subjectAltName={names}\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "ca.key", "-out", ca, "-days", "2",
+         "-subj", f"/CN={name} CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", folder / "worker.csr",
+         "-subj", f"/CN={name} worker"],
+        ["x509", "-req", "-in", folder / "worker.csr", "-CA", ca, "-CAkey", folder / "ca.key", "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", folder / "san.ext"],
+    ]
+    for step in steps:
+        subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True)
+    return ca, cert, key

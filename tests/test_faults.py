@@ -68,7 +68,7 @@ def test_worker_killed_in_any_phase_is_respawned_and_its_task_rerun(tmp_path, ro
     assert centroid_lines(result.stdout) == reference_lines(CASE5, CASE5_INIT)
     dump = dump_of(tmp_path)
     assert f"injected crash: SIGKILL {phase} iteration 2" in dump
-    assert f"respawned {role} {index}" in dump
+    assert f"replacing {role} {index}: PID" in dump   # the job may end before the replacement is up
     assert "iteration 2: all 100 points accounted for exactly once" in dump
     if phase == "after-map":   # its output is gone: the map task must run again before Reduce succeeds
         assert re.search(r"iteration 2: re-executing map tasks \[1\]", dump)
@@ -144,12 +144,12 @@ def test_task_failing_every_attempt_stops_the_run_with_one_line(tmp_path):
     assert not (tmp_path / "out" / "centroids.txt").exists()
 
 
-def long_run(tmp_path, *extra):
+def long_run(tmp_path, *extra, mappers=3, reducers=2):
     """A master on 60,000 uniform points with K=8: a dozen iterations of a few hundred ms."""
     points = write_points(tmp_path / "points.txt", uniform_points(60_000, seed=3))
     init = write_points(tmp_path / "init.txt", read_points(points)[:8])
     expected = reference_lines(points, init, 12)   # before the master starts: it takes seconds
-    master = MasterProcess("--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 12, "--init", init,
+    master = MasterProcess("--role", "master", "-M", mappers, "-R", reducers, "-K", 8, "-n", 12, "--init", init,
                            "--data-dir", tmp_path / "out", *extra, cwd=tmp_path)
     return master, expected
 
@@ -160,9 +160,16 @@ def spawned_pid(dump_path, role, index, process):
     return int(found.group(1))
 
 
+def gone(pid):
+    """Whether a process has exited (or is a zombie waiting to be reaped)."""
+    return not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
-def test_worker_killed_or_hung_mid_run_is_replaced(tmp_path, signum):
-    master, expected = long_run(tmp_path, "--rpc-timeout", 2)
+def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
+    """With spare mappers a killed one is replaced at once; a hung one is outrun by a backup copy
+    of its task (or found silent by heartbeats, whichever comes first)."""
+    master, expected = long_run(tmp_path)
     try:
         dump = tmp_path / "out" / "dump.txt"
         victim = spawned_pid(dump, "mapper", 2, master.process)
@@ -174,9 +181,33 @@ def test_worker_killed_or_hung_mid_run_is_replaced(tmp_path, signum):
     assert code == 0, stderr
     assert centroid_lines(stdout) == expected
     log = dump.read_text()
-    assert "mapper 2 (" in log and re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", log)
-    assert "respawned mapper 2" in log
-    assert not os.path.exists(f"/proc/{victim}") or "Z" in open(f"/proc/{victim}/stat").read().split()[2]
+    if signum == signal.SIGKILL:
+        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", log) and "replacing mapper 2: PID" in log
+    else:
+        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead \(no heartbeat|"
+                         r"the backup copy \(attempt \d+ on mapper [13] .* attempt 1 on mapper 2 .* is ignored", log)
+    assert gone(victim)
+
+
+@pytest.mark.parametrize("role", ["mapper", "reducer"])
+def test_hung_worker_with_no_spare_is_found_by_heartbeats_and_replaced(tmp_path, role):
+    """One mapper and one reducer: no backup can outrun a hung worker, so only heartbeats find it,
+    long before the task's 300 s deadline; it is killed by PID and its replacement redoes the task."""
+    master, expected = long_run(tmp_path, mappers=1, reducers=1)
+    try:
+        dump = tmp_path / "out" / "dump.txt"
+        victim = spawned_pid(dump, role, 1, master.process)
+        wait_for_line(dump, r"=== iteration 3 ===", process=master.process)
+        os.kill(victim, signal.SIGSTOP)
+        code, stdout, stderr = master.finish(timeout=60)
+    finally:
+        master.stop()
+    assert code == 0, stderr
+    assert centroid_lines(stdout) == expected
+    log = dump.read_text()
+    assert re.search(rf"{role} 1 \(127\.0\.0\.1:\d+\) answered no heartbeat for 2 s", log)
+    assert re.search(rf"{role} 1 \(127\.0\.0\.1:\d+\) marked dead \(no heartbeat for 2 s\)", log)
+    assert f"respawned {role} 1" in log and gone(victim)
 
 
 def test_standalone_mapper_that_dies_leaves_its_tasks_to_the_others(tmp_path):

@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 import kmr
-from conftest import KMR, kmr_env, read_points, stop_tagged, tagged_processes, wait_for_line
+from conftest import KMR, kmr_env, make_certificates, read_points, stop_tagged, tagged_processes, wait_for_line
 
 TOKEN = "multihost-" + secrets.token_hex(8)
 PORT = 7000
@@ -210,10 +210,13 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
         network.build()
         print(f"\nnetwork {network.run}: 10.250.{network.subnet}.0/24 up in "
               f"{time.monotonic() - started:.2f} s")
-        for host in ("m1", "m2", "m3", "r1", "r2"):
+        workers = ("m1", "m2", "m3", "r1", "r2")
+        ca, cert, key = make_certificates(tmp_path / "tls", [network.address(host) for host in workers])
+        for host in workers:
             role = "mapper" if host.startswith("m") else "reducer"
             hosts[host] = Host(network, host, [
                 "--role", role, "--host", network.address(host), "--port", PORT, "--token", TOKEN,
+                "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca,
                 "--input-root", input_dir, "--data-dir", tmp_path / host, "--rpc-timeout", RPC_TIMEOUT],
                 tmp_path, tag)
         addresses = {host: hosts[host].printed_address() for host in hosts}
@@ -225,7 +228,7 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
         dump = out / "dump.txt"
         hosts["master"] = master = Host(network, "master", [
             "--role", "master", "-M", 6, "-R", 2, "-K", 4, "-n", 40, "--input", input_path,
-            "--init", init_path, "--data-dir", out, "--rpc-timeout", RPC_TIMEOUT, "--token", TOKEN,
+            "--init", init_path, "--data-dir", out, "--rpc-timeout", RPC_TIMEOUT, "--token", TOKEN, "--tls-ca", ca,
             "--mapper-addrs", ",".join(addresses[h] for h in ("m1", "m2", "m3")),
             "--reducer-addrs", ",".join(addresses[h] for h in ("r1", "r2"))], tmp_path, tag)
         master_started = time.monotonic()
@@ -270,10 +273,11 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
         assert f"iteration {iterations}: all 30000 points accounted for exactly once" in log
 
         assert re.search(rf"mapper 2 \({re.escape(addresses['m2'])}\) marked dead", log)
-        assert re.search(rf"reducer 2 \({re.escape(addresses['r2'])}\) marked dead \(DEADLINE_EXCEEDED\)",
-                         log)
-        assert re.search(rf"reducer task \d re-assigned: reducer 2 \({re.escape(addresses['r2'])}\) "
-                         rf"did not answer", log)
+        # the unplugged reducer: outrun by a backup copy of its task, or found silent by heartbeats
+        r2 = re.escape(addresses["r2"])
+        assert re.search(rf"reducer 2 \({r2}\) marked dead \(no heartbeat for 2 s\)|"
+                         rf"the backup copy \(attempt \d+ on reducer 1 .*\) finished first; attempt \d+ on reducer 2 "
+                         rf"\({r2}\) is ignored", log)
         assert re.search(rf"mapper task \d re-assigned: mapper 2 \({re.escape(addresses['m2'])}\) did not "
                          rf"answer|iteration \d+: re-executing map tasks", log)
         # after the faults, only the survivors did the work
