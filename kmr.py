@@ -1238,6 +1238,7 @@ class Attempt:
     task: int
     number: int
     backup: bool = False
+    moved: bool = False   # another worker ran the task last: this one parses or recounts first
     started: float = field(default_factory=time.monotonic)
 
 
@@ -1606,7 +1607,7 @@ class JobResult:
         return self.best.centroids
 
 
-BACKUP_AFTER = 1.5          # a straggler is backed up once it ran this many times the median task
+BACKUP_AFTER = 2.0          # a straggler is backed up once it ran this many times the median task
 BACKUP_MIN_SECONDS = 0.5    # ... and at least this long: short tasks are never worth a second copy
 DRILL_RISK = 1e-6   # the chance that a --fail-prob drill fails by bad luck under the default budget
 BASE_ATTEMPTS = 4   # tries per task and iteration when no failures are injected
@@ -1639,6 +1640,7 @@ class Master:
         self.job = self.job_base   # one job id per run of --restarts
         self.events = collections.Counter()   # failures and recoveries, for the summary
         self.leftovers = {}   # future -> Attempt: losers of backup races, still running
+        self.holders = {}     # (role, task) -> the worker that last finished it
         self.finished = []    # RunResults of the runs done so far (for the checkpoint)
         self.checkpoint_path = os.path.join(options.data_dir, CHECKPOINT)
         # workers this master spawns always require a token: a fresh one per run unless --token is set
@@ -1653,8 +1655,10 @@ class Master:
 
         A task that failed is re-assigned; a worker that went silent is lost (see Workers.lose). Once
         no task is waiting, a straggler gets a backup copy on an idle worker (MapReduce section 3.6):
-        when it has run BACKUP_AFTER times as long as the median finished task of this call, and at
-        least BACKUP_MIN_SECONDS (past the median alone if its worker was beaten by a backup before).
+        when it has run BACKUP_AFTER times as long as the median finished task of this call (twice
+        that if it moved to a worker that must first parse the split or recount its last assignment),
+        and at least BACKUP_MIN_SECONDS; past the median alone if its worker was beaten by a backup
+        before.
         The first copy to succeed wins; the other is left to finish and ignored, and its worker gets
         no new task until it has. `attempts` counts tries per task for the whole iteration;
         run_one(attempt) may raise TaskFailed or WorkerLost.
@@ -1668,16 +1672,20 @@ class Master:
                 why = reasons[task] or {"its map output was lost": 1}
                 raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
                     f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
-            attempt = Attempt(worker, task, attempts[task], backup)
+            holder = self.holders.get((role, task))
+            attempt = Attempt(worker, task, attempts[task], backup, moved=holder is not None and holder is not worker)
             running[self.workers.threads.submit(run_one, attempt)] = attempt
             return attempt
 
         while pending or any(attempt.task not in results for attempt in running.values()):
             self.settle_leftovers()
             busy = {id(attempt.worker) for attempt in [*running.values(), *self.leftovers.values()]}
-            for worker in [w for w in self.workers.live(role) if id(w) not in busy]:
+            idle = [w for w in self.workers.live(role) if id(w) not in busy]
+            for worker in list(idle):
                 if pending:
-                    launch(worker, pending.pop(0))
+                    if (task := self.pick(role, pending, worker, idle)) is not None:
+                        launch(worker, task)
+                        idle.remove(worker)
                 elif straggler := self.straggler([a for a in running.values() if a.task not in results],
                                                  durations):
                     copy = launch(worker, straggler.task, backup=True)
@@ -1708,6 +1716,7 @@ class Master:
                 else:
                     if task not in results:
                         results[task] = (worker, result)
+                        self.holders[role, task] = worker
                         durations.append(time.monotonic() - attempt.started)
                         self.race_won(role, attempt, [a for a in running.values() if a.task == task])
                     continue
@@ -1715,6 +1724,19 @@ class Master:
                     pending.append(task)
         self.leftovers.update(running)   # losers of backup races: they finish (or go silent) on their own
         return results
+
+    def pick(self, role, pending, worker, idle):
+        """The pending task to give an idle worker: one it ran last (its split is parsed and its last
+        assignment known, so Map does no extra pass), else one whose last worker is busy or gone;
+        None when every pending task's own worker is idle and will take it."""
+        idle_ids = {id(w) for w in idle}
+        mine = [task for task in pending if self.holders.get((role, task)) is worker]
+        orphans = [task for task in pending if id(self.holders.get((role, task))) not in idle_ids]
+        if not (mine or orphans):
+            return None
+        task = (mine or orphans)[0]
+        pending.remove(task)
+        return task
 
     def race_won(self, role, winner, others):
         """A task's first successful copy: the others lose, and their workers count as beaten."""
@@ -1742,8 +1764,13 @@ class Master:
             return None
         copies = collections.Counter(attempt.task for attempt in attempts)
         now, median = time.monotonic(), statistics.median(durations)
-        due = [attempt for attempt in attempts if copies[attempt.task] == 1 and now - attempt.started >=
-               max(BACKUP_MIN_SECONDS, median if attempt.worker.beaten else BACKUP_AFTER * median)]
+        def patience(attempt):
+            if attempt.worker.beaten:
+                return median
+            return BACKUP_AFTER * median * (2 if attempt.moved else 1)
+
+        due = [attempt for attempt in attempts if copies[attempt.task] == 1 and
+               now - attempt.started >= max(BACKUP_MIN_SECONDS, patience(attempt))]
         return min(due, key=lambda attempt: attempt.started, default=None)
 
 

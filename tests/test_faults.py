@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import signal
+import threading
+import time
 
 import pytest
 
@@ -258,3 +260,69 @@ def test_standalone_worker_stops_gracefully_on_sigterm(tmp_path):
     assert [w.process.returncode for w in pool.workers] == [0, 0]
     assert all(w.process.returncode is not None for w in pool.workers)
     shutil.rmtree(tmp_path / "Mappers", ignore_errors=True)
+
+
+class Throttle:
+    """Slows a process about 9x from outside, as a busy host would: SIGSTOP 0.4 s, SIGCONT 0.05 s,
+    in a loop until stopped (it never stays stopped long enough to look dead)."""
+
+    def __init__(self, pid):
+        self.pid, self.done = pid, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.is_set():
+            os.kill(self.pid, signal.SIGSTOP)
+            self.done.wait(0.4)
+            os.kill(self.pid, signal.SIGCONT)
+            self.done.wait(0.05)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        os.kill(self.pid, signal.SIGCONT)
+
+
+def test_straggler_is_backed_up_and_the_first_copy_wins_exactly(tmp_path):
+    pool = WorkerPool(tmp_path, 3, 2)
+    throttle = None
+    try:
+        points = write_points(tmp_path / "points.txt", uniform_points(300_000, seed=3))
+        init = write_points(tmp_path / "init.txt", read_points(points)[:8])
+        expected = reference_lines(points, init, 3)
+        throttle = Throttle(pool.workers[1].process.pid)   # mapper 2, slow from the start
+        result = run_kmr("--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 3, "--init", init,
+                         "--mapper-addrs", ",".join(pool.mappers), "--reducer-addrs", ",".join(pool.reducers),
+                         "--data-dir", tmp_path / "out", cwd=tmp_path)
+    finally:
+        if throttle:
+            throttle.stop()
+        pool.stop()
+    assert result.returncode == 0, result.stderr
+    assert centroid_lines(result.stdout) == expected
+    log = (tmp_path / "out" / "dump.txt").read_text()
+    assert re.search(r"mapper task 2: backup copy \(attempt 2\) on mapper [13] .*: attempt 1 on mapper 2 .* has run",
+                     log)
+    assert re.search(r"mapper task 2: the backup copy \(attempt 2 on mapper [13] .*\) finished first; attempt 1 on "
+                     r"mapper 2 .* is ignored", log)
+    assert "marked dead" not in log   # slow is not dead
+
+
+def attempt_at(started, task, beaten=False, moved=False):
+    """An Attempt that started `started` seconds ago."""
+    worker = kmr.Worker("mapper", task, f"127.0.0.1:{6000 + task}", beaten=beaten)
+    return kmr.Attempt(worker, task, 1, moved=moved, started=time.monotonic() - started)
+
+
+def test_backup_rule_waits_for_a_finished_sibling_and_a_long_enough_run():
+    assert kmr.Master.straggler([attempt_at(9.0, 1)], []) is None   # nothing finished: no yardstick
+    slow, fresh = attempt_at(2.0, 1), attempt_at(0.2, 2)
+    assert kmr.Master.straggler([slow, fresh], [0.9, 1.0]) is slow   # 2.0 s >= 2 x median 0.95 s
+    assert kmr.Master.straggler([attempt_at(2.0, 1)], [1.0, 1.2]) is None   # < 2.2 s
+    assert kmr.Master.straggler([attempt_at(0.4, 1)], [0.01]) is None   # short tasks: never
+    assert kmr.Master.straggler([attempt_at(1.2, 1, beaten=True)], [1.0, 1.2]) is not None   # past the median
+    assert kmr.Master.straggler([attempt_at(3.0, 1, moved=True)], [1.0]) is None   # moved: 4 x median
+    assert kmr.Master.straggler([attempt_at(4.1, 1, moved=True)], [1.0]) is not None
+    backed_up = [attempt_at(5.0, 1), attempt_at(0.1, 1)]   # two copies already
+    assert kmr.Master.straggler(backed_up, [1.0]) is None
