@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -244,3 +245,32 @@ def make_certificates(folder, addresses=("127.0.0.1",), name="kmr test"):
     for step in steps:
         subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True)
     return ca, cert, key
+
+
+class Throttle:
+    """Slows a process about 9x from outside, as a busy host would: SIGSTOP 0.4 s, SIGCONT 0.05 s,
+    in a loop until stopped (it never stays stopped long enough to look dead)."""
+
+    def __init__(self, pid):
+        self.pid, self.done = pid, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        try:
+            while not self.done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                self.done.wait(0.4)
+                os.kill(self.pid, signal.SIGCONT)
+                self.done.wait(0.05)
+        except ProcessLookupError:   # it was replaced or stopped meanwhile
+            pass
+
+    def stop(self):
+        """Stop slowing it down and let it run."""
+        self.done.set()
+        self.thread.join()
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

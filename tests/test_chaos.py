@@ -1,4 +1,5 @@
-"""Chaos: many seeded runs with random FAILURE replies, SIGKILLs in random phases and hung workers.
+"""Chaos: many seeded runs with random FAILURE replies, SIGKILLs in random phases, and from outside
+killed, hung (SIGSTOP) and slowed (straggling) workers, and a master killed with SIGKILL and resumed.
 
 Every run must end with exactly the fault-free centroids and leave no process behind. The test
 prints a table of what it injected and how long recovery took (run `pytest -s tests/test_chaos.py`;
@@ -14,7 +15,7 @@ import signal
 import time
 
 import kmr
-from conftest import MasterProcess, centroid_lines, read_points, uniform_points, wait_for_line, write_points
+from conftest import MasterProcess, Throttle, centroid_lines, read_points, uniform_points, wait_for_line, write_points
 
 RUNS = int(os.environ.get("KMR_CHAOS_RUNS", "12"))
 MAPPERS, REDUCERS, ITERATIONS = 3, 2, 6
@@ -59,39 +60,52 @@ def test_chaos_runs_all_end_with_the_fault_free_centroids(tmp_path):
             index = rng.randint(1, MAPPERS if role == "mapper" else REDUCERS)
             crashes += ["--crash", f"{role}:{index}:{rng.choice(kmr.CRASH_PHASES)}:{rng.randint(1, ITERATIONS)}"]
         out = tmp_path / f"run{run}"
-        master = MasterProcess(
-            "--role", "master", "-M", MAPPERS, "-R", REDUCERS, "-K", 6, "-n", ITERATIONS, "--init", init_path,
-            "--input", points_path, "--data-dir", out, "--rpc-timeout", 2, "--max-attempts", 25,
-            "--fail-prob", rng.choice([0.0, 0.2, 0.4]), "--fail-seed", run, *crashes, cwd=tmp_path)
-        external = []
+        command = ["--role", "master", "-M", MAPPERS, "-R", REDUCERS, "-K", 6, "-n", ITERATIONS, "--init", init_path,
+                   "--input", points_path, "--data-dir", out, "--fail-prob", rng.choice([0.0, 0.2, 0.4]),
+                   "--fail-seed", run, *crashes]
+        master = MasterProcess(*command, cwd=tmp_path)
+        external, throttle = [], None
         try:
-            if rng.random() < 0.5:   # a kill or a hang from outside, by PID, at the start of an iteration
+            if rng.random() < 0.8:   # one fault from outside, by PID, at the start of an iteration
+                kind = rng.choice(["SIGKILL", "SIGSTOP", "straggler", "master SIGKILL + --resume"])
                 role = rng.choice(["mapper", "reducer"])
                 index = rng.randint(1, MAPPERS if role == "mapper" else REDUCERS)
                 at = rng.randint(2, ITERATIONS)
-                signum = rng.choice([signal.SIGKILL, signal.SIGSTOP])
                 dump = out / "dump.txt"
                 pid = int(wait_for_line(dump, rf"spawned {role} {index}, PID (\d+),", process=master.process).group(1))
                 try:
                     wait_for_line(dump, rf"\] === iteration {at} ===", process=master.process)
-                    os.kill(pid, signum)
-                    external.append((f"{signum.name} from outside", at, time.time()))
+                    if kind == "straggler":
+                        throttle = Throttle(pid)
+                    elif kind.startswith("master"):
+                        master.process.send_signal(signal.SIGKILL)
+                    else:
+                        os.kill(pid, getattr(signal, kind))
+                    external.append((f"{kind} from outside" if kind.startswith("SIG") else kind, at, time.time()))
                 except (AssertionError, ProcessLookupError):
                     pass   # the run ended first, or the process was already replaced: no fault injected
+                if external and kind.startswith("master"):
+                    code, _, _ = master.finish(timeout=60)   # its workers leave with it
+                    assert code == -signal.SIGKILL
+                    master.stop()
+                    master = MasterProcess(*command, "--resume", cwd=tmp_path)
             code, stdout, stderr = master.finish(timeout=120)
         finally:
+            if throttle:
+                throttle.stop()
             master.stop()
         assert code == 0, f"run {run} ({' '.join(crashes)}): {stderr[-2000:]}"
         assert centroid_lines(stdout) == centroid_lines(kmr.format_centroids(expected)), f"run {run}"
         log = (out / "dump.txt").read_text()
         every_fault += faults_and_recoveries(log, external)
-        for event in ("re-assigned", "re-executing map tasks", "respawned", "marked dead"):
+        for event in ("re-assigned", "re-executing map tasks", "respawned", "marked dead", "backup copy (",
+                      "resumed from"):
             recoveries[event] += log.count(event)
     elapsed = time.monotonic() - started
     by_kind = collections.Counter((kind, phase) for kind, phase, _, _ in every_fault)
     print(f"\nchaos: {RUNS} runs in {elapsed:.1f} s, {len(every_fault)} faults injected, all runs exact")
     for (kind, phase), count in sorted(by_kind.items()):
         worst = max(seconds for k, p, _, seconds in every_fault if (k, p) == (kind, phase))
-        print(f"  {kind:22} {phase:13} {count:4}   worst recovery {worst:6.2f} s")
+        print(f"  {kind:26} {phase:13} {count:4}   worst recovery {worst:6.2f} s")
     print("  recoveries: " + ", ".join(f"{event} {count}" for event, count in recoveries.items()))
     assert len(every_fault) >= RUNS   # the drill really injected faults

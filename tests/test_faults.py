@@ -9,13 +9,12 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 
 import pytest
 
 import kmr
-from conftest import (DATA, MasterProcess, WorkerPool, centroid_lines, read_points, run_kmr,
+from conftest import (DATA, MasterProcess, Throttle, WorkerPool, centroid_lines, read_points, run_kmr,
                       uniform_points, wait_for_line, write_points)
 
 CASE5 = DATA / "case5_points.txt"
@@ -260,28 +259,6 @@ def test_standalone_worker_stops_gracefully_on_sigterm(tmp_path):
     assert [w.process.returncode for w in pool.workers] == [0, 0]
     assert all(w.process.returncode is not None for w in pool.workers)
     shutil.rmtree(tmp_path / "Mappers", ignore_errors=True)
-
-
-class Throttle:
-    """Slows a process about 9x from outside, as a busy host would: SIGSTOP 0.4 s, SIGCONT 0.05 s,
-    in a loop until stopped (it never stays stopped long enough to look dead)."""
-
-    def __init__(self, pid):
-        self.pid, self.done = pid, threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        while not self.done.is_set():
-            os.kill(self.pid, signal.SIGSTOP)
-            self.done.wait(0.4)
-            os.kill(self.pid, signal.SIGCONT)
-            self.done.wait(0.05)
-
-    def stop(self):
-        self.done.set()
-        self.thread.join()
-        os.kill(self.pid, signal.SIGCONT)
 
 
 def test_straggler_is_backed_up_and_the_first_copy_wins_exactly(tmp_path):
