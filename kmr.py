@@ -1238,7 +1238,7 @@ class Attempt:
     task: int
     number: int
     backup: bool = False
-    moved: bool = False   # another worker ran the task last: this one parses or recounts first
+    relocated: bool = False   # another worker ran the task last: this one parses or recounts first
     started: float = field(default_factory=time.monotonic)
 
 
@@ -1673,7 +1673,8 @@ class Master:
                 raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
                     f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
             holder = self.holders.get((role, task))
-            attempt = Attempt(worker, task, attempts[task], backup, moved=holder is not None and holder is not worker)
+            attempt = Attempt(worker, task, attempts[task], backup,
+                              relocated=holder is not None and holder is not worker)
             running[self.workers.threads.submit(run_one, attempt)] = attempt
             return attempt
 
@@ -1767,7 +1768,7 @@ class Master:
         def patience(attempt):
             if attempt.worker.beaten:
                 return median
-            return BACKUP_AFTER * median * (2 if attempt.moved else 1)
+            return BACKUP_AFTER * median * (2 if attempt.relocated else 1)
 
         due = [attempt for attempt in attempts if copies[attempt.task] == 1 and
                now - attempt.started >= max(BACKUP_MIN_SECONDS, patience(attempt))]
@@ -1836,7 +1837,7 @@ class Master:
             pending = [p for p in pending if p not in results]
             if lost:
                 for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
-                    if worker.alive and not self.workers.answers(worker, self.options.heartbeat):
+                    if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):   # silent 2 s already
                         self.workers.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
                 self.events["re-executions"] += len(lost)
