@@ -19,6 +19,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -35,6 +36,7 @@ import random
 import secrets
 import shutil
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
@@ -73,6 +75,7 @@ REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
 CONNECT_SECONDS = 30.0   # longest wait for a worker to answer at all (at start, after a respawn)
 MAX_SPLITS = 64       # parsed splits a mapper keeps (its own tasks, and tasks it took over)
 MAX_CHANNELS = 256    # mapper channels a reducer keeps
+FETCHERS = 16         # partition streams a reducer reads at once
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -1044,7 +1047,7 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         self.lock = threading.Lock()
         self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
         self.results = {}    # partition -> (job, iteration, ResultReply)
-        self.fetchers = concurrent.futures.ThreadPoolExecutor(16)   # pulls from all mappers at once
+        self.fetchers = concurrent.futures.ThreadPoolExecutor(FETCHERS)   # pulls from many mappers at once
 
     def Ping(self, request, context):
         return pb.PingReply(role="reducer", pid=os.getpid())
@@ -1098,18 +1101,23 @@ class ReducerServicer(pb_grpc.ReducerServicer):
         remaining = self.settings.rpc_timeout if remaining is None else remaining
         deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
         metadata = token_metadata(self.settings.token)
-        streams = {}
-        for output in request.outputs:   # every fetch heartbeats its mapper: a hung one is reported in seconds
-            log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition, output.address)
-            stub = self.mapper(output.address)
-            fetch = pb.PartitionRequest(job=request.job, iteration=iteration, task=output.task, partition=partition)
-            stream = stub.GetPartition(fetch, timeout=max(0.05, deadline - time.monotonic()), metadata=metadata)
-            streams[stream] = (stub, f"mapper {output.address}")
-        pulls = [self.fetchers.submit(self.fetch, output, stream, request.dim, request.clusters)
-                 for output, stream in zip(request.outputs, streams)]
-        await_calls(streams, self.settings.heartbeat, metadata)
-        try:
-            fetched = [pull.result() for pull in pulls]
+        fetched = []
+        try:   # as many streams at once as there are fetching threads, each heartbeating its mapper
+            for low in range(0, len(request.outputs), FETCHERS):
+                streams = {}
+                for output in request.outputs[low:low + FETCHERS]:
+                    log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition,
+                              output.address)
+                    stub = self.mapper(output.address)
+                    fetch = pb.PartitionRequest(job=request.job, iteration=iteration, task=output.task,
+                                                partition=partition)
+                    stream = stub.GetPartition(fetch, timeout=max(0.05, deadline - time.monotonic()),
+                                               metadata=metadata)
+                    streams[stream] = (stub, f"mapper {output.address}")
+                pulls = [self.fetchers.submit(self.fetch, output, stream, request.dim, request.clusters)
+                         for output, stream in zip(request.outputs[low:low + FETCHERS], streams)]
+                await_calls(streams, self.settings.heartbeat, metadata)
+                fetched += [pull.result() for pull in pulls]
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         missing = [output.task for output, records in zip(request.outputs, fetched) if records is None]
@@ -1155,7 +1163,8 @@ def start_server(role, host, port, settings):
     """A started gRPC server for a mapper or reducer, and the port it bound."""
     interceptors = [TokenCheck(settings.token)] if settings.token else []
     # so_reuseport off: otherwise a port another process holds looks free
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), interceptors=interceptors,
+    # threads to spare: a partition stream holds one while flow control blocks it, and pings must get one
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=64), interceptors=interceptors,
                          options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
     if role == "mapper":
         pb_grpc.add_MapperServicer_to_server(MapperServicer(settings), server)
@@ -1238,6 +1247,7 @@ class Attempt:
     task: int
     number: int
     backup: bool = False
+    process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
     relocated: bool = False   # another worker ran the task last: this one parses or recounts first
     started: float = field(default_factory=time.monotonic)
 
@@ -1252,6 +1262,13 @@ class TaskFailed(Exception):
 
 class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
+
+
+@dataclass
+class MissingOutput:
+    """A reduce attempt's outcome when some map output could not be fetched: those map tasks."""
+
+    tasks: set
 
 
 class Workers:
@@ -1442,6 +1459,9 @@ class Workers:
         except JobError as error:
             if not self.stopping:
                 log.info("respawning %s %d failed: %s", worker.role, worker.index, error)
+            return
+        if self.stopping:   # the job ended meanwhile: stop() has closed the other channels
+            worker.channel.close()
             return
         self.events["respawns"] += 1
         log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid, worker.address)
@@ -1663,7 +1683,7 @@ class Master:
         no new task until it has. `attempts` counts tries per task for the whole iteration;
         run_one(attempt) may raise TaskFailed or WorkerLost.
         """
-        pending, results, running, durations = list(tasks), {}, {}, []
+        pending, results, running, durations, backed_up = list(tasks), {}, {}, [], set()
         reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
 
         def launch(worker, task, backup=False):
@@ -1673,7 +1693,7 @@ class Master:
                 raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
                     f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
             holder = self.holders.get((role, task))
-            attempt = Attempt(worker, task, attempts[task], backup,
+            attempt = Attempt(worker, task, attempts[task], backup, worker.process,
                               relocated=holder is not None and holder is not worker)
             running[self.workers.threads.submit(run_one, attempt)] = attempt
             return attempt
@@ -1687,8 +1707,10 @@ class Master:
                     if (task := self.pick(role, pending, worker, idle)) is not None:
                         launch(worker, task)
                         idle.remove(worker)
-                elif straggler := self.straggler([a for a in running.values() if a.task not in results],
-                                                 durations):
+                elif straggler := self.straggler([a for a in running.values() if a.task not in results and
+                                                  a.task not in backed_up and
+                                                  attempts[a.task] < self.max_attempts], durations):
+                    backed_up.add(straggler.task)   # one backup per task, and never past the budget
                     copy = launch(worker, straggler.task, backup=True)
                     self.events["backups"] += 1
                     log.log(DETAIL, "  %s task %d: backup copy (attempt %d) on %s: attempt %d on %s has run "
@@ -1696,7 +1718,10 @@ class Master:
                             worker.name, straggler.number, straggler.worker.name,
                             time.monotonic() - straggler.started, statistics.median(durations))
             if not running:
-                if not self.workers.await_live(role):
+                if self.workers.live(role):   # all busy finishing lost backup races: wait for one
+                    concurrent.futures.wait(self.leftovers, timeout=BACKUP_MIN_SECONDS / 4,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                elif not self.workers.await_live(role):
                     raise JobError(f"no live {role} left for task {pending[0]}")
                 continue
             done, _ = concurrent.futures.wait(running, timeout=BACKUP_MIN_SECONDS / 4,
@@ -1709,7 +1734,8 @@ class Master:
                 except WorkerLost as error:
                     reasons[task][f"{worker.name} lost ({error})"] += 1
                     log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    self.workers.lose(worker, str(error))
+                    if worker.process is attempt.process:
+                        self.workers.lose(worker, str(error))
                 except TaskFailed as error:
                     reasons[task][str(error)] += 1
                     self.events["failures"] += 1
@@ -1754,7 +1780,7 @@ class Master:
         """Forget finished losers of backup races; one that went silent meanwhile is lost."""
         for future in [f for f in self.leftovers if f.done()]:
             attempt = self.leftovers.pop(future)
-            if isinstance(future.exception(), WorkerLost):
+            if isinstance(future.exception(), WorkerLost) and attempt.worker.process is attempt.process:
                 self.workers.lose(attempt.worker, str(future.exception()))
 
     @staticmethod
@@ -1796,7 +1822,6 @@ class Master:
         """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
         outputs = [pb.MapOutput(task=task, address=worker.address)
                    for task, (worker, _) in sorted(map_results.items())]
-        lost = set()
 
         def run_one(attempt):
             partition = attempt.task
@@ -1808,14 +1833,14 @@ class Master:
             except TaskFailed as failed:
                 if failed.reply is None or not failed.reply.missing_tasks:
                     raise
-                lost.update(failed.reply.missing_tasks)
-                return None
+                return MissingOutput(set(failed.reply.missing_tasks))
             return self.workers.call(attempt, "GetResult",
                                      pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
                                      f"partition {partition}")
 
         done = self.run_tasks("reducer", partitions, attempts, run_one)
-        results = {p: reply for p, (_, reply) in done.items() if reply is not None}
+        results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
+        lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
 
     def iterate(self, iteration, centroids, previous):
@@ -1930,6 +1955,7 @@ class Master:
     def prepare(self):
         """Validate the input and draw what every run starts from; returns (InputScan, seeds)."""
         options = self.options
+        self.stamp = self.input_stamp()   # before the scan: a later change makes the checkpoint refuse
         self.saved = self.restore() if options.resume else None
         seed = self.saved["seed"] if self.saved else \
             options.seed if options.seed is not None else secrets.randbelow(2**32)
@@ -1968,7 +1994,7 @@ class Master:
 
     def save(self, progress):
         """Write the checkpoint (atomically): the job, its input, the runs done and the one under way."""
-        state = {"kmr checkpoint": 1, "job": self.identity(), "input file": self.input_stamp(),
+        state = {"kmr checkpoint": 1, "job": self.identity(), "input file": self.stamp,
                  "seed": self.seeds[0], "runs": [dataclasses.asdict(run) for run in self.finished],
                  "current": None if progress is None else dataclasses.asdict(progress)}
         write_atomic(self.checkpoint_path, json.dumps(state) + "\n")
@@ -1994,7 +2020,7 @@ class Master:
         if self.options.seed is not None and self.options.seed != saved["seed"]:
             raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, "
                              f"{self.options.seed} here)")
-        if saved["input file"] != self.input_stamp():
+        if saved["input file"] != self.stamp:
             raise InputError(f"--resume: {self.options.input_path} changed since {where} was written "
                              f"(size or modification time): run without --resume")
         return saved
@@ -2011,8 +2037,11 @@ class Master:
                      f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
                      f"chance of failing by bad luck < {DRILL_RISK:g})")
         log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
-        for stale in ("Mappers", "Reducers"):   # an earlier run's files would pass for this run's
-            shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
+        if not options.resume:   # an earlier run's files would pass for this run's
+            for stale in ("Mappers", "Reducers"):
+                shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.checkpoint_path)
         started = time.perf_counter()
         self.workers.start()
         startup = time.perf_counter() - started
@@ -2061,7 +2090,7 @@ class Master:
                 initial = sample
             log.info("initial centroids (%s, seed %d): %s", options.init, seed,
                      "  ".join(map(format_point, initial)))
-            progress = Progress(number, seed, initial, initial, history=[initial])
+            progress = Progress(number, seed, initial, initial, history=[initial], events=dict(self.events))
             self.save(progress)
         else:
             self.events.update(progress.events)
@@ -2394,6 +2423,12 @@ def tls_files(args):
                 raise InputError(f"--tls-{name} {path}: {error.strerror}") from None
             if b"-----BEGIN" not in material[name]:
                 raise InputError(f"--tls-{name} {path}: not a PEM file")
+    if args.tls_cert:
+        try:   # a certificate and a key that do not belong together would fail later, less clearly
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except ssl.SSLError as error:
+            raise InputError(f"--tls-cert {args.tls_cert} and --tls-key {args.tls_key} do not go together: "
+                             f"{error.reason or error}") from None
     return TlsFiles(**material)
 
 

@@ -61,6 +61,7 @@ def test_every_step_leaves_a_file_to_read(tmp_path):
     assert re.search(r"\[master \d+\]   <- GetResult +partition 2 +attempt 1 +SUCCESS", dump)
     assert re.search(r"iteration +\d+ +shift 0 +moved 0 ", dump) and "converged after" in dump
     assert "iteration 1: all 31 points accounted for exactly once" in dump
+    assert "no heartbeat" not in dump and "marked dead" not in dump   # a healthy run raises no alarm
     assert dump.count("] iteration 1: centroids") == 1
     assert re.search(r"iteration +1 +shift", result.stderr)   # the console: every call, and a summary line
     assert re.search(r"-> Map +task 1 +attempt 1 +sent", result.stderr)

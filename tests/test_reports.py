@@ -547,6 +547,7 @@ def test_default_console_shows_every_call_its_reply_and_the_centroids_of_each_it
         assert re.search(rf"iteration +{iteration} +shift", "\n".join(lines))
         assert f"iteration {iteration}: all 100 points accounted for exactly once" in "\n".join(lines)
     assert "Traceback" not in case5.stderr
+    assert "no heartbeat" not in case5.stderr and "marked dead" not in case5.stderr
 
 
 def test_default_console_shows_failures_with_their_reason(tmp_path):

@@ -105,11 +105,13 @@ def test_workers_a_master_spawns_serve_tls_with_its_certificate(tmp_path, certif
     (["--tls-cert", "{cert}", "--tls-key", "{key}"], "the master needs --tls-ca"),
     (["--tls-ca", "{missing}"], "--tls-ca"),
     (["--tls-ca", "{notpem}"], "not a PEM file"),
+    (["--tls-cert", "{cert}", "--tls-key", "{otherkey}", "--tls-ca", "{ca}"], "do not go together"),
 ])
 def test_bad_tls_flags_are_one_line_usage_errors(tmp_path, certificates, flags, says):
     ca, cert, key, _ = certificates
     (tmp_path / "notpem").write_text("hello\n")
-    values = {"cert": cert, "key": key, "missing": tmp_path / "nothing.pem", "notpem": tmp_path / "notpem"}
+    values = {"cert": cert, "key": key, "ca": ca, "missing": tmp_path / "nothing.pem", "notpem": tmp_path / "notpem",
+              "otherkey": certificates[3].parent / "worker.key"}
     result = run_kmr("--role", "master", "--input", ROOT / "points.txt",
                      *[flag.format(**values) for flag in flags], cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr
