@@ -1989,7 +1989,10 @@ class Master:
 
     def input_stamp(self):
         """The input's identity: size and modification time."""
-        status = os.stat(self.options.input_path)
+        try:
+            status = os.stat(self.options.input_path)
+        except OSError as error:
+            raise UnreadableInput(f"cannot read {self.options.input_path}: {error.strerror}") from None
         return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
 
     def save(self, progress):
