@@ -10,9 +10,10 @@ The master splits the input by index range among M map tasks; each mapper reads 
 assigns every point to its nearest centroid and partitions the pairs by key % R; each reducer pulls
 its partition from every mapper, shuffle-sorts it and averages each cluster; the master collects
 the new centroids from the reducers.  Means use math.fsum, so the result is the sequential
-reference's bit for bit for any M and R.  Failed, killed or hung workers are replaced and their
-tasks re-run.  Everything a run writes lives under --data-dir (default Data).  Results go to
-stdout, the log to stderr and Data/dump.txt.
+reference's bit for bit for any M and R.  Failed, killed or hung workers (found by heartbeats) are
+replaced and their tasks re-run; stragglers get backup copies; a killed master continues with
+--resume; workers can speak TLS.  Everything a run writes lives under --data-dir (default Data).
+Results go to stdout; the console shows every call and reply, and Data/dump.txt keeps everything.
 """
 
 import argparse
@@ -87,6 +88,9 @@ FETCHERS = 16         # partition streams a reducer reads at once
 #   record   (key, count, terms per dimension): what a partition carries, points or combined sums
 #   split    a map task's points, parsed once and kept by its mapper
 #   job      one run of the master (one per restart); workers refuse requests of a replaced job
+#   attempt  one try of a task on a worker; a backup is a second attempt of a straggling task
+#   heartbeat  a ping to a worker while a call to it runs; silence for --heartbeat s means lost
+#   checkpoint  Data/checkpoint.json, written each iteration: what --resume continues from
 
 
 class InputError(ValueError):
@@ -2056,14 +2060,13 @@ class Master:
             log.info("resumed from %s: %d of %d runs done%s", self.checkpoint_path, len(self.finished),
                      options.restarts, f"; run {resumed.number} continues after iteration "
                      f"{len(resumed.iterations)}" if resumed else "")
-        runs = list(self.finished)
+        runs = self.finished
         for number, (seed, sample) in enumerate(zip(seeds, scan.samples), 1):
             if number <= len(runs):
                 continue
             self.job = f"{self.job_base}-{number}"
             progress = resumed if resumed and resumed.number == number else None
             runs.append(self.run_once(number, seed, sample, progress))
-            self.finished.append(runs[-1])
             self.save(None)
             if options.restarts > 1:
                 log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,

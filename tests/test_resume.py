@@ -113,3 +113,24 @@ def test_checkpoint_that_does_not_match_is_refused_in_one_line(tmp_path, uninter
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
     assert not (tmp_path / "Data" / "centroids.txt").exists()
+
+
+def test_resume_in_the_middle_of_restarts_with_kmeans_plus_plus_gives_the_uninterrupted_best(tmp_path):
+    write_points(tmp_path / "points.txt", uniform_points(20_000, seed=8))
+    job = ["--role", "master", "-M", 2, "-R", 2, "-K", 5, "-n", 15, "--seed", 9, "--init", "k-means++",
+           "--restarts", 3, "--input", "points.txt", "--compact"]
+    whole = run_kmr(*job, "--data-dir", "whole", "--summary", "whole.json", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    master = MasterProcess(*job, "--data-dir", "cut", cwd=tmp_path)
+    try:
+        wait_for_line(tmp_path / "cut" / "dump.txt", r"run 1 of 3: seed", process=master.process)
+        master.process.send_signal(signal.SIGKILL)
+        master.process.wait(10)
+    finally:
+        master.stop()
+    resumed = run_kmr(*job, "--data-dir", "cut", "--summary", "cut.json", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 of 3 runs done" in resumed.stderr or "2 of 3 runs done" in resumed.stderr
+    assert resumed.stdout == whole.stdout
+    assert without_timings(json.loads((tmp_path / "cut.json").read_text())) == \
+        without_timings(json.loads((tmp_path / "whole.json").read_text()))
