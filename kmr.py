@@ -74,6 +74,8 @@ GRPC_OPTIONS = [
 ]
 REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
 CONNECT_SECONDS = 30.0   # longest wait for a worker to answer at all (at start, after a respawn)
+RPC_TIMEOUT = 300.0      # default deadline of a task RPC: a last resort, heartbeats act first
+HEARTBEAT = 2.0          # default seconds without a ping answer before a worker holding a task is lost
 MAX_SPLITS = 64       # parsed splits a mapper keeps (its own tasks, and tasks it took over)
 MAX_CHANNELS = 256    # mapper channels a reducer keeps
 FETCHERS = 16         # partition streams a reducer reads at once
@@ -759,13 +761,13 @@ class WorkerSettings:
     """How a mapper or reducer behaves; picklable, so the master can hand it to spawned workers."""
 
     data_dir: str = "Data"
-    rpc_timeout: float = 300.0
+    rpc_timeout: float = RPC_TIMEOUT
     token: str = ""
     input_root: str = "."
     fail_prob: float = 0.0
     fail_seed: int = None
     crashes: dict = field(default_factory=dict)   # phase -> iteration in which to die by SIGKILL
-    heartbeat: float = 2.0   # a mapper that answers no ping for this long while we fetch is lost
+    heartbeat: float = HEARTBEAT   # a mapper that answers no ping for this long while we fetch is lost
     tls: TlsFiles = None
 
 
@@ -1435,10 +1437,11 @@ class Workers:
         log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
         return response.reply
 
-    def lose(self, worker, why):
+    def lose(self, worker, why, process=None):
         """A worker stopped answering: mark it dead and, if this master spawned it, kill it by PID
-        and start its replacement, which joins in the background once it answers."""
-        if not worker.alive:
+        and start its replacement, which joins in the background once it answers. `process`: the
+        one a failed call went to; a worker replaced since then is not lost again for it."""
+        if not worker.alive or (process is not None and process is not worker.process):
             return
         worker.alive = False
         self.events["workers lost"] += 1
@@ -1538,8 +1541,8 @@ class JobOptions:
     tol: float = 0.0
     mapper_addrs: list = None
     reducer_addrs: list = None
-    rpc_timeout: float = 300.0
-    heartbeat: float = 2.0        # a worker holding a task that answers no ping for this long is lost
+    rpc_timeout: float = RPC_TIMEOUT
+    heartbeat: float = HEARTBEAT  # a worker holding a task that answers no ping for this long is lost
     tls: TlsFiles = None
     max_attempts: int = None      # None: attempt_budget decides
     combine: bool = False
@@ -1600,18 +1603,14 @@ def as_points(rows):
     return None if rows is None else [tuple(row) for row in rows]
 
 
-def progress_from(saved):
-    """A Progress read back from a checkpoint."""
-    return Progress(**{**saved, "initial": as_points(saved["initial"]), "centroids": as_points(saved["centroids"]),
-                       "previous": as_points(saved["previous"]), "history": list(map(as_points, saved["history"])),
-                       "iterations": [IterationStats(**stats) for stats in saved["iterations"]]})
-
-
-def run_from(saved):
-    """A finished RunResult read back from a checkpoint."""
-    return RunResult(**{**saved, "initial": as_points(saved["initial"]), "centroids": as_points(saved["centroids"]),
-                        "history": list(map(as_points, saved["history"])),
-                        "iterations": [IterationStats(**stats) for stats in saved["iterations"]]})
+def restored(kind, saved):
+    """A Progress or RunResult read back from a checkpoint: JSON lists back to point tuples."""
+    fields = {**saved, "history": list(map(as_points, saved["history"])),
+              "iterations": [IterationStats(**stats) for stats in saved["iterations"]]}
+    for name in ("initial", "centroids", "previous"):
+        if name in saved:
+            fields[name] = as_points(saved[name])
+    return kind(**fields)
 
 
 @dataclass
@@ -1738,8 +1737,7 @@ class Master:
                 except WorkerLost as error:
                     reasons[task][f"{worker.name} lost ({error})"] += 1
                     log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    if worker.process is attempt.process:
-                        self.workers.lose(worker, str(error))
+                    self.workers.lose(worker, str(error), attempt.process)
                 except TaskFailed as error:
                     reasons[task][str(error)] += 1
                     self.events["failures"] += 1
@@ -1784,8 +1782,8 @@ class Master:
         """Forget finished losers of backup races; one that went silent meanwhile is lost."""
         for future in [f for f in self.leftovers if f.done()]:
             attempt = self.leftovers.pop(future)
-            if isinstance(future.exception(), WorkerLost) and attempt.worker.process is attempt.process:
-                self.workers.lose(attempt.worker, str(future.exception()))
+            if isinstance(future.exception(), WorkerLost):
+                self.workers.lose(attempt.worker, str(future.exception()), attempt.process)
 
     @staticmethod
     def straggler(attempts, durations):
@@ -2055,8 +2053,8 @@ class Master:
         log.info("workers ready in %.3f s", startup)
         resumed = None
         if self.saved:
-            self.finished = [run_from(run) for run in self.saved["runs"]]
-            resumed = self.saved["current"] and progress_from(self.saved["current"])
+            self.finished = [restored(RunResult, run) for run in self.saved["runs"]]
+            resumed = self.saved["current"] and restored(Progress, self.saved["current"])
             log.info("resumed from %s: %d of %d runs done%s", self.checkpoint_path, len(self.finished),
                      options.restarts, f"; run {resumed.number} continues after iteration "
                      f"{len(resumed.iterations)}" if resumed else "")
@@ -2094,14 +2092,13 @@ class Master:
                 initial = self.kmeans_plus_plus(sample[0], rng)
             else:
                 initial = sample
-            log.info("initial centroids (%s, seed %d): %s", options.init, seed,
-                     "  ".join(map(format_point, initial)))
             progress = Progress(number, seed, initial, initial, history=[initial], events=dict(self.events))
             self.save(progress)
         else:
             self.events.update(progress.events)
-            log.info("initial centroids (%s, seed %d): %s", options.init, seed,
-                     "  ".join(map(format_point, progress.initial)))
+        log.info("initial centroids (%s, seed %d): %s", options.init, seed,
+                 "  ".join(map(format_point, progress.initial)))
+        if progress.iterations:
             log.info("resuming run %d after iteration %d: centroids %s", number, len(progress.iterations),
                      "  ".join(map(format_point, progress.centroids)))
         while not progress.converged and len(progress.iterations) < options.iterations:
@@ -2318,10 +2315,10 @@ def parse_args(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--role", choices=["master", "mapper", "reducer"], required=True)
     parser.add_argument("--data-dir", default="Data", help="where a run writes everything (default Data)")
-    parser.add_argument("--rpc-timeout", type=float, default=300.0,
+    parser.add_argument("--rpc-timeout", type=float, default=RPC_TIMEOUT,
                         help="deadline of every task RPC, seconds (default 300; heartbeats find a lost "
                              "worker long before)")
-    parser.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
+    parser.add_argument("--heartbeat", type=float, default=HEARTBEAT, metavar="S",
                         help="a worker holding a task (for reducers: a mapper they fetch from) that answers "
                              "no ping for S seconds is lost (default 2)")
     master = parser.add_argument_group("master")
