@@ -242,12 +242,309 @@ def assign_clusters(columns, centroids):
     return keys, distances, members
 
 
-def group_by_key(keys):
-    """The indices of each key's points, keys ascending, input order kept (for the partition files)."""
-    members = collections.defaultdict(list)
-    for index, key in enumerate(keys):
-        members[key].append(index)
-    return sorted(members.items())
+# -- Map across iterations: a split's assignment, kept and updated (Hamerly's bounds) ---------------
+#
+# A mapper keeps each split's assignment between iterations, with Hamerly's two bounds per point: an
+# upper bound on the distance to its own centroid and a lower bound on the distance to every other one.
+# When centroids move, the upper bound grows by how far its own centroid moved and the lower bound
+# shrinks by how far any other one moved. A point can change cluster only if its upper bound exceeds
+# both its lower bound and half the distance from its centroid to the nearest other one; only such
+# points are examined again, with exactly `nearest`'s arithmetic. Every bound carries a slack larger
+# than all the rounding in it, so a point is skipped only when its centroid is strictly nearest in the
+# computed squared distances too: the keys are always `nearest`'s, ties included.
+#
+# The SSE needs no distances: per cluster and dimension it is sum x^2 - 2 c sum x + n c^2, each part
+# kept or formed as doubles whose exact sum it is (sums of squares from products split so that they are
+# exact), so the SSE is the exact one, correctly rounded, and is updated by the points that moved.
+
+PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
+ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
+SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
+
+
+@functools.lru_cache(maxsize=64)
+def two_nearest_assigner(clusters, dim):
+    """A compiled loop giving, per point, `nearest`'s key, the squared distance to that centroid and
+    the second smallest squared distance (equal to the first on a tie); arithmetic and the strict '<'
+    are `nearest`'s."""
+    coords = [f"x{d}" for d in range(dim)]
+    body = ["def assign(columns, centroids):",
+            f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(clusters))},) "
+            "= centroids",
+            "    keys, best, second = array('i'), array('d'), array('d')",
+            "    add_key, add_best, add_second = keys.append, best.append, second.append",
+            f"    for {', '.join(coords)}, in zip(*columns):"]
+    for key in range(clusters):
+        diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
+        total = " + ".join(f"d{d} * d{d}" for d in range(dim))
+        if key == 0:
+            body.append(f"        {diffs}; b = {total}; s = inf; k = 0")
+        else:
+            body += [f"        {diffs}; d = {total}",
+                     f"        if d < b: s = b; b = d; k = {key}",
+                     "        elif d < s: s = d"]
+    body += ["        add_key(k); add_best(b); add_second(s)", "    return keys, best, second"]
+    namespace = {"array": array, "inf": math.inf}
+    exec(compile("\n".join(body), f"<two nearest K={clusters} D={dim}>", "exec"), namespace)
+    return namespace["assign"]
+
+
+def two_nearest(columns, centroids):
+    """(keys, best, second) of some points, as `two_nearest_assigner` gives them."""
+    dim = len(columns)
+    if len(centroids) * dim <= MAX_UNROLLED:
+        return two_nearest_assigner(len(centroids), dim)(columns, centroids)
+    keys, best, second = array("i"), array("d"), array("d")
+    for point in zip(*columns):
+        distances = [squared_distance(point, centroid) for centroid in centroids]
+        key = distances.index(min(distances))
+        keys.append(key)
+        best.append(distances[key])
+        second.append(min(distances[:key] + distances[key + 1:], default=math.inf))
+    return keys, best, second
+
+
+def distances_to_own(columns, centroids, keys):
+    """Each point's squared distance to the centroid of its key, computed as `squared_distance` does
+    (coordinate by coordinate, left to right), at C speed."""
+    total = None
+    for column, coordinates in zip(columns, zip(*centroids)):
+        differences = list(map(operator.sub, column, map(coordinates.__getitem__, keys)))
+        squares = map(operator.mul, differences, differences)
+        total = squares if total is None else map(operator.add, total, squares)
+    return array("d", total)
+
+
+def square_parts(values):
+    """Doubles whose exact sum is the sum of the values' squares: each value split into halves of 26
+    bits (Veltkamp), whose products are exact (values within PRUNE_LIMITS)."""
+    scaled = list(map(SPLITTER.__mul__, values))
+    high = list(map(operator.sub, scaled, map(operator.sub, scaled, values)))
+    low = list(map(operator.sub, values, high))
+    twice_cross = map(operator.mul, map(operator.mul, high, low), itertools.repeat(2.0))   # x2 is exact
+    return itertools.chain(map(operator.mul, high, high), twice_cross, map(operator.mul, low, low))
+
+
+def two_product(a, b):
+    """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
+    product = a * b
+    a_scaled, b_scaled = SPLITTER * a, SPLITTER * b
+    a_high, b_high = a_scaled - (a_scaled - a), b_scaled - (b_scaled - b)
+    a_low, b_low = a - a_high, b - b_high
+    return product, (((a_high * b_high - product) + a_high * b_low) + a_low * b_high) + a_low * b_low
+
+
+def sse_of_sums(counts, sums, squares, centroids):
+    """The exact SSE of clusters against their centroids from counts, exact sums and exact sums of
+    squares: per dimension sum x^2 - 2 c sum x + n c^2, every product split exactly; as exact terms."""
+    terms = []
+    for count, sum_terms, square_sums, centroid in zip(counts, sums, squares, centroids):
+        if not count:
+            continue
+        for total, total_of_squares, c in zip(sum_terms, square_sums, centroid):
+            terms += total_of_squares
+            for term in total:
+                terms += [-2.0 * part for part in two_product(c, term)]
+            high, low = two_product(c, c)
+            terms += [*two_product(float(count), high), *two_product(float(count), low)]
+    return exact_terms(terms)
+
+
+def exact_sse(columns, keys, centroids):
+    """The SSE as exact terms, with integers: for coordinates beyond PRUNE_LIMITS, where products of
+    doubles could round. Every double is a whole multiple of 2**-1074, so differences and squares
+    are exact integers in units of 2**-1074 and 2**-2148; terms below 2**-1074 are dropped."""
+    total = 0
+    for column, coordinates in zip(columns, zip(*centroids)):
+        scaled = [fixed(c) for c in coordinates]
+        for value, key in zip(column, keys):
+            difference = fixed(value) - scaled[key]
+            total += difference * difference
+    terms = []
+    while (term := total / (1 << 2148)) != 0.0:   # int / int is correctly rounded
+        terms.append(term)
+        total -= fixed(term) << 1074
+    return terms
+
+
+def fixed(value):
+    """A double times 2**1074, as an exact integer."""
+    numerator, denominator = value.as_integer_ratio()
+    return numerator * ((1 << 1074) // denominator)
+
+
+@dataclass
+class Assignment:
+    """Where a split's points stand against one set of centroids: what Map keeps between iterations."""
+
+    centroids: list
+    keys: array          # each point's cluster
+    upper: array         # per point: an upper bound on the distance to its centroid, minus `grown` of it
+    lower: array         # per point: a lower bound on the distance to any other centroid, plus `shrunk` of it
+    grown: list          # per cluster: how far (at most) its centroid moved in all steps so far
+    shrunk: list         # per cluster: how far (at most) any other centroid moved, summed over steps
+    steps: int           # steps since the bounds were set (the slack grows with them)
+    counts: list         # points per cluster
+    sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
+    squares: list        # the same for the sum of squared coordinates (None beyond PRUNE_LIMITS)
+    members: list        # per cluster: its point indices ascending (kept for plain partitions only)
+    sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
+
+
+def coordinate_range(columns):
+    """The smallest nonzero and the largest |coordinate| (inf, 0 for no nonzero coordinate)."""
+    smallest, largest = math.inf, 0.0
+    for column in columns:
+        smallest = min(smallest, min(filter(None, map(abs, column)), default=math.inf))
+        largest = max(largest, max(map(abs, column), default=0.0))
+    return smallest, largest
+
+
+def within_prune_limits(magnitudes):
+    """Whether (smallest nonzero, largest) |coordinate| keep products exact (see PRUNE_LIMITS)."""
+    smallest, largest = magnitudes
+    return largest <= PRUNE_LIMITS[1] and (largest == 0.0 or smallest >= PRUNE_LIMITS[0])
+
+
+def bound_slack(dim, centroids, magnitudes, state=None):
+    """An absolute margin above every rounding error in the bounds: each of the few operations per
+    step errs by at most one ulp of a magnitude no larger than every distance plus the drift so far."""
+    largest = max(magnitudes[1], *(abs(x) for c in centroids for x in c))
+    scale = 2.0 * math.sqrt(dim) * largest
+    steps = 0
+    if state is not None:
+        largest = max(largest, *(abs(x) for c in state.centroids for x in c))
+        scale = 2.0 * math.sqrt(dim) * largest + max(state.grown) + max(state.shrunk)
+        steps = state.steps + 1
+    return 16.0 * (dim + 16 + steps) * sys.float_info.epsilon * scale
+
+
+def new_assignment(columns, centroids, keep_members, magnitudes):
+    """Every point of a split examined against the centroids: a fresh Assignment."""
+    dim, clusters, size = len(columns), len(centroids), len(columns[0])
+    exact_products = within_prune_limits(magnitudes) and within_prune_limits(coordinate_range(zip(*centroids)))
+    slack = bound_slack(dim, centroids, magnitudes)
+    keys, upper, lower = array("i"), array("d"), array("d")
+    counts, members = [0] * clusters, [[] for _ in centroids]
+    sums = [[[] for _ in range(dim)] for _ in centroids]
+    squares = [[[] for _ in range(dim)] for _ in centroids] if exact_products else None
+    for low in range(0, size, ASSIGN_CHUNK):
+        part = [column[low:low + ASSIGN_CHUNK] for column in columns]
+        part_keys, best, second = two_nearest(part, centroids)
+        keys.extend(part_keys)
+        upper.extend(map(operator.add, map(math.sqrt, best), itertools.repeat(slack)))
+        lower.extend(map(operator.sub, map(math.sqrt, second), itertools.repeat(slack)))
+        for key, indices in enumerate(indices_by_key(part_keys, clusters, low)):
+            if indices:
+                counts[key] += len(indices)
+                add_points(sums[key], squares and squares[key], columns, indices, [])
+                if keep_members:
+                    members[key].extend(indices)
+    state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
+                       squares, members if keep_members else None, [])
+    state.sse_terms = sse_of_sums(counts, sums, squares, centroids) if exact_products else \
+        exact_sse(columns, keys, centroids)
+    return state
+
+
+def add_points(sums, squares, columns, came, went):
+    """A cluster's exact sums (and sums of squares) after the points `came` joined it and `went` left:
+    their coordinates added and subtracted without rounding."""
+    for dimension, column in enumerate(columns):
+        joined = array("d", map(column.__getitem__, came))
+        left = array("d", map(column.__getitem__, went))
+        sums[dimension] = exact_terms(itertools.chain(sums[dimension], joined, map(operator.neg, left)))
+        if squares is not None:
+            squares[dimension] = exact_terms(itertools.chain(squares[dimension], square_parts(joined),
+                                                             map(operator.neg, square_parts(left))))
+
+
+def reassign(state, columns, centroids, magnitudes):
+    """Move an Assignment to new centroids, examining only points that may have changed cluster;
+    returns how many changed. Counts, exact sums, members and SSE change by the points that moved."""
+    dim, clusters = len(columns), len(centroids)
+    if state.squares is None or not within_prune_limits(coordinate_range(zip(*centroids))):
+        fresh = new_assignment(columns, centroids, state.members is not None, magnitudes)
+        moved = sum(map(operator.ne, state.keys, fresh.keys))
+        vars(state).update(vars(fresh))
+        return moved
+    slack = bound_slack(dim, centroids, magnitudes, state)
+    shifts = [math.sqrt(squared_distance(a, b)) + slack for a, b in zip(state.centroids, centroids)]
+    if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
+        second_largest, largest = sorted(shifts)[-2:]
+        farthest_other = [second_largest if shift == largest else largest for shift in shifts]
+    else:
+        farthest_other = [0.0]
+    grown = [g + shift for g, shift in zip(state.grown, shifts)]
+    shrunk = [s + other for s, other in zip(state.shrunk, farthest_other)]
+    separation = [min((math.sqrt(squared_distance(c, other)) for j, other in enumerate(centroids) if j != k),
+                      default=math.inf) for k, c in enumerate(centroids)]
+    half = [s / 2 - slack for s in separation]
+    # a point may have moved if upper + grown > lower - shrunk and upper + grown > half
+    gap_limit = [-(g + s) - 2 * slack for g, s in zip(grown, shrunk)]
+    upper_limit = [h - g - 2 * slack for h, g in zip(half, grown)]
+    keys, upper, lower = state.keys, state.upper, state.lower
+    moves = []
+    for low in range(0, len(keys), ASSIGN_CHUNK):
+        high = min(low + ASSIGN_CHUNK, len(keys))
+        part_keys, part_upper = keys[low:high], upper[low:high]
+        doubtful = list(itertools.compress(range(low, high), map(
+            operator.and_,
+            map(operator.gt, map(operator.sub, part_upper, lower[low:high]), map(gap_limit.__getitem__, part_keys)),
+            map(operator.gt, part_upper, map(upper_limit.__getitem__, part_keys)))))
+        if not doubtful:
+            continue
+        own_keys = array("i", map(keys.__getitem__, doubtful))
+        points = [array("d", map(column.__getitem__, doubtful)) for column in columns]
+        own = array("d", map(operator.add, map(math.sqrt, distances_to_own(points, centroids, own_keys)),
+                             itertools.repeat(slack)))
+        for i, distance in zip(doubtful, map(operator.sub, own, map(grown.__getitem__, own_keys))):
+            upper[i] = distance   # the exact distance, less the growth to come, replaces the bound
+        # still in doubt with the exact distance: own + slack >= half and >= lower - shrunk
+        reach = list(map(operator.add, own, itertools.repeat(slack)))
+        recheck = list(itertools.compress(range(len(doubtful)), map(
+            operator.and_, map(operator.ge, reach, map(half.__getitem__, own_keys)),
+            map(operator.ge, reach, map(operator.sub, map(lower.__getitem__, doubtful),
+                                        map(shrunk.__getitem__, own_keys))))))
+        if not recheck:
+            continue
+        new_keys, best, second = two_nearest([array("d", map(p.__getitem__, recheck)) for p in points], centroids)
+        for n, key, distance, runner_up in zip(recheck, new_keys, best, second):
+            i = doubtful[n]
+            upper[i] = math.sqrt(distance) + slack - grown[key]
+            lower[i] = math.sqrt(runner_up) - slack + shrunk[key]
+            if key != own_keys[n]:
+                moves.append((i, own_keys[n], key))
+                keys[i] = key
+    state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
+    apply_moves(state, columns, moves)
+    state.sse_terms = sse_of_sums(state.counts, state.sums, state.squares, centroids)
+    return len(moves)
+
+
+def apply_moves(state, columns, moves):
+    """Counts, exact sums and members after points moved between clusters: each cluster's sums change
+    by exactly the points that arrived and left."""
+    arrived, left = collections.defaultdict(list), collections.defaultdict(list)
+    for index, old, new in moves:
+        left[old].append(index)
+        arrived[new].append(index)
+    for key in set(arrived) | set(left):
+        came, went = arrived.get(key, []), left.get(key, [])
+        state.counts[key] += len(came) - len(went)
+        add_points(state.sums[key], state.squares[key], columns, came, went)
+        if state.members is not None:
+            gone = set(went)
+            state.members[key] = sorted(itertools.chain(itertools.filterfalse(gone.__contains__,
+                                                                              state.members[key]), came))
+
+def indices_by_key(keys, clusters, first=0):
+    """Per key, the indices of its points (counted from `first`), ascending."""
+    members = [[] for _ in range(clusters)]
+    add = [member.append for member in members]
+    for index, key in enumerate(keys, first):
+        add[key](index)
+    return members
 
 
 def map_records(members):
@@ -430,6 +727,22 @@ def format_reducer_output(clusters):
     return "".join(f"{key}\t{count}\t{format_point(mean)}\n" for key, count, mean in clusters)
 
 
+def map_output(split, reducers, combine):
+    """A map task's output from its split's assignment: per partition, the records (key, count, per
+    dimension the doubles to sum: the points' coordinates, or with the combiner the exact sum terms)
+    and the text of the partition file."""
+    state = split.assignment
+    if combine:
+        records = [(key, count, state.sums[key]) for key, count in enumerate(state.counts) if count]
+        parts = partition(records, reducers)
+        return parts, [format_combined_partition(part) for part in parts]
+    records = [(key, count, [array("d", map(column.__getitem__, state.members[key])) for column in split.columns])
+               for key, count in enumerate(state.counts) if count]
+    parts = partition(records, reducers)
+    return parts, [format_partition([(key, state.members[key]) for key, _, _ in part], split.texts)
+                   for part in parts]
+
+
 def open_text(path):
     """Open an input file for reading; a missing or unreadable file is an InputError."""
     try:
@@ -555,7 +868,7 @@ def read_split(path, start, end, dim, keep_text):
 
     Blocks before the split are only counted, so memory follows the split, not the file.
     """
-    columns, texts = [[] for _ in range(dim)], []
+    columns, texts = [array("d") for _ in range(dim)], []
     index = 0
     for first_line, block in line_blocks(path):
         if index >= end:
@@ -880,12 +1193,31 @@ class Split:
     """A mapper's parsed split, kept across iterations and jobs while the file is unchanged."""
 
     stamp: tuple
-    columns: list
+    columns: list           # array('d') per dimension: 8 bytes a coordinate
     texts: list = None      # each point's text, for the plain partition files
-    keys: list = None       # the clusters of the last Map, to count moved points
-    keys_for: tuple = ()    # (job, iteration) of those keys
+    magnitudes: tuple = None   # smallest nonzero and largest |coordinate| (see PRUNE_LIMITS)
+    assignment: Assignment = None   # where the points stood at the last Map or Weigh
     weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
     weights_for: tuple = ()  # (job, how many centroids they were weighed against)
+    lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
+
+    def assign(self, centroids, previous=None, keep_members=False):
+        """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
+        moved points counted are those since the previous iteration); returns the moved count.
+        Call with `lock` held."""
+        state = self.assignment
+        if state is not None and keep_members and state.members is None:
+            state = None   # plain partitions need members the combiner did not keep
+        moved = len(self.columns[0])
+        for target in ([previous] if previous is not None else []) + [centroids]:
+            if state is None:
+                state = new_assignment(self.columns, target, keep_members, self.magnitudes)
+            elif state.centroids != target:
+                moved = reassign(state, self.columns, target, self.magnitudes)
+            else:
+                moved = 0
+        self.assignment = state
+        return moved if previous is not None else len(self.columns[0])
 
 
 @dataclass
@@ -931,18 +1263,13 @@ class MapperServicer(pb_grpc.MapperServicer):
         split, problem = self.load(request, path, request.centroids.dim, not request.combine, context)
         if split is None:
             return pb.MapResponse(status=failure(problem))
-        keys, distances, members = assign_clusters(split.columns, unflatten(request.centroids))
+        previous = unflatten(request.previous) if request.HasField("previous") and iteration > 1 else None
+        with split.lock:
+            moved = split.assign(unflatten(request.centroids), previous, keep_members=not request.combine)
+            records, texts = map_output(split, request.reducers, request.combine)
+            sse_terms = split.assignment.sse_terms
         if not context.is_active():   # cancelled: a backup copy finished first, or the master left
             return pb.MapResponse(status=failure("cancelled"))
-        moved = self.count_moved(split, keys, request)
-        split.keys, split.keys_for = keys, (request.job, iteration)
-        records = partition(map_records(members), request.reducers)
-        if request.combine:
-            records = [combine(part) for part in records]
-            texts = [format_combined_partition(part) for part in records]
-        else:
-            texts = [format_partition(part, split.texts)
-                     for part in partition(group_by_key(keys), request.reducers)]
         chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
         with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
             if not self.fresh.admit(request.job, task, iteration):
@@ -953,10 +1280,10 @@ class MapperServicer(pb_grpc.MapperServicer):
             with self.lock:
                 self.outputs[task] = MapTaskOutput(request.job, iteration, chunks)
         sizes = [sum(count for _, count, _ in part) for part in records]
-        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, len(keys), sizes, moved)
+        points = len(split.columns[0])
+        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, points, sizes, moved)
         self.faults.crash_point("after-map", iteration, context)
-        reply = pb.MapReply(points=len(keys), moved=moved, partition_points=sizes,
-                            sse_terms=exact_terms(distances))
+        reply = pb.MapReply(points=points, moved=moved, partition_points=sizes, sse_terms=sse_terms)
         return pb.MapResponse(status=success(), reply=reply)
 
     def split(self, path, start, end, dim, keep_text):
@@ -968,7 +1295,8 @@ class MapperServicer(pb_grpc.MapperServicer):
         with self.lock:
             split = self.splits.pop(key, None)
         if split is None or split.stamp != stamp or (keep_text and split.texts is None):
-            split = Split(stamp, *read_split(path, start, end, dim, keep_text))
+            columns, texts = read_split(path, start, end, dim, keep_text)
+            split = Split(stamp, columns, texts, coordinate_range(columns))
         with self.lock:
             self.splits[key] = split
             while len(self.splits) > MAX_SPLITS:
@@ -1008,29 +1336,19 @@ class MapperServicer(pb_grpc.MapperServicer):
         centroids = unflatten(request.centroids)
         reply = pb.WeighReply()
         if request.count_clusters:
-            keys, weights, _ = assign_clusters(split.columns, centroids)
-            sizes = collections.Counter(keys)
-            reply.counts.extend(sizes[key] for key in range(len(centroids)))
+            with split.lock:
+                split.assign(centroids)
+                reply.counts.extend(split.assignment.counts)
+                reply.mass_terms.extend(split.assignment.sse_terms)
         else:
             known = split.weights if split.weights_for == (request.job, len(centroids) - 1) else None
             weights = nearest_distances(split.columns, centroids, known)
             split.weights, split.weights_for = weights, (request.job, len(centroids))
-        reply.mass_terms.extend(exact_terms(weights))
-        if reply.mass_terms and not request.count_clusters:
-            index = weighted_index(weights, random.Random(request.draw_seed).random())
-            reply.candidate.extend(column[index] for column in split.columns)
+            reply.mass_terms.extend(exact_terms(weights))
+            if reply.mass_terms:
+                index = weighted_index(weights, random.Random(request.draw_seed).random())
+                reply.candidate.extend(column[index] for column in split.columns)
         return pb.WeighResponse(status=success(), reply=reply)
-
-    @staticmethod
-    def count_moved(split, keys, request):
-        """Points whose cluster differs from the previous iteration (all of them in the first)."""
-        if request.iteration <= 1 or not request.HasField("previous"):
-            return len(keys)
-        if split.keys is not None and split.keys_for == (request.job, request.iteration - 1):
-            previous = split.keys
-        else:   # this mapper did not map the task last iteration: recompute what it was
-            previous = assign_clusters(split.columns, unflatten(request.previous))[0]
-        return sum(map(operator.ne, previous, keys))
 
     def GetPartition(self, request, context):
         require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")

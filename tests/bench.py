@@ -1,54 +1,92 @@
-"""Benchmark: kmr (M=R=2, default and --combiner) against the fastest single-process pure-Python
-Lloyd's iteration we could write, on the same seeded data and initial centroids. Prints a table.
+"""Benchmark: kmr against the single-process pure-Python Lloyd script a user would write.
 
-    python tests/bench.py            # the table (tox -e bench)
-    python tests/bench.py --big      # also 10M 2-D points with --combiner: time and peak RSS
+Prints the machine, the commands and one markdown table: every goal of the speed issue with the
+measured value, its target and whether it is met.
 
-Data comes from make_points (seeded Gaussian blobs) and is cached in .bench/.
+    python3 tests/bench.py           # the table (tox -e bench); several minutes on 2 cores
+    python3 tests/bench.py --quick   # smoke test: every N / 20 and 3 iterations; numbers mean nothing
+
+The baseline parses the whole file once, then runs plain Lloyd (one unrolled assignment loop,
+math.fsum means) until the centroids stop moving or the iterations run out.  It runs inside this
+process, timed from opening the file to the end of its last iteration, and is the denominator of
+every ratio.  kmr runs as the real command line, timed from start to exit (spawning and validation
+included); its per-iteration times come from its --summary.  Both start from the same init file
+and both are Lloyd with fsum means, so they must run as many iterations and end on the same
+centroids bit for bit; the bench fails if they do not.
+
+    (a) whole job: 1M points, D=2, K=8, 10 iterations, --combiner, M=R=2
+    (b) median iteration (iteration 1 included) of that job, and of the same job in default mode
+    (c) median iteration: 300k points in 64 blobs, K=64, --combiner, M=R=2
+    (d) peak memory (VmHWM) of one standalone mapper holding 3M points, --combiner, 3 iterations
+    (e) the bundled points.txt: master wall time against 5 running workers, and spawning them
+
+Data (seeded Gaussian blobs) is generated once and cached in .bench/; what the runs write goes to
+.bench/work/, emptied at each start.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import os
+import platform
 import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+KMR = ROOT / "kmr.py"
 CACHE = ROOT / ".bench"
-ITERATIONS = 5
+WORK = CACHE / "work"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))   # the stubs, whatever the cwd
+STARTED = time.perf_counter()
 
+
+def progress(message):
+    """What the bench is doing, on stderr: stdout is only the report."""
+    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+# -- data --------------------------------------------------------------------------------------------
 
 def make_points(count, dim, clusters, seed):
-    """Seeded Gaussian blobs around `clusters` random centres, in random order."""
+    """Seeded Gaussian blobs around `clusters` random centres, in random order: one line per point."""
     rng = random.Random(seed)
     centres = [[rng.uniform(-100, 100) for _ in range(dim)] for _ in range(clusters)]
-    lines = []
     for _ in range(count):
         centre = centres[rng.randrange(clusters)]
-        lines.append(",".join(repr(rng.gauss(c, 12.0)) for c in centre))
-    return lines
+        yield ",".join(repr(rng.gauss(c, 12.0)) for c in centre) + "\n"
 
 
 def dataset(count, dim, clusters=8, seed=1):
-    """Path of a cached data file and of its init file (the first K distinct points)."""
+    """Paths of a cached data file and of its init file (its first `clusters` distinct points).
+
+    Written through a temporary name, so an interrupted bench leaves no half file in the cache."""
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"points-{count}-{dim}-{clusters}-{seed}.txt"
-    init = CACHE / f"init-{count}-{dim}-{clusters}-{seed}.txt"
-    if not path.exists():
-        lines = make_points(count, dim, clusters, seed)
-        path.write_text("\n".join(lines) + "\n")
-        init.write_text("\n".join(list(dict.fromkeys(lines))[:clusters]) + "\n")
+    stem = f"{count}-{dim}-{clusters}-{seed}.txt"
+    path, init = CACHE / f"points-{stem}", CACHE / f"init-{stem}"
+    if not (path.exists() and init.exists()):
+        progress(f"generating {path.name}")
+        firsts = {}
+        partial = path.with_suffix(".part")
+        with open(partial, "w") as out:
+            for line in make_points(count, dim, clusters, seed):
+                out.write(line)
+                if len(firsts) < clusters:
+                    firsts.setdefault(line)
+        init.write_text("".join(firsts))
+        partial.rename(path)
     return path, init
 
 
-# -- the baseline ----------------------------------------------------------------------------------
+# -- the baseline ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def baseline_step(clusters, dim):
@@ -75,111 +113,287 @@ def baseline_step(clusters, dim):
 
 
 def baseline(path, init, iterations):
-    """Parse once, then Lloyd iterations; returns (centroids, parse s, [iteration s])."""
+    """Parse once, then Lloyd until the centroids stop moving (kmr's tol 0) or `iterations` ran.
+
+    Returns (centroids, whole run s, [s of each iteration])."""
     started = time.perf_counter()
     with open(path) as lines:
         rows = [tuple(map(float, line.split(","))) for line in lines if line.strip()]
     columns = [list(column) for column in zip(*rows)]
     del rows
-    parse = time.perf_counter() - started
     centroids = [tuple(map(float, line.split(","))) for line in Path(init).read_text().split()]
     step = baseline_step(len(centroids), len(columns))
     times = []
     for _ in range(iterations):
-        started = time.perf_counter()
+        begun = time.perf_counter()
         new = step(columns, centroids)
-        times.append(time.perf_counter() - started)
+        times.append(time.perf_counter() - begun)
         if new == centroids:
             break
         centroids = new
-    return centroids, parse, times
+    return centroids, time.perf_counter() - started, times
 
 
-# -- kmr, measured in a process of its own ---------------------------------------------------------
+# -- kmr ---------------------------------------------------------------------------------------------
 
-def peak_rss_mb(pid="self"):
-    """Peak resident set size of a process, MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def shown(args):
+    """A master command line as a user would type it in ROOT."""
+    words = [os.path.relpath(a, ROOT) if isinstance(a, Path) else str(a) for a in args]
+    return " ".join(["python3 kmr.py --role master", *words])
 
 
-def measure_kmr(spec):
-    """Run one job in this process (the master) and report timings and peak RSS per role."""
-    import kmr
-    options = kmr.JobOptions(input_path=spec["path"], mappers=2, reducers=2, clusters=spec["clusters"],
-                             iterations=spec["iterations"], data_dir=spec["data_dir"], init=spec["init"],
-                             combine=spec["combine"], rpc_timeout=600)
-    master = kmr.Master(options)
+def master(args):
+    """Run a master from ROOT to its exit; returns its wall time, s.  A failed run ends the bench
+    with kmr's own error."""
+    command = [sys.executable, str(KMR), "--role", "master", *map(str, args)]
     started = time.perf_counter()
-    try:
-        result = master.run()
-        rss = {role: max(peak_rss_mb(w.process.pid) for w in workers)
-               for role, workers in (("mapper", master.mappers), ("reducer", master.reducers))}
-    finally:
-        master.stop_workers()
-    return {"whole": time.perf_counter() - started, "startup": result.startup_seconds,
-            "iterations": [s.seconds for s in result.best.iterations], "rss_master": peak_rss_mb(),
-            "rss_mapper": rss["mapper"], "rss_reducer": rss["reducer"],
-            "centroids": [list(c) for c in result.centroids]}
-
-
-def run_measured(**spec):
-    """measure_kmr in a fresh interpreter, so RSS and start-up are the real thing."""
-    spec["data_dir"] = str(CACHE / "run")
-    out = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)], check=True,
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return json.loads(out.stdout.splitlines()[-1])
-
-
-def sample_end_to_end():
-    """The bundled sample through the real command line (5 spawned workers): wall s, median iteration s."""
-    started = time.perf_counter()
-    summary = CACHE / "sample.json"
-    subprocess.run([sys.executable, str(ROOT / "kmr.py"), "--role", "master", "-M", "3", "-R", "2", "-K", "2",
-                    "-n", "20", "--seed", "1", "--data-dir", str(CACHE / "sample"), "--summary", str(summary), "-q"],
-                   cwd=ROOT, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - started
-    return wall, statistics.median(i["seconds"] for i in json.loads(summary.read_text())["iterations"])
+    if done.returncode:
+        sys.exit(f"bench: kmr failed (exit {done.returncode}): {shown(args)}\n{done.stderr.strip()}")
+    return wall
+
+
+def job_args(name, path, init, clusters, iterations, mappers=2, reducers=2, flags=("--combiner",)):
+    """The master arguments of a measured job; its summary is WORK/name.json."""
+    return ["-M", mappers, "-R", reducers, "-K", clusters, "-n", iterations, "--input", path, "--init", init,
+            *flags, "-q", "--summary", WORK / f"{name}.json", "--data-dir", WORK / name]
+
+
+def job(args):
+    """Run a job from job_args; returns (wall s, its summary)."""
+    wall = master(args)
+    return wall, json.loads(Path(args[args.index("--summary") + 1]).read_text())
+
+
+def check_exact(goal, summary, centroids, times):
+    """Both are Lloyd with fsum means from the same centroids: the same iterations, the same
+    final centroids bit for bit.  Anything else is a bug in kmr (or in the baseline)."""
+    got = [tuple(c) for c in summary["final_centroids"]]
+    ran = len(summary["iterations"])
+    if ran != len(times) or got != centroids:
+        sys.exit(f"bench: {goal}: kmr and the baseline disagree: {ran} vs {len(times)} iterations,\n"
+                 f"  kmr      {got}\n  baseline {centroids}")
+
+
+def iteration_seconds(summary):
+    """Seconds of every iteration of a kmr summary, iteration 1 included."""
+    return [i["seconds"] for i in summary["iterations"]]
+
+
+class Worker:
+    """A standalone `kmr.py --role ROLE --port 0` on loopback, and the address it prints first."""
+
+    def __init__(self, role):
+        self.role = role
+        self.stderr = tempfile.TemporaryFile("w+")   # a file: a worker logs every call, a pipe would fill
+        self.process = subprocess.Popen(
+            [sys.executable, str(KMR), "--role", role, "--host", "127.0.0.1", "--port", "0", "--data-dir", str(WORK)],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.address = self.process.stdout.readline().strip()
+        if not self.address:
+            self.stop()
+            self.stderr.seek(0)
+            raise RuntimeError(f"a standalone {role} did not start: {self.stderr.read().strip()}")
+
+    def peak_bytes(self):
+        """Peak resident set size so far (VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc: not Linux?")
+
+    def stop(self):
+        """SIGTERM, then SIGKILL if it has not left after 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.stderr.close()
+
+
+@contextlib.contextmanager
+def standalone(mappers, reducers):
+    """Standalone workers for a block, and the master flags that name them; all stopped however
+    the block ends."""
+    workers = []
+    try:
+        for role, count in (("mapper", mappers), ("reducer", reducers)):
+            for _ in range(count):
+                workers.append(Worker(role))
+        addrs = {role: ",".join(w.address for w in workers if w.role == role) for role in ("mapper", "reducer")}
+        yield workers, ["--mapper-addrs", addrs["mapper"], "--reducer-addrs", addrs["reducer"]]
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+def machine():
+    """CPU model, cores and Python version, for the README to quote."""
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")]
+    return (f"{models[0] if models else platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()} ({platform.python_implementation()})")
+
+
+def points(count):
+    """1000000 -> 1M, 300000 -> 300k."""
+    return f"{count // 10**6}M" if count % 10**6 == 0 else f"{count // 1000}k" if count % 1000 == 0 else str(count)
+
+
+def secs(value):
+    """Seconds to three significant digits."""
+    return f"{value:.3g} s"
+
+
+def ratio_row(goal, what, kmr, base, target):
+    """A row whose value is kmr / baseline."""
+    ratio = kmr / base
+    return [goal, what, secs(kmr), secs(base), f"{ratio:.2f}x", f"<= {target:.2f}x", met(ratio <= target)]
+
+
+def met(ok):
+    """The met column; a miss stands out."""
+    return "yes" if ok else "**no**"
+
+
+def table(header, rows):
+    """A markdown table, padded so it also reads as plain text; numbers right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    right = [False, False, True, True, True, True, False]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+# -- the goals: each returns ([(goal, master arguments)], table rows, note lines) ---------------------
+
+def median_iteration(count):
+    """How the per-iteration rows say what their median covers."""
+    return f"median iteration (all {count}, 1st included)"
+
+
+def converged(summary):
+    """Whether kmr stopped because the centroids stopped moving."""
+    return "converged" if summary["converged"] else "not converged"
+
+
+def goals_a_b(scale, iterations):
+    """(a) and (b): 1M points, K=8; one baseline run is the denominator of both."""
+    path, init = dataset(10**6 // scale, 2)
+    progress(f"baseline on {path.name}")
+    centroids, base_whole, base_times = baseline(path, init, iterations)
+    a_args = job_args("combiner", path, init, 8, iterations)
+    progress("kmr --combiner (a, b)")
+    wall, combined = job(a_args)
+    check_exact("(a)", combined, centroids, base_times)
+    b_args = job_args("default", path, init, 8, iterations, flags=())
+    progress("kmr default mode (b)")
+    _, default = job(b_args)
+    check_exact("(b) default", default, centroids, base_times)
+    base = statistics.median(base_times)
+    rows = [
+        ratio_row("(a)", f"whole job wall time, {points(10**6 // scale)} points, D=2, K=8, {iterations} iterations, "
+                  "--combiner, M=R=2", wall, base_whole, 0.80),
+        ratio_row("(b)", f"{median_iteration(len(base_times))}, same job, --combiner",
+                  statistics.median(iteration_seconds(combined)), base, 0.45),
+        ratio_row("(b)", f"{median_iteration(len(base_times))}, same job, default mode",
+                  statistics.median(iteration_seconds(default)), base, 0.80),
+    ]
+    notes = [f"(a, b) iteration 1 (in the medians): kmr --combiner {secs(iteration_seconds(combined)[0])}, "
+             f"default {secs(iteration_seconds(default)[0])}, baseline {secs(base_times[0])}",
+             f"(a, b) kmr and the baseline both ran {len(base_times)} of at most {iterations} iterations "
+             f"({converged(combined)}) and ended on the same centroids, bit for bit",
+             f"(a) kmr start-up (spawning 4 workers, validation): {secs(combined['startup_seconds'])}; the baseline "
+             "is timed in-process from opening the file, without a Python start-up"]
+    return [("(a, b)", a_args), ("(b)", b_args)], rows, notes
+
+
+def goal_c(scale, iterations):
+    """(c): 300k points in 64 blobs, K=64."""
+    path, init = dataset(300_000 // scale, 2, clusters=64)
+    progress(f"baseline on {path.name}")
+    centroids, _, base_times = baseline(path, init, iterations)
+    args = job_args("k64", path, init, 64, iterations)
+    progress("kmr K=64 (c)")
+    _, summary = job(args)
+    check_exact("(c)", summary, centroids, base_times)
+    row = ratio_row("(c)", f"{median_iteration(len(base_times))}, {points(300_000 // scale)} points in 64 blobs, "
+                    "D=2, K=64, --combiner, M=R=2", statistics.median(iteration_seconds(summary)),
+                    statistics.median(base_times), 0.25)
+    notes = [f"(c) iteration 1 (in the median): kmr {secs(iteration_seconds(summary)[0])}, "
+             f"baseline {secs(base_times[0])}",
+             f"(c) kmr and the baseline both ran {len(base_times)} of at most {iterations} iterations "
+             f"({converged(summary)}) and ended on the same centroids, bit for bit"]
+    return [("(c)", args)], [row], notes
+
+
+def goal_d(scale):
+    """(d): 3M points on one standalone mapper; its VmHWM after the job."""
+    path, init = dataset(3 * 10**6 // scale, 2)
+    progress("kmr on one standalone mapper (d)")
+    with standalone(1, 1) as (workers, addrs):
+        idle = workers[0].peak_bytes()
+        args = job_args("memory", path, init, 8, 3, mappers=1, reducers=1, flags=("--combiner", *addrs))
+        _, summary = job(args)
+        peak = workers[0].peak_bytes()
+    held = summary["parameters"]["points"]
+    row = ["(d)", f"mapper peak RSS (VmHWM), {points(held)} points, D=2, on 1 standalone mapper (-M 1 -R 1), "
+           "--combiner, 3 iterations", f"{peak / 2**20:.0f} MiB", "-", f"{peak / held:.0f} B/point",
+           "<= 100 B/point", met(peak / held <= 100)]
+    return [("(d)", args)], [row], [f"(d) the mapper's VmHWM before the job, idle: {idle / 2**20:.0f} MiB"]
+
+
+def goal_e():
+    """(e): the bundled sample, against 5 running workers, then spawning them."""
+    args = ["-M", 3, "-R", 2, "-K", 2, "-n", 20, "--seed", 1, "-q", "--data-dir", WORK / "sample"]
+    progress("bundled sample against 5 running workers (e)")
+    with standalone(3, 2) as (_, addrs):
+        running = statistics.median(master(args + addrs) for _ in range(7))
+    progress("bundled sample, spawning its workers (e)")
+    spawned = statistics.median(master(args) for _ in range(5))
+    rows = [["(e)", "bundled points.txt, master wall time, 5 running workers, median of 7", secs(running), "-",
+             secs(running), "<= 0.12 s", met(running <= 0.12)],
+            ["(e)", "bundled points.txt, master wall time, 5 spawned workers, median of 5", secs(spawned), "-",
+             secs(spawned), "<= 0.5 s", met(spawned <= 0.5)]]
+    return [("(e)", args + ["[--mapper-addrs A,B,C --reducer-addrs D,E]"])], rows, []
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
-    parser.add_argument("--big", action="store_true", help="also 10M points, combiner mode")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: every N / 20 and 3 iterations (the numbers mean nothing)")
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure_kmr(json.loads(args.measure))))
-        return
-    wall, per_iteration = sample_end_to_end()
-    print(f"bundled sample, end to end with 5 spawned workers: {wall:.2f} s; median iteration {per_iteration * 1000:.1f} ms\n")
-    cases = [(10_000, 2), (100_000, 2), (1_000_000, 2), (100_000, 16)]
-    if args.big:
-        cases.append((10_000_000, 2))
-    header = (f"{'N':>10} {'D':>3} {'mode':9} {'start-up':>9} {'iteration':>10} {'whole job':>10} "
-              f"{'RSS MiB master/mapper/reducer':>30} {'vs baseline':>12}")
-    print(header)
-    print("-" * len(header))
-    for count, dim in cases:
-        path, init = dataset(count, dim)
-        if count <= 1_000_000:
-            expected, parse, times = baseline(path, init, ITERATIONS)
-            base = statistics.median(times)
-            print(f"{count:>10} {dim:>3} {'baseline':9} {'-':>9} {base:>9.3f}s {parse + sum(times):>9.2f}s "
-                  f"{'(one process)':>30} {1:>11.2f}x")
-        modes = ["combiner"] if count > 1_000_000 else ["default", "combiner"]
-        for mode in modes:
-            got = run_measured(path=str(path), init=str(init), clusters=8, iterations=len(times) if count <= 1_000_000
-                               else 3, combine=mode == "combiner")
-            if count <= 1_000_000:
-                exact = [tuple(c) for c in got["centroids"]] == [tuple(c) for c in expected]
-                assert exact, "kmr and the baseline disagree"   # both are Lloyd's with fsum means
-            iteration = statistics.median(got["iterations"])
-            rss = f"{got['rss_master']:.0f}/{got['rss_mapper']:.0f}/{got['rss_reducer']:.0f}"
-            ratio = f"{iteration / base:.2f}x" if count <= 1_000_000 else "-"
-            print(f"{count:>10} {dim:>3} {mode:9} {got['startup']:>8.2f}s {iteration:>9.3f}s {got['whole']:>9.2f}s "
-                  f"{rss:>30} {ratio:>12}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))   # run the finally blocks
+    scale, iterations = (20, 3) if args.quick else (1, 10)
+    load = os.getloadavg()[0]
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    commands, rows, notes = [], [], []
+    for goal in (goals_a_b(scale, iterations), goal_c(scale, iterations), goal_d(scale), goal_e()):
+        commands += goal[0]
+        rows += goal[1]
+        notes += goal[2]
+
+    print("kmr benchmark" + (" -- QUICK SMOKE TEST (every N / 20, 3 iterations): the numbers mean nothing"
+                             if args.quick else ""))
+    print(f"machine: {machine()}; load average {load:.2f} at the start")
+    print(f"command: python3 tests/bench.py{' --quick' if args.quick else ''}")
+    for goal, arguments in commands:
+        print(f"  {goal:7} {shown(arguments)}")
+    print()
+    print(table(["goal", "what", "kmr", "baseline", "ratio or value", "target", "met"], rows))
+    print()
+    print("\n".join(f"- {note}" for note in notes))
 
 
 if __name__ == "__main__":

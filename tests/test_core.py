@@ -113,8 +113,8 @@ def test_partition_sends_each_key_to_exactly_one_reducer(keys, reducers):
     assert sorted(i for part in partitions for _, _, (values,) in part for i in values) == columns[0]
 
 
-def test_group_by_key_keeps_input_order_within_a_key():
-    assert kmr.group_by_key([2, 0, 2, 1, 0]) == [(0, [1, 4]), (1, [3]), (2, [0, 2])]
+def test_indices_by_key_keeps_input_order_within_a_key():
+    assert kmr.indices_by_key([2, 0, 2, 1, 0], 4, 10) == [[11, 14], [13], [10, 12], []]
 
 
 def test_shuffle_sort_groups_by_key_in_ascending_order():

@@ -1,0 +1,130 @@
+"""The mapper's kept assignment (Hamerly's bounds) against `nearest`, point by point.
+
+A skipped point must keep exactly the key `nearest` gives it, ties included, whatever the data:
+duplicates, exact ties on a bisector, near-ties one ulp apart, huge and tiny coordinates. The
+counts, exact sums, members and SSE the assignment carries must equal those computed from scratch.
+"""
+
+import math
+from fractions import Fraction
+from array import array
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+import kmr
+
+COORDINATES = st.one_of(
+    st.integers(-4, 4).map(float),                          # duplicates and exact ties
+    st.floats(-100, 100, allow_nan=False),
+    st.floats(-1e-90, 1e-90, allow_nan=False),              # tiny, and below the prune limits
+    st.sampled_from([1e100, -1e100, 1e120, 1e-120, 5e-324, 2.0 ** -1022]),
+    st.floats(-1e140, 1e140, allow_nan=False),
+)
+
+
+def nudged(value, steps):
+    """A value some ulps away: near-ties."""
+    for _ in range(abs(steps)):
+        value = math.nextafter(value, math.inf if steps > 0 else -math.inf)
+    return value
+
+
+@st.composite
+def scenarios(draw):
+    """Points and a sequence of centroid sets, some of them Lloyd steps, some jumps, some near-ties."""
+    dim = draw(st.integers(1, 3))
+    point = st.tuples(*[COORDINATES] * dim)
+    points = draw(st.lists(point, min_size=1, max_size=40))
+    points += draw(st.lists(st.sampled_from(points), max_size=10))   # exact duplicates
+    clusters = draw(st.integers(1, 5))
+    sequence = []
+    for _ in range(draw(st.integers(1, 5))):
+        how = draw(st.sampled_from(["points", "nudge", "lloyd", "fresh"]))
+        if how == "fresh" or not sequence:
+            centroids = [draw(point) for _ in range(clusters)]
+        elif how == "points":
+            centroids = [draw(st.sampled_from(points)) for _ in range(clusters)]
+        elif how == "nudge":
+            centroids = [tuple(nudged(x, draw(st.integers(-2, 2))) for x in c) for c in sequence[-1]]
+        else:
+            centroids = kmr.kmeans_reference(points, sequence[-1], 1)[0]
+        sequence.append([tuple(c) for c in centroids])
+    # a point exactly between two centroids of the last set: a tie nearest breaks by index
+    first, second = sequence[-1][0], sequence[-1][-1]
+    middle = tuple((a + b) / 2 for a, b in zip(first, second))
+    if all(map(math.isfinite, middle)):
+        points.append(middle)
+    return points, sequence
+
+
+def from_scratch(points, centroids):
+    """What the assignment must hold, by `nearest` and fsum alone."""
+    keys = [kmr.nearest(p, centroids) for p in points]
+    counts = [keys.count(k) for k in range(len(centroids))]
+    sums = [[math.fsum(p[d] for p, key in zip(points, keys) if key == k) for d in range(len(points[0]))]
+            for k in range(len(centroids))]
+    sse = float(sum((Fraction(x) - Fraction(c)) ** 2 for p, k in zip(points, keys)
+                    for x, c in zip(p, centroids[k])))   # exact, then rounded once
+    members = [[i for i, key in enumerate(keys) if key == k] for k in range(len(centroids))]
+    return keys, counts, sums, sse, members
+
+
+def held(state):
+    """The same quantities, as the assignment holds them."""
+    sums = [[math.fsum(terms) for terms in per_dim] for per_dim in state.sums]
+    return list(state.keys), state.counts, sums, math.fsum(state.sse_terms), state.members
+
+
+def columns_of(points):
+    return [array("d", column) for column in zip(*points)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios(), st.integers(1, 7))
+def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk):
+    points, sequence = scenario
+    assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    chunk_size, kmr.ASSIGN_CHUNK = kmr.ASSIGN_CHUNK, chunk   # several passes per step, as on big splits
+    try:
+        state = kmr.new_assignment(columns, sequence[0], True, magnitudes)
+        assert held(state) == from_scratch(points, sequence[0])
+        for centroids in sequence[1:]:
+            old_keys = list(state.keys)
+            moved = kmr.reassign(state, columns, centroids, magnitudes)
+            expected = from_scratch(points, centroids)
+            assert held(state) == expected
+            assert moved == sum(a != b for a, b in zip(old_keys, expected[0]))
+    finally:
+        kmr.ASSIGN_CHUNK = chunk_size
+
+
+def test_points_are_skipped_on_well_separated_data(monkeypatch):
+    """The bounds do prune: after a small move, only points near a boundary are examined again."""
+    examined = []
+    real = kmr.two_nearest
+
+    def counting(columns, centroids, first=0):
+        examined.append(len(columns[0]))
+        return real(columns, centroids, first)
+
+    points = [(x / 10, 0.0) for x in range(100)] + [(50 + x / 10, 0.0) for x in range(100)]
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], False, magnitudes)
+    monkeypatch.setattr(kmr, "two_nearest", counting)
+    kmr.reassign(state, columns, [(1.0, 0.0), (59.0, 0.0)], magnitudes)
+    assert sum(examined) == 0   # every point is far nearer its own centroid than the other
+    assert list(state.keys) == [kmr.nearest(p, [(1.0, 0.0), (59.0, 0.0)]) for p in points]
+
+
+@pytest.mark.parametrize("points", [[(1e-120, 0.0), (3e-120, 0.0)], [(1e120, 1.0), (-1e120, 2.0)]])
+def test_coordinates_beyond_the_prune_limits_are_examined_every_time(points):
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    state = kmr.new_assignment(columns, points, False, magnitudes)
+    assert state.squares is None
+    moved = kmr.reassign(state, columns, points[::-1], magnitudes)
+    assert list(state.keys) == [1, 0] and moved == 2
