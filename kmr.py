@@ -653,6 +653,49 @@ def weighted_index(weights, fraction):
     return index
 
 
+PRIORITY_BLOCK = 4096   # points whose random priorities come from one generator
+
+
+def point_priorities(seed, start, end):
+    """Random priorities in [0, 1) of the points [start, end): a function of the seed and each point's
+    index only, so every split of the input (any M) gives a point the same priority."""
+    priorities = array("d")
+    for block in range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1):
+        draw = random.Random(f"{seed}/{block}").random
+        drawn = [draw() for _ in range(PRIORITY_BLOCK)]
+        first = block * PRIORITY_BLOCK
+        priorities.extend(drawn[max(start, first) - first:min(end, first + PRIORITY_BLOCK) - first])
+    return priorities
+
+
+def lowest_distinct(columns, priorities, first, count):
+    """The `count` distinct points of lowest priority (a point's priority is its lowest copy's; of equal
+    priorities the lower index wins), as (priority, index from `first`, point), lowest first; fewer
+    if there are fewer distinct points."""
+    wanted = count
+    while True:
+        lowest = heapq.nsmallest(wanted, zip(priorities, range(len(priorities))))
+        chosen = {}
+        for priority, index in lowest:
+            chosen.setdefault(tuple(column[index] for column in columns), (priority, first + index))
+            if len(chosen) == count:
+                break
+        if len(chosen) == count or len(lowest) < wanted:
+            return sorted((priority, index, point) for point, (priority, index) in chosen.items())
+        wanted *= 4   # many copies among the lowest: look further
+
+
+def merge_draws(draws, count, distinct=True):
+    """The `count` points of lowest priority over several splits' draws (each already its split's
+    lowest), distinct points only if asked; in priority order."""
+    best = {}
+    for priority, index, point in itertools.chain.from_iterable(draws):
+        key = point if distinct else index
+        if key not in best or (priority, index) < best[key][:2]:
+            best[key] = (priority, index, point)
+    return sorted(best.values())[:count]
+
+
 def kmeans_reference(points, centroids, n, tol=0.0):
     """Sequential K-means built from the same map / partition / shuffle-sort / reduce functions.
 
@@ -674,7 +717,7 @@ def kmeans_reference(points, centroids, n, tol=0.0):
 
 
 # ####################################################################################################
-# Files: input scan, splits, human-readable outputs, atomic writes
+# Files: input count, splits, human-readable outputs, atomic writes
 # ####################################################################################################
 
 
@@ -785,82 +828,21 @@ def parse_block(block, first_line, name, dim):
     return [values[d::dim] for d in range(dim)], dim, lines
 
 
-class DistinctSample:
-    """The K distinct points with the lowest priority seen so far (a point's priority is the lowest
-    of its copies'; of equal priorities the earlier offer wins); a lazy max-heap keeps each offer
-    O(log K), whatever K."""
-
-    def __init__(self, size):
-        self.size = size
-        self.priority = {}   # point -> its priority
-        self.heap = []       # (-priority, -arrival, point), stale entries skipped when they surface
-        self.arrivals = itertools.count()
-        self.threshold = math.inf   # a point must beat this to get in
-
-    def offer(self, point, priority):
-        """Consider one point (callers skip priorities >= threshold: they cannot get in)."""
-        if priority >= self.priority.get(point, math.inf):
-            return
-        self.priority[point] = priority
-        heapq.heappush(self.heap, (-priority, -next(self.arrivals), point))
-        if len(self.priority) > self.size:
-            del self.priority[self.worst()]
-            heapq.heappop(self.heap)
-        if len(self.priority) == self.size:
-            self.threshold = self.priority[self.worst()]
-
-    def worst(self):
-        """The point of highest priority in the sample."""
-        while self.priority.get(self.heap[0][2]) != -self.heap[0][0]:
-            heapq.heappop(self.heap)
-        return self.heap[0][2]
-
-    def points(self):
-        """The sample, lowest priority first."""
-        return sorted(self.priority, key=self.priority.get)
-
-
-@dataclass
-class InputScan:
-    """What the master learns from one pass over the input."""
-
-    points: int
-    dim: int
-    samples: list       # per seed: K distinct points drawn at random (fewer if the input has fewer)
-    plot_sample: list   # up to plot_points input points drawn at random, for the plot
-
-
-def scan_input(path, clusters, seeds, plot_points=0):
-    """Validate the whole input in one streaming pass, count its points and, for every seed, draw K
-    distinct points (and a sample to plot).
-
-    Every point gets a random priority per seed; a sample is the K distinct points with the lowest
-    priority (a point's priority is its lowest over its copies), so the draw is uniform over lines.
-    """
-    draws = [random.Random(seed).random for seed in seeds]
-    chosen = [DistinctSample(clusters) for _ in seeds]
-    plot_heap = []   # (-priority, index, point): the plot_points lowest priorities of the first seed
+def count_points(path):
+    """(points, D) of an input file, without parsing it: non-blank lines are counted at C speed and
+    only the first point is parsed, for D. Each mapper checks every line of its split when it first
+    reads it (see Sample), so the whole file is still checked, once and in parallel."""
     count, dim = 0, None
     for first_line, block in line_blocks(path):
-        columns, dim, lines = parse_block(block, first_line, path, dim)
-        for number, (draw, sample) in enumerate(zip(draws, chosen)):
-            plotting = number == 0 and plot_points
-            for index, priority in enumerate([draw() for _ in lines]):
-                to_plot = plotting and (len(plot_heap) < plot_points or -plot_heap[0][0] > priority)
-                if not to_plot and priority >= sample.threshold:
-                    continue   # the common case: this point is in neither sample
-                point = tuple(column[index] for column in columns)
-                if to_plot:
-                    heapq.heappush(plot_heap, (-priority, count + index, point))
-                    if len(plot_heap) > plot_points:
-                        heapq.heappop(plot_heap)
-                if priority < sample.threshold:
-                    sample.offer(point, priority)
-        count += len(lines)
+        if dim is None:
+            for number, line in enumerate(block, first_line):
+                if not line.isspace():
+                    dim = len(parse_point(line, f"{path}:{number}"))
+                    break
+        count += len(block) - sum(map(str.isspace, block))
     if count == 0:
         raise InputError(f"{path}: no points")
-    samples = [sample.points() for sample in chosen]
-    return InputScan(count, dim, samples, [point for _, _, point in sorted(plot_heap, key=lambda e: e[1])])
+    return count, dim
 
 
 def read_split(path, start, end, dim, keep_text):
@@ -971,6 +953,17 @@ def unflatten(message):
     return [tuple(values[i:i + dim]) for i in range(0, len(values), dim)]
 
 
+def draw_message(drawn, dim):
+    """(priority, index, point) triples as a pb.Draw."""
+    return pb.Draw(priorities=[p for p, _, _ in drawn], indices=[i for _, i, _ in drawn],
+                   points=pb.Centroids(dim=dim, values=[x for _, _, point in drawn for x in point]))
+
+
+def draw_triples(message):
+    """A pb.Draw back as (priority, index, point) triples."""
+    return list(zip(message.priorities, message.indices, unflatten(message.points))) if message.indices else []
+
+
 # ####################################################################################################
 # gRPC services: thin servicers that check requests, convert messages and call the pure core
 # ####################################################################################################
@@ -978,6 +971,7 @@ def unflatten(message):
 TOKEN_KEY = "kmr-token"
 CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
 MAX_CLUSTERS = 100_000
+MAX_RESTARTS = 1000
 MAX_DIM = 4096
 
 
@@ -1322,6 +1316,33 @@ class MapperServicer(pb_grpc.MapperServicer):
             return None, str(error)
         except InputError as error:
             require(context, False, str(error))
+
+    def Sample(self, request, context):
+        log.debug("Sample task %d attempt %d: points [%d, %d) of %s", request.task, request.attempt,
+                  request.start, request.end, request.input_path)
+        path = self.input_of(request, context)
+        require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
+                f"dimension {request.dim} or K={request.clusters} out of range")
+        require(context, len(request.seeds) <= MAX_RESTARTS, "too many seeds")
+        if self.faults.fails(f"Sample task {request.task}"):
+            return pb.SampleResponse(status=failure("injected failure"))
+        try:
+            split = self.split(path, request.start, request.end, request.dim, request.keep_text)
+        except (OSError, UnreadableInput) as error:   # maybe on this host only: let another mapper try
+            log.info("task %d: FAILURE %s", request.task, error)
+            return pb.SampleResponse(status=failure(str(error)))
+        except InputError as error:   # a bad line: the job cannot run
+            return pb.SampleResponse(status=success(), reply=pb.SampleReply(input_error=str(error)))
+        reply = pb.SampleReply()
+        for number, seed in enumerate(request.seeds):
+            priorities = point_priorities(seed, request.start, request.end)
+            reply.draws.append(draw_message(lowest_distinct(split.columns, priorities, request.start,
+                                                            request.clusters), request.dim))
+            if number == 0 and request.plot_points:
+                lowest = heapq.nsmallest(request.plot_points, zip(priorities, range(len(priorities))))
+                reply.plot.CopyFrom(draw_message(
+                    [(p, request.start + i, tuple(c[i] for c in split.columns)) for p, i in lowest], request.dim))
+        return pb.SampleResponse(status=success(), reply=reply)
 
     def Weigh(self, request, context):
         log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
@@ -1955,11 +1976,11 @@ BASE_ATTEMPTS = 4   # tries per task and iteration when no failures are injected
 
 
 def task_runs(options):
-    """How many tasks the job may run at most: per restart, M + R per iteration, and M per Weigh
-    pass (one per k-means++ round, one for the final SSE)."""
+    """How many tasks the job may run at most: M for the Sample pass, and per restart M + R per
+    iteration and M per Weigh pass (one per k-means++ round, one for the final SSE)."""
     weigh_passes = (options.clusters - 1 if options.init == "k-means++" else 0) + 1
-    return options.restarts * (options.iterations * (options.mappers + options.reducers)
-                               + weigh_passes * options.mappers)
+    return options.mappers + options.restarts * (options.iterations * (options.mappers + options.reducers)
+                                                 + weigh_passes * options.mappers)
 
 
 def attempt_budget(fail_prob, runs):
@@ -2273,29 +2294,52 @@ class Master:
     # -- the run -------------------------------------------------------------------------------
 
     def prepare(self):
-        """Validate the input and draw what every run starts from; returns (InputScan, seeds)."""
+        """Count the input's points and decide the seeds, before any worker starts; returns the seeds."""
         options = self.options
-        self.stamp = self.input_stamp()   # before the scan: a later change makes the checkpoint refuse
+        self.stamp = self.input_stamp()   # before the count: a later change makes the checkpoint refuse
         self.saved = self.restore() if options.resume else None
         seed = self.saved["seed"] if self.saved else \
             options.seed if options.seed is not None else secrets.randbelow(2**32)
         derive = random.Random(seed)
-        seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
-        scan = scan_input(options.input_path, options.clusters, seeds, options.plot_points)
-        if scan.dim > MAX_DIM or options.clusters * scan.dim * 8 > MAX_MESSAGE_BYTES // 4:
-            raise InputError(f"K={options.clusters} centroids of dimension {scan.dim} are too many to send "
+        self.seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
+        self.points, self.dim = count_points(options.input_path)
+        if self.dim > MAX_DIM or options.clusters * self.dim * 8 > MAX_MESSAGE_BYTES // 4:
+            raise InputError(f"K={options.clusters} centroids of dimension {self.dim} are too many to send "
                              f"(limits: D <= {MAX_DIM}, K x D x 8 bytes <= {MAX_MESSAGE_BYTES // 4})")
-        if len(scan.samples[0]) < options.clusters:
-            raise InputError(f"K={options.clusters} is larger than the number of distinct points "
-                             f"({len(scan.samples[0])}) in {options.input_path}")
         self.given_init = None
         if options.init not in ("random", "k-means++"):
-            self.given_init = read_centroids(options.init, options.clusters, scan.dim)
-        self.points, self.dim = scan.points, scan.dim
+            self.given_init = read_centroids(options.init, options.clusters, self.dim)
         self.input_path = os.path.abspath(options.input_path)
-        self.ranges = split_ranges(scan.points, options.mappers)
-        self.seeds = seeds
-        return scan, seeds
+        self.ranges = split_ranges(self.points, options.mappers)
+        return self.seeds
+
+    def sample(self):
+        """The first read of every split (each mapper parses and checks its own, in parallel) and
+        each run's K distinct initial points drawn uniformly over the input's lines: per seed, the
+        K distinct points of lowest random priority. Returns (draws per seed, points to plot)."""
+        options = self.options
+        log.log(DETAIL, "=== read and check the input: one Sample per split ===")
+
+        def run_one(attempt):
+            start, end = self.ranges[attempt.task - 1]
+            request = pb.SampleRequest(job=self.job, task=attempt.task, attempt=attempt.number,
+                                       input_path=self.input_path, start=start, end=end, dim=self.dim,
+                                       clusters=options.clusters, seeds=self.seeds,
+                                       plot_points=options.plot_points, keep_text=not options.combine)
+            return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
+
+        replies = [reply for _, (_, reply) in sorted(self.run_tasks(
+            "mapper", range(1, options.mappers + 1), {}, run_one).items())]
+        bad = [reply.input_error for reply in replies if reply.input_error]
+        if bad:
+            raise InputError(bad[0])   # the first split's first bad line: the file's first
+        draws = [[point for _, _, point in merge_draws([draw_triples(reply.draws[number]) for reply in replies],
+                                                         options.clusters)] for number in range(len(self.seeds))]
+        if len(draws[0]) < options.clusters:
+            raise InputError(f"K={options.clusters} is larger than the number of distinct points "
+                             f"({len(draws[0])}) in {options.input_path}")
+        plotted = merge_draws([draw_triples(reply.plot) for reply in replies], options.plot_points, distinct=False)
+        return draws, [point for _, _, point in sorted(plotted, key=lambda drawn: drawn[1])]
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -2351,7 +2395,7 @@ class Master:
     def run(self):
         """Validate the input, start workers, run every restart; returns a JobResult."""
         options = self.options
-        scan, seeds = self.prepare()   # input errors before any log line
+        seeds = self.prepare()   # input errors found without reading the points come before any log line
         log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
                  options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
                  options.tol, options.init, seeds[0], options.restarts)
@@ -2359,16 +2403,19 @@ class Master:
             log.info("up to %d tries per task%s", self.max_attempts, "" if options.max_attempts else
                      f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
                      f"chance of failing by bad luck < {DRILL_RISK:g})")
-        log.info("%d points of dimension %d; map task ranges %s", scan.points, scan.dim, self.ranges)
+        log.info("%d points of dimension %d; map task ranges %s", self.points, self.dim, self.ranges)
+        started = time.perf_counter()
+        self.workers.start()
+        startup = time.perf_counter() - started
+        log.info("workers ready in %.3f s", startup)
+        samples, plot_sample = self.sample()
+        release_console()
+        self.sampling_events = dict(self.events)   # failures of the Sample pass count in run 1
         if not options.resume:   # an earlier run's files would pass for this run's
             for stale in ("Mappers", "Reducers"):
                 shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.checkpoint_path)
-        started = time.perf_counter()
-        self.workers.start()
-        startup = time.perf_counter() - started
-        log.info("workers ready in %.3f s", startup)
         resumed = None
         if self.saved:
             self.finished = [restored(RunResult, run) for run in self.saved["runs"]]
@@ -2377,7 +2424,7 @@ class Master:
                      options.restarts, f"; run {resumed.number} continues after iteration "
                      f"{len(resumed.iterations)}" if resumed else "")
         runs = self.finished
-        for number, (seed, sample) in enumerate(zip(seeds, scan.samples), 1):
+        for number, (seed, sample) in enumerate(zip(seeds, samples), 1):
             if number <= len(runs):
                 continue
             self.job = f"{self.job_base}-{number}"
@@ -2391,7 +2438,7 @@ class Master:
         if options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
-        return JobResult(best, runs, startup, scan.dim, scan.points, scan.plot_sample)
+        return JobResult(best, runs, startup, self.dim, self.points, plot_sample)
 
     def write_centroids(self, centroids):
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
@@ -2404,6 +2451,8 @@ class Master:
         rng = random.Random(seed)
         self.events.clear()
         if progress is None:
+            if number == 1:
+                self.events.update(self.sampling_events)
             if self.given_init is not None:
                 initial = self.given_init
             elif options.init == "k-means++":
@@ -2579,6 +2628,34 @@ def plot_svg(result):
 # ####################################################################################################
 
 
+class HeldConsole(logging.StreamHandler):
+    """The master's console, holding its lines until the mappers have checked the input: bad input
+    is then one line on stderr, as if it had been caught before the job began (dump.txt has all)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.held = []
+
+    def emit(self, record):
+        if self.held is None:
+            super().emit(record)
+        else:
+            self.held.append(record)
+
+    def let_go(self, show):
+        """Stop holding; show the held lines, or drop them."""
+        held, self.held = self.held or [], None
+        for record in held if show else []:
+            super().emit(record)
+
+
+def release_console(show=True):
+    """Let the console show (or drop) what it held and go on unheld (see HeldConsole)."""
+    for handler in log.handlers:
+        if isinstance(handler, HeldConsole):
+            handler.let_go(show)
+
+
 def setup_logging(role, log_path, console_level=logging.INFO):
     """Log lines prefixed by role and PID to stderr (from console_level) and, all of them (every
     RPC is a DEBUG line), appended to dump.txt."""
@@ -2586,7 +2663,7 @@ def setup_logging(role, log_path, console_level=logging.INFO):
     log.setLevel(logging.DEBUG)
     log.propagate = False
     formatter = logging.Formatter(f"%(asctime)s [{role} %(process)d] %(message)s")
-    console = logging.StreamHandler(sys.stderr)
+    console = HeldConsole() if role == "master" else logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
     console.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
     log.addHandler(console)
@@ -2693,7 +2770,7 @@ def parse_args(argv=None):
     shared.add_argument("--fail-seed", type=int, help="seed of --fail-prob draws")
     args = parser.parse_args(argv)
     checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, MAX_CLUSTERS),
-              ("--restarts", args.restarts, 1, 1000),
+              ("--restarts", args.restarts, 1, MAX_RESTARTS),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
               ("--max-attempts", 1 if args.max_attempts is None else args.max_attempts, 1, 10**6)]
     for flag, value, low, high in checks:
@@ -2839,6 +2916,7 @@ def main(argv=None):
 def report(error, code):
     """One error line on stderr (and in dump.txt when logging is on); returns the exit code."""
     message = f"kmr: error: {error}"
+    release_console(show=code != EXIT_USAGE)   # bad input: its one line, nothing before it
     if log.handlers:
         for handler in log.handlers:
             if isinstance(handler, logging.FileHandler):

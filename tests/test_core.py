@@ -1,6 +1,7 @@
 """The pure core, function by function: parse, split, map, partition, combine, shuffle-sort, reduce."""
 
 import math
+from array import array
 from fractions import Fraction
 
 import pytest
@@ -218,18 +219,19 @@ def test_reference_reproduces_a_hand_computed_iteration():
     assert centroids == [(0.5,), (11.0,)] and iterations == 3
 
 
-@given(st.lists(st.tuples(st.integers(0, 6), st.floats(0, 1, exclude_max=True)), max_size=120), st.integers(1, 5))
-@example([(1, 0.0), (0, 0.0)], 1)                        # equal priorities: the earlier offer wins
-@example([(0, 0.5), (1, 0.5), (2, 0.3)], 2)              # ... also when one of them must leave
-def test_distinct_sample_keeps_the_k_distinct_points_of_lowest_priority(offers, size):
-    sample = kmr.DistinctSample(size)
-    for value, priority in offers:
-        if priority < sample.threshold:
-            sample.offer((float(value),), priority)
-    lowest = {}   # brute force: each point's lowest priority and when it first had it; the K first
-    for arrival, (value, priority) in enumerate(offers):
-        point = (float(value),)
-        if priority < lowest.get(point, (math.inf,))[0]:
-            lowest[point] = (priority, arrival)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=120), st.integers(1, 5), st.integers(1, 4), st.integers(0, 99))
+def test_merged_split_draws_are_the_k_distinct_points_of_lowest_priority(values, size, splits, seed):
+    """However the input is split, merging the splits' draws gives the K distinct points whose lowest
+    copy has the lowest priority: what one pass over the whole input would pick."""
+    points = [(float(v),) for v in values]
+    priorities = kmr.point_priorities(seed, 0, len(points))
+    lowest = {}   # brute force: each point's lowest (priority, index)
+    for index, (point, priority) in enumerate(zip(points, priorities)):
+        lowest[point] = min(lowest.get(point, (math.inf, 0)), (priority, index))
     expected = sorted(lowest, key=lowest.get)[:size]
-    assert sorted(sample.points()) == sorted(expected)
+    draws = []
+    for start, end in kmr.split_ranges(len(points), splits):
+        part = [array("d", [p[0] for p in points[start:end]])]
+        assert kmr.point_priorities(seed, start, end) == priorities[start:end]   # any M, the same priorities
+        draws.append(kmr.lowest_distinct(part, kmr.point_priorities(seed, start, end), start, size))
+    assert [point for _, _, point in kmr.merge_draws(draws, size)] == expected

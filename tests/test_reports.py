@@ -439,13 +439,13 @@ def test_summary_of_a_run_stopped_by_n_measures_its_final_centroids(stopped):
 
 
 def master_failures(dump):
-    """The master's FAILURE replies in dump.txt: [(RPC name, iteration or None)]."""
+    """The master's FAILURE replies in dump.txt: [(RPC name, iteration, None before iteration 1)]."""
     found, iteration = [], None
     for line in dump.splitlines():
         if header := re.search(r"\[master \d+\] === iteration (\d+) ===", line):
             iteration = int(header[1])
         elif reply := re.search(r"\[master \d+\]   <- (\w+) .* FAILURE .*: injected failure", line):
-            found.append((reply[1], iteration if reply[1] != "Weigh" else None))
+            found.append((reply[1], iteration if reply[1] not in ("Weigh", "Sample") else None))
     return found
 
 
