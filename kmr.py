@@ -1239,6 +1239,7 @@ class Worker:
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
     beaten: bool = False       # a backup copy of its last task finished first: back it up early
+    pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
     def name(self):
@@ -1256,6 +1257,7 @@ class Attempt:
     process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
     relocated: bool = False   # another worker ran the task last: this one parses or recounts first
     started: float = field(default_factory=time.monotonic)
+    record: object = None     # its AttemptRecord, for the timeline
 
 
 class TaskFailed(Exception):
@@ -1391,6 +1393,7 @@ class Workers:
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
         worker.alive = True
+        worker.pid = reply.pid
         log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout):
@@ -1569,6 +1572,26 @@ class IterationStats:
 
 
 @dataclass
+class AttemptRecord:
+    """One attempt as the timeline and the summary show it (times in seconds since the job started)."""
+
+    run: int
+    worker: str           # role and index ("mapper 1"): the worker's lane
+    address: str
+    pid: int
+    stage: str            # Map, Reduce (its fetches, then GetResult) or Weigh
+    task: int             # the map task, partition or split weighed
+    iteration: int        # 0: a k-means++ round; None: the final SSE pass
+    attempt: int
+    backup: bool
+    rerun: bool           # a map task run again because its output could not be fetched
+    start: float
+    collect: float = None   # a Reduce attempt: when it asked for the result (GetResult)
+    ending: tuple = None    # (end, outcome, reason), set in one step by the thread that ran it
+    won: bool = False       # its result is the one the master used
+
+
+@dataclass
 class RunResult:
     """One complete K-means run (one of --restarts)."""
 
@@ -1623,6 +1646,7 @@ class JobResult:
     dim: int
     points: int
     plot_sample: list
+    timeline: dict = None   # every attempt, iteration span and lost worker (see Master.timeline)
 
     @property
     def centroids(self):
@@ -1665,6 +1689,11 @@ class Master:
         self.leftovers = {}   # future -> Attempt: losers of backup races, still running
         self.holders = {}     # (role, task) -> the worker that last finished it
         self.finished = []    # RunResults of the runs done so far (for the checkpoint)
+        self.origin = time.monotonic()   # the timeline's zero, reset when the job starts
+        self.run_number = 1
+        self.records = []     # AttemptRecord of every attempt, in the order they started
+        self.spans = []       # when each iteration (k-means++: 0, final SSE: None) ran, for the timeline
+        self.losses = []      # every worker lost: when, which process, its replacement
         self.checkpoint_path = os.path.join(options.data_dir, CHECKPOINT)
         # workers this master spawns always require a token: a fresh one per run unless --token is set
         self.workers = Workers(options, options.token or secrets.token_hex(16),
@@ -1673,7 +1702,7 @@ class Master:
 
     # -- running tasks -------------------------------------------------------------------------
 
-    def run_tasks(self, role, tasks, attempts, run_one):
+    def run_tasks(self, role, tasks, attempts, run_one, stage, iteration, rerun=False):
         """Run every task on some live worker of a role; {task: (worker, result)}.
 
         A task that failed is re-assigned; a worker that went silent is lost (see Workers.lose). Once
@@ -1684,7 +1713,8 @@ class Master:
         before.
         The first copy to succeed wins; the other is left to finish and ignored, and its worker gets
         no new task until it has. `attempts` counts tries per task for the whole iteration;
-        run_one(attempt) may raise TaskFailed or WorkerLost.
+        run_one(attempt) may raise TaskFailed or WorkerLost. `stage`, `iteration` and `rerun` (map
+        tasks run again) label the attempts on the timeline.
         """
         pending, results, running, durations, backed_up = list(tasks), {}, {}, [], set()
         reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
@@ -1698,7 +1728,13 @@ class Master:
             holder = self.holders.get((role, task))
             attempt = Attempt(worker, task, attempts[task], backup, worker.process,
                               relocated=holder is not None and holder is not worker)
-            running[self.workers.threads.submit(run_one, attempt)] = attempt
+            attempt.record = AttemptRecord(self.run_number, f"{worker.role} {worker.index}", worker.address,
+                                           worker.pid, stage, task, iteration, attempt.number, backup, rerun,
+                                           attempt.started - self.origin)
+            self.records.append(attempt.record)
+            future = self.workers.threads.submit(run_one, attempt)
+            future.add_done_callback(functools.partial(self.attempt_ended, attempt.record))
+            running[future] = attempt
             return attempt
 
         while pending or any(attempt.task not in results for attempt in running.values()):
@@ -1737,7 +1773,7 @@ class Master:
                 except WorkerLost as error:
                     reasons[task][f"{worker.name} lost ({error})"] += 1
                     log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    self.workers.lose(worker, str(error), attempt.process)
+                    self.lose(worker, str(error), attempt.process)
                 except TaskFailed as error:
                     reasons[task][str(error)] += 1
                     self.events["failures"] += 1
@@ -1745,6 +1781,7 @@ class Master:
                 else:
                     if task not in results:
                         results[task] = (worker, result)
+                        attempt.record.won = True
                         self.holders[role, task] = worker
                         durations.append(time.monotonic() - attempt.started)
                         self.race_won(role, attempt, [a for a in running.values() if a.task == task])
@@ -1783,7 +1820,43 @@ class Master:
         for future in [f for f in self.leftovers if f.done()]:
             attempt = self.leftovers.pop(future)
             if isinstance(future.exception(), WorkerLost):
-                self.workers.lose(attempt.worker, str(future.exception()), attempt.process)
+                self.lose(attempt.worker, str(future.exception()), attempt.process)
+
+    def attempt_ended(self, record, future):
+        """Stamp an attempt's end and outcome, in the thread that ran it, as its call returns: SUCCESS,
+        FAILURE (the worker's reason), lost, or stale (the worker had seen a newer job or iteration)."""
+        end = time.monotonic() - self.origin
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled():
+            outcome, reason = "unfinished", "cancelled as the job ended"
+        elif isinstance(error, WorkerLost):
+            outcome, reason = "lost", str(error)
+        elif error is not None:
+            outcome, reason = "stale" if str(error).startswith("stale attempt") else "FAILURE", str(error)
+        elif isinstance(future.result(), MissingOutput):
+            outcome, reason = "FAILURE", f"map output missing for tasks {sorted(future.result().tasks)}"
+        else:
+            outcome, reason = "SUCCESS", ""
+        record.ending = (end, outcome, reason)
+
+    def lose(self, worker, why, process=None):
+        """Workers.lose, and the loss on the timeline: when, which process, and the PID of its
+        replacement (None for a worker we did not spawn)."""
+        was_alive, pid = worker.alive, worker.pid
+        self.workers.lose(worker, why, process)
+        if was_alive and not worker.alive:
+            self.losses.append({"run": self.run_number, "worker": f"{worker.role} {worker.index}", "pid": pid,
+                                "time": time.monotonic() - self.origin, "reason": why,
+                                "new_pid": worker.process.pid if worker.process is not None else None})
+
+    @contextlib.contextmanager
+    def timed(self, iteration):
+        """Note when a part of the run ran, for the timeline: an iteration, k-means++ (0) or the
+        final SSE pass (None)."""
+        start = time.monotonic() - self.origin
+        yield
+        self.spans.append({"run": self.run_number, "iteration": iteration, "start": start,
+                           "end": time.monotonic() - self.origin})
 
     @staticmethod
     def straggler(attempts, durations):
@@ -1805,8 +1878,8 @@ class Master:
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def map_stage(self, iteration, tasks, centroids, previous, attempts):
-        """Map: run the given map tasks; {task: (mapper, MapReply)}."""
+    def map_stage(self, iteration, tasks, centroids, previous, attempts, rerun=False):
+        """Map: run the given map tasks (again, when `rerun`: their output was lost); {task: (mapper, MapReply)}."""
         def run_one(attempt):
             task = attempt.task
             start, end = self.ranges[task - 1]
@@ -1818,7 +1891,7 @@ class Master:
                 request.previous.CopyFrom(flatten(previous))
             return self.workers.call(attempt, "Map", request, f"task {task}")
 
-        return self.run_tasks("mapper", tasks, attempts, run_one)
+        return self.run_tasks("mapper", tasks, attempts, run_one, "Map", iteration, rerun)
 
     def reduce_stage(self, iteration, partitions, map_results, attempts):
         """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
@@ -1836,11 +1909,12 @@ class Master:
                 if failed.reply is None or not failed.reply.missing_tasks:
                     raise
                 return MissingOutput(set(failed.reply.missing_tasks))
+            attempt.record.collect = time.monotonic() - self.origin
             return self.workers.call(attempt, "GetResult",
                                      pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
                                      f"partition {partition}")
 
-        done = self.run_tasks("reducer", partitions, attempts, run_one)
+        done = self.run_tasks("reducer", partitions, attempts, run_one, "Reduce", iteration)
         results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
         lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
@@ -1865,11 +1939,11 @@ class Master:
             if lost:
                 for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
                     if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):   # silent 2 s already
-                        self.workers.lose(worker, "its map output could not be fetched")
+                        self.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
                 self.events["re-executions"] += len(lost)
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
-                                                  map_attempts))
+                                                  map_attempts, rerun=True))
         reduced = time.perf_counter()
         outcome = self.compile(iteration, centroids, map_results, results)
         phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
@@ -1921,7 +1995,7 @@ class Master:
                                       draw_seed=seeds[task], count_clusters=count_clusters)
             return self.workers.call(attempt, "Weigh", request, f"task {task}")
 
-        done = self.run_tasks("mapper", list(seeds), {}, run_one)
+        done = self.run_tasks("mapper", list(seeds), {}, run_one, "Weigh", None if count_clusters else 0)
         return {task: reply for task, (_, reply) in sorted(done.items())}
 
     def kmeans_plus_plus(self, first, rng):
@@ -1948,7 +2022,8 @@ class Master:
         if run_stats and run_stats[-1].shift == 0.0:
             return run_stats[-1].sse, run_stats[-1].counts
         log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
-        replies = self.weigh(centroids, rng, count_clusters=True).values()
+        with self.timed(None):
+            replies = self.weigh(centroids, rng, count_clusters=True).values()
         sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
         return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
 
@@ -2033,6 +2108,7 @@ class Master:
     def run(self):
         """Validate the input, start workers, run every restart; returns a JobResult."""
         options = self.options
+        self.origin = time.monotonic()
         scan, seeds = self.prepare()   # input errors before any log line
         log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
                  options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
@@ -2051,6 +2127,8 @@ class Master:
         self.workers.start()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
+        first_processes = [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
+                           for w in self.workers.every()]
         resumed = None
         if self.saved:
             self.finished = [restored(RunResult, run) for run in self.saved["runs"]]
@@ -2059,10 +2137,13 @@ class Master:
                      options.restarts, f"; run {resumed.number} continues after iteration "
                      f"{len(resumed.iterations)}" if resumed else "")
         runs = self.finished
+        earlier = None   # what an earlier master did, for the timeline
+        if self.saved:
+            earlier = {"runs": len(runs), "iterations": len(resumed.iterations) if resumed else 0}
         for number, (seed, sample) in enumerate(zip(seeds, scan.samples), 1):
             if number <= len(runs):
                 continue
-            self.job = f"{self.job_base}-{number}"
+            self.job, self.run_number = f"{self.job_base}-{number}", number
             progress = resumed if resumed and resumed.number == number else None
             runs.append(self.run_once(number, seed, sample, progress))
             self.save(None)
@@ -2073,7 +2154,30 @@ class Master:
         if options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
-        return JobResult(best, runs, startup, scan.dim, scan.points, scan.plot_sample)
+        return JobResult(best, runs, startup, scan.dim, scan.points, scan.plot_sample,
+                         self.timeline(first_processes, earlier))
+
+    def timeline(self, workers, earlier):
+        """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
+        the workers as they started, every attempt, iteration span and lost worker, and what an earlier
+        master did (resumed from its checkpoint: {runs, iterations} done there, not recorded here).
+        An attempt still running (a copy that lost a backup race) ends with the job, `unfinished`."""
+        now = time.monotonic() - self.origin
+        attempts = []
+        for record in self.records:
+            end, outcome, reason = record.ending or (now, "unfinished", "still running when the job ended")
+            if outcome == "SUCCESS" and not record.won:
+                outcome, reason = "ignored", "another copy of the task finished first"
+            attempts.append({"run": record.run, "worker": record.worker, "address": record.address,
+                             "pid": record.pid, "stage": record.stage, "task": record.task,
+                             "iteration": record.iteration, "attempt": record.attempt, "backup": record.backup,
+                             "rerun": record.rerun, "start": round(record.start, 6),
+                             "collect": None if record.collect is None else round(record.collect, 6),
+                             "end": round(end, 6), "outcome": outcome, "reason": reason})
+        spans = [{**span, "start": round(span["start"], 6), "end": round(span["end"], 6)} for span in self.spans]
+        losses = [{**loss, "time": round(loss["time"], 6)} for loss in self.losses]
+        return {"workers": workers, "attempts": attempts, "iterations": spans, "losses": losses,
+                "resumed": earlier, "end": round(now, 6)}
 
     def write_centroids(self, centroids):
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
@@ -2089,7 +2193,8 @@ class Master:
             if self.given_init is not None:
                 initial = self.given_init
             elif options.init == "k-means++":
-                initial = self.kmeans_plus_plus(sample[0], rng)
+                with self.timed(0):
+                    initial = self.kmeans_plus_plus(sample[0], rng)
             else:
                 initial = sample
             progress = Progress(number, seed, initial, initial, history=[initial], events=dict(self.events))
@@ -2106,7 +2211,8 @@ class Master:
             started = time.perf_counter()
             before = collections.Counter(self.events)
             log.log(DETAIL, "=== iteration %d ===", iteration)
-            new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
+            with self.timed(iteration):
+                new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
             shift = largest_shift(progress.centroids, new)
             progress.previous, progress.centroids = progress.centroids, new
             progress.history.append(new)
@@ -2139,7 +2245,7 @@ def run_job(options):
 
 
 # ####################################################################################################
-# Reports: the summary (JSON) and the plot (SVG), built from a JobResult
+# Reports: the summary (JSON), the plot and the timeline (SVG), built from a JobResult
 # ####################################################################################################
 
 PLOT_POINTS = 3000    # input points the master samples for --plot
@@ -2167,6 +2273,7 @@ def summary(result, options):
                         "counts": s.counts, "seconds": s.seconds, "phases": s.phases, "events": s.events}
                        for s in best.iterations],
         "failures": dict(totals),
+        "timeline": result.timeline,
         "converged": best.converged,
         "final_sse": best.sse,
         "final_counts": best.counts,
@@ -2256,6 +2363,352 @@ def plot_svg(result):
     return "\n".join(out) + "\n"
 
 
+TIMELINE_WIDTH = 1600    # px: lane labels, the time axis and the legend fit a window this wide
+TIMELINE_FULL = 10       # spans (iterations, k-means++, final SSE) drawn at full scale at most ...
+TIMELINE_EDGE = 3        # ... always the first and the last few, then the earliest with trouble in them
+BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans
+LANE_LABEL = 250         # px of the column of lane labels
+ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of the narrowest bar
+STAGE_COLOURS = {"Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
+COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
+FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+
+
+def span_label(span, short=False):
+    """What the timeline calls a span: an iteration, the k-means++ rounds or the final SSE pass."""
+    if span["iteration"] == 0:
+        return "k-means++"
+    if span["iteration"] is None:
+        return "SSE" if short else "final SSE"
+    return str(span["iteration"]) if short else f"iteration {span['iteration']}"
+
+
+def troubled(attempt):
+    """Whether an attempt is worth seeing in full: anything but a plain SUCCESS."""
+    return attempt["outcome"] != "SUCCESS" or attempt["backup"] or attempt["rerun"]
+
+
+def span_at(spans, time_point):
+    """The index of the span running at a time (the last one started by then)."""
+    return max(0, bisect.bisect_right([span["start"] for span in spans], time_point) - 1)
+
+
+def spans_in_full(spans, attempts, losses):
+    """The spans drawn at full scale: all of up to TIMELINE_FULL; of more, the first and last
+    TIMELINE_EDGE and the earliest with trouble (a failure, a loss, a backup, a re-run), TIMELINE_FULL
+    in all. The others collapse into bands, so a run of any length stays readable."""
+    count = len(spans)
+    if count <= TIMELINE_FULL:
+        return set(range(count))
+    keep = set(range(TIMELINE_EDGE)) | set(range(count - TIMELINE_EDGE, count))
+    index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
+    trouble = {index[attempt["run"], attempt["iteration"]] for attempt in attempts if troubled(attempt)}
+    trouble |= {span_at(spans, loss["time"]) for loss in losses}
+    return keep | set(sorted(trouble - keep)[:TIMELINE_FULL - len(keep)])
+
+
+class TimeAxis:
+    """Seconds since the job started to x pixels, piece by piece: the spans drawn in full share one
+    scale, and each run of consecutive collapsed spans becomes a band BAND_WIDTH px wide."""
+
+    def __init__(self, start, end, bands, left, right):
+        self.pieces = []   # (t0, t1, x0, x1, the collapsed spans' indices or None)
+        collapsed = sum(t1 - t0 for t0, t1, _ in bands)
+        self.scale = (right - left - BAND_WIDTH * len(bands)) / max(end - start - collapsed, 1e-9)
+        time_point, x = start, left
+        for t0, t1, group in bands:
+            x = self.add(time_point, t0, x, x + (t0 - time_point) * self.scale)
+            x = self.add(t0, t1, x, x + BAND_WIDTH, group)
+            time_point = t1
+        self.add(time_point, end, x, right)
+
+    def add(self, t0, t1, x0, x1, group=None):
+        """Append one piece; returns where it ends."""
+        self.pieces.append((t0, t1, x0, x1, group))
+        return x1
+
+    def x(self, time_point):
+        """Where a moment is drawn."""
+        for t0, t1, x0, x1, _ in self.pieces:
+            if time_point <= t1:
+                break
+        time_point = min(max(time_point, t0), t1)
+        return x0 if t1 == t0 else x0 + (time_point - t0) / (t1 - t0) * (x1 - x0)
+
+    def ticks(self):
+        """Round times about 110 px apart in the full-scale pieces: [(seconds, x)], and the decimals
+        their labels need."""
+        full = [(t0, t1) for t0, t1, _, _, group in self.pieces if group is None]
+        seconds = sum(t1 - t0 for t0, t1 in full)
+        values = nice_ticks(0.0, seconds, max(2, int(seconds * self.scale / 110)))
+        step = values[1] - values[0] if len(values) > 1 else seconds or 1.0
+        ticks = [(k * step, self.x(k * step)) for t0, t1 in full
+                 for k in range(math.ceil(t0 / step - 1e-9), math.floor(t1 / step + 1e-9) + 1)]
+        return ticks, max(0, -math.floor(math.log10(step) + 1e-9))
+
+
+def stack(attempts):
+    """Each attempt of a lane with its row: the first row free when it starts. A lane has more than
+    one row only where its worker really ran two attempts at once."""
+    ends, placed = [], []
+    for index, attempt in sorted(attempts, key=lambda item: item[1]["start"]):
+        row = next((number for number, end in enumerate(ends) if end <= attempt["start"]), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = attempt["end"]
+        placed.append((row, index, attempt))
+    return placed, max(1, len(ends))
+
+
+def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
+    """One attempt: a bar in its stage's colour (a Reduce bar ends in its GetResult), striped for a
+    backup copy, outlined purple for a re-executed map task, faded when its result was not used, and
+    a mark at its end: a red cross for FAILURE, a grey one for stale, a black triangle for lost, a
+    green tick for the copy that won a backup race."""
+    x0 = axis.x(attempt["start"])
+    x1 = max(min(max(axis.x(attempt["end"]), x0 + MIN_BAR), x_limit), x0)
+    outcome, middle = attempt["outcome"], y + BAR / 2
+    faded = outcome in ("ignored", "unfinished")
+    stroke = (f'stroke="{RERUN_COLOUR}" stroke-width="3"' if attempt["rerun"] else
+              'stroke="#333" stroke-width="1" stroke-dasharray="3 2"' if faded else
+              f'stroke="{FAILURE_COLOUR}" stroke-width="1.5"' if outcome == "FAILURE" else
+              'stroke="black" stroke-width="1.5"' if outcome == "lost" else 'stroke="white" stroke-width="0.5"')
+    what = "partition" if attempt["stage"] == "Reduce" else "task"
+    where = ("run %d, " % attempt["run"] if runs else "") + span_label(attempt)
+    title = (f"{attempt['worker']} (PID {attempt['pid']}, {attempt['address']}): {attempt['stage']} {what} "
+             f"{attempt['task']}, {where}, attempt {attempt['attempt']}"
+             f"{', backup copy' if attempt['backup'] else ''}{', re-executed (map output lost)' if attempt['rerun'] else ''}"
+             f": {attempt['start']:.3f} to {attempt['end']:.3f} s, {outcome}"
+             f"{' (' + attempt['reason'] + ')' if attempt['reason'] else ''}")
+    out = [f'<g class="attempt" data-index="{index}" data-run="{attempt["run"]}" data-stage="{attempt["stage"]}" '
+           f'data-task="{attempt["task"]}" data-iteration="{json.dumps(attempt["iteration"])}" '
+           f'data-attempt="{attempt["attempt"]}" data-outcome="{outcome}"><title>{html.escape(title)}</title>',
+           f'<rect class="bar" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
+           f'fill="{STAGE_COLOURS[attempt["stage"]]}" fill-opacity="{0.35 if faded else 1}" {stroke}/>']
+    if attempt["collect"] is not None:
+        xc = min(max(axis.x(attempt["collect"]), x0), x1)
+        out.append(f'<rect class="collect" x="{xc:.1f}" y="{y}" width="{x1 - xc:.1f}" height="{BAR}" '
+                   f'fill="{COLLECT_COLOUR}" fill-opacity="{0.35 if faded else 1}"/>')
+    if attempt["backup"]:
+        out.append(f'<rect class="backup" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
+                   f'fill="url(#stripes)"/>')
+    cross = f"M{x1 - 5:.1f} {middle - 5} L{x1 + 5:.1f} {middle + 5} M{x1 - 5:.1f} {middle + 5} L{x1 + 5:.1f} {middle - 5}"
+    if outcome == "FAILURE":
+        out.append(f'<path class="failure" d="{cross}" stroke="{FAILURE_COLOUR}" stroke-width="3" '
+                   f'stroke-linecap="round"/>')
+    elif outcome == "stale":
+        out.append(f'<path class="stale" d="{cross}" stroke="#666" stroke-width="2" stroke-linecap="round"/>')
+    elif outcome == "lost":
+        out.append(f'<path class="lost" d="M{x1 - 6:.1f} {y - 2} L{x1 + 6:.1f} {y - 2} L{x1:.1f} {middle + 2} Z" '
+                   f'fill="black"/>')
+    elif outcome == "SUCCESS" and raced:
+        out.append(f'<path class="won" d="M{x1 - 6:.1f} {y - 6} l3 4 l7 -8" stroke="{WON_COLOUR}" '
+                   f'stroke-width="2.5" fill="none" stroke-linecap="round"/>')
+    out.append("</g>")
+    return "".join(out)
+
+
+def loss_svg(loss, axis, y, height):
+    """A lost worker in its lane: a dashed line at the moment, the PID that was lost and its
+    replacement's."""
+    x = axis.x(loss["time"])
+    then = f"new PID {loss['new_pid']}" if loss["new_pid"] else "asked again later"
+    title = f"{loss['worker']} lost at {loss['time']:.3f} s ({loss['reason']}): PID {loss['pid']}; {then}"
+    return (f'<g class="loss" data-pid="{loss["pid"]}" data-new-pid="{loss["new_pid"] or ""}">'
+            f'<title>{html.escape(title)}</title>'
+            f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="{LOSS_COLOUR}" stroke-width="2" '
+            f'stroke-dasharray="4 2"/><text class="loss-label" x="{x + 4:.1f}" y="{y + height - 4}" '
+            f'fill="{LOSS_COLOUR}" font-size="11">PID {loss["pid"]} lost, {then}</text></g>')
+
+
+def band_svg(group, spans, attempts, losses, piece, top, bottom, runs):
+    """Consecutive collapsed spans as one hatched band that says what they held."""
+    _, _, x0, x1, _ = piece
+    first, last = spans[group[0]], spans[group[-1]]
+    inside = [attempt for attempt in attempts if spans[span_at(spans, attempt["start"])] in
+              [spans[number] for number in group]]
+    failures = sum(attempt["outcome"] == "FAILURE" for attempt in inside)
+    lost = sum(group[0] <= span_at(spans, loss["time"]) <= group[-1] for loss in losses)
+    if not runs and first["iteration"] and last["iteration"]:
+        names = [f"iterations {first['iteration']}–{last['iteration']}"]
+    else:
+        names = [("run %d: " % first["run"] if runs else "") + span_label(first) + " to",
+                 ("run %d: " % last["run"] if runs else "") + span_label(last)]
+    lines = names + [f"{last['end'] - first['start']:.3g} s", f"{len(inside)} attempts",
+                     f"{failures} FAILURE"] + ([f"{lost} workers lost"] if lost else []) + ["(collapsed)"]
+    out = [f'<g class="band" data-spans="{len(group)}" data-attempts="{len(inside)}" data-failures="{failures}" '
+           f'data-lost="{lost}"><title>{html.escape(", ".join(lines[:-1]))}</title>'
+           f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{bottom - top}" fill="url(#hatch)" '
+           f'stroke="#999"/>']
+    for number, line in enumerate(lines):
+        colour = FAILURE_COLOUR if line.endswith("FAILURE") and failures else "#222"
+        out.append(f'<text class="band-label" x="{(x0 + x1) / 2:.1f}" y="{top + 18 + 15 * number}" '
+                   f'text-anchor="middle" font-size="11" fill="{colour}">{html.escape(line)}</text>')
+    out.append("</g>")
+    return "".join(out)
+
+
+def timeline_legend(y):
+    """The legend: stage colours and marks, in two rows."""
+    middle = y + BAR / 2
+    items = [
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}"/>', "Map"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Reduce"]}"/>',
+         "Reduce (with its fetches)"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{COLLECT_COLOUR}"/>', "GetResult (collection)"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Weigh"]}"/>',
+         "Weigh (k-means++, final SSE)"),
+        (f'<path d="M5 {middle - 5} L15 {middle + 5} M5 {middle + 5} L15 {middle - 5}" stroke="{FAILURE_COLOUR}" '
+         f'stroke-width="3" stroke-linecap="round"/>', "FAILURE reply"),
+        (f'<path d="M5 {middle - 5} L15 {middle + 5} M5 {middle + 5} L15 {middle - 5}" stroke="#666" '
+         f'stroke-width="2" stroke-linecap="round"/>', "stale (newer work seen)"),
+        (f'<path d="M4 {y} L16 {y} L10 {middle + 4} Z" fill="black"/>', "worker lost during the attempt"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="{LOSS_COLOUR}" stroke-width="2" '
+         f'stroke-dasharray="4 2"/>', "worker lost: its new PID"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}"/>'
+         f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="url(#stripes)"/>', "backup copy"),
+        (f'<path d="M4 {middle} l3 4 l7 -8" stroke="{WON_COLOUR}" stroke-width="2.5" fill="none"/>',
+         "the copy that won"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}" fill-opacity="0.35" '
+         f'stroke="#333" stroke-dasharray="3 2"/>', "ignored (lost the race)"),
+        (f'<rect x="1.5" y="{y}" width="17" height="{BAR}" fill="{STAGE_COLOURS["Map"]}" stroke="{RERUN_COLOUR}" '
+         f'stroke-width="3"/>', "map task re-executed"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="#555"/>', "iteration starts"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="url(#hatch)" stroke="#999"/>',
+         "iterations collapsed"),
+    ]
+    out = []
+    for number, (glyph, text) in enumerate(items):
+        x, dy = 20 + 220 * (number % 7), 26 * (number // 7)
+        out.append(f'<g class="legend" transform="translate({x} {dy})">{glyph}'
+                   f'<text x="28" y="{y + 12}">{html.escape(text)}</text></g>')
+    return out
+
+
+def timeline_svg(result):
+    """An SVG of the job in time: a lane per worker (a respawned worker's new process in the same
+    lane), a bar per attempt coloured by stage, marks where something went wrong, iteration
+    boundaries, a time axis and a legend (built from result.timeline, see Master.timeline)."""
+    data = result.timeline
+    spans = sorted(data["iterations"], key=lambda span: span["start"])
+    attempts, losses, workers = data["attempts"], data["losses"], data["workers"]
+    runs = len(result.runs) > 1
+    full = spans_in_full(spans, attempts, losses)
+    index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
+    groups = []   # runs of consecutive collapsed spans
+    for number in sorted(set(range(len(spans))) - full):
+        if groups and groups[-1][-1] == number - 1:
+            groups[-1].append(number)
+        else:
+            groups.append([number])
+    start = spans[0]["start"] if spans else 0.0
+    end = max([span["end"] for span in spans] + [attempt["end"] for attempt in attempts] + [start + 1e-3])
+    left, right, top = LANE_LABEL, TIMELINE_WIDTH - 30, 130
+    axis = TimeAxis(start, end, [(spans[g[0]]["start"], spans[g[-1]]["end"], g) for g in groups], left, right)
+
+    lanes, y = [], top
+    for worker in workers:
+        mine = [(number, attempt) for number, attempt in enumerate(attempts)
+                if attempt["worker"] == worker["worker"] and index[attempt["run"], attempt["iteration"]] in full]
+        lost = [loss for loss in losses if loss["worker"] == worker["worker"] and span_at(spans, loss["time"]) in full]
+        placed, rows = stack(mine)
+        height = max(34, ROW * rows + 4) + (14 if lost else 0)
+        lanes.append((worker, placed, lost, y, height))
+        y += height
+    bottom = y
+    raced = {(a["run"], a["stage"], a["iteration"], a["task"]) for a in attempts if a["backup"]}
+    iterations = sum(1 for span in spans if span["iteration"])
+    failures = sum(attempt["outcome"] == "FAILURE" for attempt in attempts)
+    roles = collections.Counter(worker["worker"].split()[0] for worker in workers)
+    title = (f"kmr timeline: {result.points} points, {roles['mapper']} mappers, {roles['reducer']} reducers, "
+             f"{iterations} iterations{' in %d runs' % len(result.runs) if runs else ''}; {len(attempts)} "
+             f"attempts: {failures} FAILURE, {len(losses)} workers lost, "
+             f"{sum(a['backup'] for a in attempts)} backup copies, {sum(a['rerun'] for a in attempts)} map "
+             f"tasks re-executed")
+    notes = ["x: seconds since the master started the job; one lane per worker; hover over a bar for "
+             "its details"]
+    if groups:
+        notes.append(f"{len(spans) - len(full)} of {len(spans)} spans collapsed into hatched bands; in full: the "
+                     f"first and last {TIMELINE_EDGE} and the earliest with failures, losses, backups or re-runs")
+    if data["resumed"]:
+        earlier = data["resumed"]
+        done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
+               ([f"iteration{'s 1–%d' % earlier['iterations'] if earlier['iterations'] > 1 else ' 1'}"
+                 + (f" of run {earlier['runs'] + 1}" if runs else "")] if earlier["iterations"] else [])
+        notes.append("resumed from a checkpoint: " + (" and ".join(done) or "the initial centroids") +
+                     " ran in an earlier master, whose attempts are not shown")
+    height = bottom + 150
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{TIMELINE_WIDTH}" height="{height}" '
+           f'viewBox="0 0 {TIMELINE_WIDTH} {height}" font-family="sans-serif" font-size="12">',
+           '<defs><pattern id="stripes" width="6" height="6" patternUnits="userSpaceOnUse" '
+           'patternTransform="rotate(45)"><rect width="3" height="6" fill="black" fill-opacity="0.45"/></pattern>'
+           '<pattern id="hatch" width="8" height="8" patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+           '<rect width="8" height="8" fill="#f7f7f7"/><rect width="1.5" height="8" fill="#d0d0d0"/></pattern></defs>',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text class="title" x="20" y="28" font-size="16">{html.escape(title)}</text>']
+    for number, note in enumerate(notes):
+        out.append(f'<text class="note" x="20" y="{50 + 17 * number}" fill="#333">{html.escape(note)}</text>')
+    ticks, decimals = axis.ticks()
+    for number, (worker, placed, lost, y, height_of_lane) in enumerate(lanes):
+        detail = f"{worker['address']} · PID {worker['pid']}"
+        out.append(f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{len({row for row, _, _ in placed}) or 1}">'
+                   f'<rect x="10" y="{y}" width="{right - 10}" height="{height_of_lane}" '
+                   f'fill="{"#f3f5f8" if number % 2 else "white"}"/>'
+                   f'<text class="lane-name" x="20" y="{y + 15}" font-weight="bold">{worker["worker"]}</text>'
+                   f'<text class="lane-detail" x="20" y="{y + 29}" font-size="11" fill="#444">{html.escape(detail)}</text>')
+        out.extend(f'<line class="grid" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height_of_lane}" stroke="#e4e4e4"/>'
+                   for _, x in ticks)
+        next_start = {}   # the x where the next bar of the same row starts
+        for row, _, attempt in reversed(placed):
+            next_start[id(attempt)] = next_start.get(row, math.inf)
+            next_start[row] = axis.x(attempt["start"])
+        for row, number_of_attempt, attempt in placed:
+            out.append(attempt_svg(number_of_attempt, attempt, axis, y + 11 + ROW * row, next_start[id(attempt)],
+                                   (attempt["run"], attempt["stage"], attempt["iteration"], attempt["task"]) in raced,
+                                   runs))
+        out.extend(loss_svg(loss, axis, y, height_of_lane) for loss in lost)
+        out.append("</g>")
+    label_ends = [-math.inf, -math.inf]   # where the labels on each of two levels end
+    for number, span in enumerate(spans):
+        if number not in full:
+            continue
+        x = axis.x(span["start"])
+        new_run = runs and (number == 0 or spans[number - 1]["run"] != span["run"])
+        out.append(f'<line class="boundary" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
+                   f'data-edge="start" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" y2="{bottom}" '
+                   f'stroke="{"black" if new_run else "#555"}" stroke-width="{2 if new_run else 1}"/>')
+        if new_run:
+            out.append(f'<text class="run" x="{x + 3:.1f}" y="{top - 36}" font-weight="bold">run {span["run"]}</text>')
+        following = axis.x(spans[number + 1]["start"]) if number + 1 < len(spans) else right
+        label = span_label(span)
+        if following - x < 6.5 * len(label) + 8:
+            label = span_label(span, short=True)
+        level = 0 if x + 3 > label_ends[0] + 4 else 1 if x + 3 > label_ends[1] + 4 else \
+            min((0, 1), key=label_ends.__getitem__)
+        label_ends[level] = x + 3 + 6.5 * len(label)
+        out.append(f'<text class="iteration" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
+                   f'x="{x + 3:.1f}" y="{top - 8 - 14 * level}">{html.escape(label)}</text>')
+        if number + 1 == len(spans) or number + 1 not in full:
+            x_end = axis.x(span["end"])
+            out.append(f'<line class="boundary" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
+                       f'data-edge="end" x1="{x_end:.1f}" y1="{top - 30}" x2="{x_end:.1f}" y2="{bottom}" stroke="#555"/>')
+    for group in groups:
+        piece = next(piece for piece in axis.pieces if piece[4] is group)
+        out.append(band_svg(group, spans, attempts, losses, piece, top - 30, bottom, runs))
+    axis_y = bottom + 6
+    for t0, t1, x0, x1, group in axis.pieces:
+        if group is None and x1 > x0:
+            out.append(f'<line class="axis" x1="{x0:.1f}" y1="{axis_y}" x2="{x1:.1f}" y2="{axis_y}" stroke="black"/>')
+    for value, x in ticks:
+        out.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="black"/>'
+                   f'<text class="tick" x="{x:.1f}" y="{axis_y + 18}" text-anchor="middle">{value:.{decimals}f}</text>')
+    out.append(f'<text x="{(left + right) / 2}" y="{axis_y + 38}" text-anchor="middle">seconds since the master '
+               f'started the job</text>')
+    out.extend(timeline_legend(axis_y + 62))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 # ####################################################################################################
 # Command line
 # ####################################################################################################
@@ -2305,6 +2758,7 @@ EXAMPLES = """examples:
   python kmr.py --role mapper --port 6001                     a standalone worker (also: reducer)
   python kmr.py --role master --mapper-addrs h1:6001,h2:6001 --reducer-addrs h3:6101 --token T
   python kmr.py --role master --fail-prob 0.5                 the failure drill: half of all tasks fail
+  python kmr.py --role master --fail-prob 0.3 --timeline t.svg   the drill in time, a lane per worker
   python kmr.py --role master --crash mapper:1:after-map:2    mapper 1 dies after its Map of iteration 2
 """
 
@@ -2335,6 +2789,8 @@ def parse_args(argv=None):
                         help="complete runs from different seeds; the lowest final SSE wins (default 1)")
     master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")
     master.add_argument("--summary", metavar="FILE.json", help="write parameters and per-iteration numbers")
+    master.add_argument("--timeline", metavar="FILE.svg",
+                        help="draw every task attempt in time, a lane per worker, as SVG")
     display = master.add_mutually_exclusive_group()
     display.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
     display.add_argument("--compact", action="store_true",
@@ -2389,7 +2845,7 @@ def parse_args(argv=None):
     args.tls = tls_files(args)
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
-    for flag, path in (("--plot", args.plot), ("--summary", args.summary)):
+    for flag, path in (("--plot", args.plot), ("--summary", args.summary), ("--timeline", args.timeline)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
             raise InputError(f"{flag} {path}: not a file in an existing folder")
     if not all(" " <= char <= "~" for char in args.token):
@@ -2467,7 +2923,7 @@ def run_master(args):
                          fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
-               (args.plot, lambda: plot_svg(result))]
+               (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result))]
     for path, render in reports:
         if path:
             try:
