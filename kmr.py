@@ -1842,11 +1842,11 @@ class Master:
     def lose(self, worker, why, process=None):
         """Workers.lose, and the loss on the timeline: when, which process, and the PID of its
         replacement (None for a worker we did not spawn)."""
-        was_alive, pid = worker.alive, worker.pid
+        was_alive, pid, noticed = worker.alive, worker.pid, time.monotonic() - self.origin
         self.workers.lose(worker, why, process)
         if was_alive and not worker.alive:
             self.losses.append({"run": self.run_number, "worker": f"{worker.role} {worker.index}", "pid": pid,
-                                "time": time.monotonic() - self.origin, "reason": why,
+                                "time": noticed, "reason": why,
                                 "new_pid": worker.process.pid if worker.process is not None else None})
 
     @contextlib.contextmanager
@@ -2366,7 +2366,8 @@ def plot_svg(result):
 TIMELINE_WIDTH = 1600    # px: lane labels, the time axis and the legend fit a window this wide
 TIMELINE_FULL = 10       # spans (iterations, k-means++, final SSE) drawn at full scale at most ...
 TIMELINE_EDGE = 3        # ... always the first and the last few, then the earliest with trouble in them
-BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans
+BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans ...
+BAND_SPANS = 3           # ... at least this many (fewer are drawn in full: a band would not save room)
 LANE_LABEL = 250         # px of the column of lane labels
 ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of the narrowest bar
 STAGE_COLOURS = {"Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
@@ -2393,18 +2394,26 @@ def span_at(spans, time_point):
     return max(0, bisect.bisect_right([span["start"] for span in spans], time_point) - 1)
 
 
-def spans_in_full(spans, attempts, losses):
-    """The spans drawn at full scale: all of up to TIMELINE_FULL; of more, the first and last
-    TIMELINE_EDGE and the earliest with trouble (a failure, a loss, a backup, a re-run), TIMELINE_FULL
-    in all. The others collapse into bands, so a run of any length stays readable."""
+def collapsed_groups(spans, attempts, losses):
+    """The runs of consecutive spans that collapse into bands, so that a run of any length stays
+    readable: none of up to TIMELINE_FULL spans; of more, all but the first and last TIMELINE_EDGE
+    and the earliest with trouble (a failure, a loss, a backup, a re-run), TIMELINE_FULL in all,
+    except that runs shorter than BAND_SPANS are drawn in full too."""
     count = len(spans)
     if count <= TIMELINE_FULL:
-        return set(range(count))
+        return []
     keep = set(range(TIMELINE_EDGE)) | set(range(count - TIMELINE_EDGE, count))
     index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
     trouble = {index[attempt["run"], attempt["iteration"]] for attempt in attempts if troubled(attempt)}
     trouble |= {span_at(spans, loss["time"]) for loss in losses}
-    return keep | set(sorted(trouble - keep)[:TIMELINE_FULL - len(keep)])
+    keep |= set(sorted(trouble - keep)[:TIMELINE_FULL - len(keep)])
+    groups = []
+    for number in sorted(set(range(count)) - keep):
+        if groups and groups[-1][-1] == number - 1:
+            groups[-1].append(number)
+        else:
+            groups.append([number])
+    return [group for group in groups if len(group) >= BAND_SPANS]
 
 
 class TimeAxis:
@@ -2461,10 +2470,11 @@ def stack(attempts):
 
 
 def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
-    """One attempt: a bar in its stage's colour (a Reduce bar ends in its GetResult), striped for a
-    backup copy, outlined purple for a re-executed map task, faded when its result was not used, and
-    a mark at its end: a red cross for FAILURE, a grey one for stale, a black triangle for lost, a
-    green tick for the copy that won a backup race."""
+    """One attempt as (its bar, its mark). The bar is in its stage's colour (a Reduce bar ends in its
+    GetResult), striped for a backup copy, outlined purple for a re-executed map task, faded when its
+    result was not used. The mark, drawn above every bar so that none hides it, sits at its end: a
+    red cross for FAILURE, a grey one for stale, a black triangle for lost, a green tick for the copy
+    that won a backup race."""
     x0 = axis.x(attempt["start"])
     x1 = max(min(max(axis.x(attempt["end"]), x0 + MIN_BAR), x_limit), x0)
     outcome, middle = attempt["outcome"], y + BAR / 2
@@ -2492,20 +2502,49 @@ def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
     if attempt["backup"]:
         out.append(f'<rect class="backup" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
                    f'fill="url(#stripes)"/>')
-    cross = f"M{x1 - 5:.1f} {middle - 5} L{x1 + 5:.1f} {middle + 5} M{x1 - 5:.1f} {middle + 5} L{x1 + 5:.1f} {middle - 5}"
-    if outcome == "FAILURE":
-        out.append(f'<path class="failure" d="{cross}" stroke="{FAILURE_COLOUR}" stroke-width="3" '
-                   f'stroke-linecap="round"/>')
-    elif outcome == "stale":
-        out.append(f'<path class="stale" d="{cross}" stroke="#666" stroke-width="2" stroke-linecap="round"/>')
-    elif outcome == "lost":
-        out.append(f'<path class="lost" d="M{x1 - 6:.1f} {y - 2} L{x1 + 6:.1f} {y - 2} L{x1:.1f} {middle + 2} Z" '
-                   f'fill="black"/>')
-    elif outcome == "SUCCESS" and raced:
-        out.append(f'<path class="won" d="M{x1 - 6:.1f} {y - 6} l3 4 l7 -8" stroke="{WON_COLOUR}" '
-                   f'stroke-width="2.5" fill="none" stroke-linecap="round"/>')
     out.append("</g>")
-    return "".join(out)
+    cross = f"M{x1 - 6:.1f} {middle - 6} L{x1 + 6:.1f} {middle + 6} M{x1 - 6:.1f} {middle + 6} L{x1 + 6:.1f} {middle - 6}"
+    halo = f'<path d="{cross}" stroke="white" stroke-width="6" stroke-linecap="round"/>'
+    mark = ""
+    if outcome == "FAILURE":
+        mark = f'{halo}<path class="failure" data-index="{index}" d="{cross}" stroke="{FAILURE_COLOUR}" ' \
+               'stroke-width="3" stroke-linecap="round"/>'
+    elif outcome == "stale":
+        mark = f'{halo}<path class="stale" data-index="{index}" d="{cross}" stroke="#555" stroke-width="2.5" ' \
+               'stroke-linecap="round"/>'
+    elif outcome == "lost":
+        mark = f'<path class="lost" data-index="{index}" d="M{x1 - 7:.1f} {y - 3} L{x1 + 7:.1f} {y - 3} ' \
+               f'L{x1:.1f} {middle + 3} Z" fill="black" stroke="white"/>'
+    elif outcome == "SUCCESS" and raced:
+        mark = f'<path class="won" data-index="{index}" d="M{x1 - 7:.1f} {y - 7} l3.5 5 l8 -9" ' \
+               f'stroke="{WON_COLOUR}" stroke-width="3" fill="none" stroke-linecap="round"/>'
+    return "".join(out), mark
+
+
+def lane_svg(number, lane, axis, ticks, right, raced, runs):
+    """One worker's lane: its name, address and first PID, its attempts (one row, more only where it
+    ran two at once), its losses; returns (the lane, the marks to draw above everything)."""
+    worker, placed, lost, y, height = lane
+    detail = f"{worker['address']} · PID {worker['pid']}"
+    out = [f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{1 + max((row for row, _, _ in placed), default=0)}">'
+           f'<rect x="10" y="{y}" width="{right - 10}" height="{height}" fill="{"#f3f5f8" if number % 2 else "white"}"/>'
+           f'<text class="lane-name" x="20" y="{y + 15}" font-weight="bold">{worker["worker"]}</text>'
+           f'<text class="lane-detail" x="20" y="{y + 29}" font-size="11" fill="#444">{html.escape(detail)}</text>']
+    out.extend(f'<line class="grid" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="#e4e4e4"/>'
+               for _, x in ticks)
+    limits, next_start = [], {}   # a bar ends before the next bar of its row starts
+    for row, _, attempt in reversed(placed):
+        limits.append(next_start.get(row, math.inf))
+        next_start[row] = axis.x(attempt["start"])
+    marks = []
+    for (row, index, attempt), limit in zip(placed, reversed(limits)):
+        key = (attempt["run"], attempt["stage"], attempt["iteration"], attempt["task"])
+        bar, mark = attempt_svg(index, attempt, axis, y + 11 + ROW * row, limit, key in raced, runs)
+        out.append(bar)
+        marks.append(mark)
+    out.extend(loss_svg(loss, axis, y, height) for loss in lost)
+    out.append("</g>")
+    return "".join(out), marks
 
 
 def loss_svg(loss, axis, y, height):
@@ -2521,12 +2560,10 @@ def loss_svg(loss, axis, y, height):
             f'fill="{LOSS_COLOUR}" font-size="11">PID {loss["pid"]} lost, {then}</text></g>')
 
 
-def band_svg(group, spans, attempts, losses, piece, top, bottom, runs):
-    """Consecutive collapsed spans as one hatched band that says what they held."""
+def band_svg(group, spans, inside, losses, piece, top, bottom, runs):
+    """Consecutive collapsed spans as one hatched band that says what they held (`inside`: their attempts)."""
     _, _, x0, x1, _ = piece
     first, last = spans[group[0]], spans[group[-1]]
-    inside = [attempt for attempt in attempts if spans[span_at(spans, attempt["start"])] in
-              [spans[number] for number in group]]
     failures = sum(attempt["outcome"] == "FAILURE" for attempt in inside)
     lost = sum(group[0] <= span_at(spans, loss["time"]) <= group[-1] for loss in losses)
     if not runs and first["iteration"] and last["iteration"]:
@@ -2534,7 +2571,7 @@ def band_svg(group, spans, attempts, losses, piece, top, bottom, runs):
     else:
         names = [("run %d: " % first["run"] if runs else "") + span_label(first) + " to",
                  ("run %d: " % last["run"] if runs else "") + span_label(last)]
-    lines = names + [f"{last['end'] - first['start']:.3g} s", f"{len(inside)} attempts",
+    lines = names + [f"{last['end'] - first['start']:.3f} s", f"{len(inside)} attempts",
                      f"{failures} FAILURE"] + ([f"{lost} workers lost"] if lost else []) + ["(collapsed)"]
     out = [f'<g class="band" data-spans="{len(group)}" data-attempts="{len(inside)}" data-failures="{failures}" '
            f'data-lost="{lost}"><title>{html.escape(", ".join(lines[:-1]))}</title>'
@@ -2593,14 +2630,9 @@ def timeline_svg(result):
     spans = sorted(data["iterations"], key=lambda span: span["start"])
     attempts, losses, workers = data["attempts"], data["losses"], data["workers"]
     runs = len(result.runs) > 1
-    full = spans_in_full(spans, attempts, losses)
+    groups = collapsed_groups(spans, attempts, losses)
+    full = set(range(len(spans))) - {number for group in groups for number in group}
     index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
-    groups = []   # runs of consecutive collapsed spans
-    for number in sorted(set(range(len(spans))) - full):
-        if groups and groups[-1][-1] == number - 1:
-            groups[-1].append(number)
-        else:
-            groups.append([number])
     start = spans[0]["start"] if spans else 0.0
     end = max([span["end"] for span in spans] + [attempt["end"] for attempt in attempts] + [start + 1e-3])
     left, right, top = LANE_LABEL, TIMELINE_WIDTH - 30, 130
@@ -2629,7 +2661,8 @@ def timeline_svg(result):
              "its details"]
     if groups:
         notes.append(f"{len(spans) - len(full)} of {len(spans)} spans collapsed into hatched bands; in full: the "
-                     f"first and last {TIMELINE_EDGE} and the earliest with failures, losses, backups or re-runs")
+                     f"first and last {TIMELINE_EDGE}, the earliest with failures, losses, backups or re-runs, and "
+                     f"gaps of fewer than {BAND_SPANS}")
     if data["resumed"]:
         earlier = data["resumed"]
         done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
@@ -2649,25 +2682,11 @@ def timeline_svg(result):
     for number, note in enumerate(notes):
         out.append(f'<text class="note" x="20" y="{50 + 17 * number}" fill="#333">{html.escape(note)}</text>')
     ticks, decimals = axis.ticks()
-    for number, (worker, placed, lost, y, height_of_lane) in enumerate(lanes):
-        detail = f"{worker['address']} · PID {worker['pid']}"
-        out.append(f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{len({row for row, _, _ in placed}) or 1}">'
-                   f'<rect x="10" y="{y}" width="{right - 10}" height="{height_of_lane}" '
-                   f'fill="{"#f3f5f8" if number % 2 else "white"}"/>'
-                   f'<text class="lane-name" x="20" y="{y + 15}" font-weight="bold">{worker["worker"]}</text>'
-                   f'<text class="lane-detail" x="20" y="{y + 29}" font-size="11" fill="#444">{html.escape(detail)}</text>')
-        out.extend(f'<line class="grid" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height_of_lane}" stroke="#e4e4e4"/>'
-                   for _, x in ticks)
-        next_start = {}   # the x where the next bar of the same row starts
-        for row, _, attempt in reversed(placed):
-            next_start[id(attempt)] = next_start.get(row, math.inf)
-            next_start[row] = axis.x(attempt["start"])
-        for row, number_of_attempt, attempt in placed:
-            out.append(attempt_svg(number_of_attempt, attempt, axis, y + 11 + ROW * row, next_start[id(attempt)],
-                                   (attempt["run"], attempt["stage"], attempt["iteration"], attempt["task"]) in raced,
-                                   runs))
-        out.extend(loss_svg(loss, axis, y, height_of_lane) for loss in lost)
-        out.append("</g>")
+    marks = []
+    for number, lane in enumerate(lanes):
+        drawn, lane_marks = lane_svg(number, lane, axis, ticks, right, raced, runs)
+        out.append(drawn)
+        marks += lane_marks
     label_ends = [-math.inf, -math.inf]   # where the labels on each of two levels end
     for number, span in enumerate(spans):
         if number not in full:
@@ -2694,7 +2713,9 @@ def timeline_svg(result):
                        f'data-edge="end" x1="{x_end:.1f}" y1="{top - 30}" x2="{x_end:.1f}" y2="{bottom}" stroke="#555"/>')
     for group in groups:
         piece = next(piece for piece in axis.pieces if piece[4] is group)
-        out.append(band_svg(group, spans, attempts, losses, piece, top - 30, bottom, runs))
+        inside = [attempt for attempt in attempts if index[attempt["run"], attempt["iteration"]] in group]
+        out.append(band_svg(group, spans, inside, losses, piece, top - 30, bottom, runs))
+    out.extend(mark for mark in marks if mark)
     axis_y = bottom + 6
     for t0, t1, x0, x1, group in axis.pieces:
         if group is None and x1 > x0:
