@@ -2622,54 +2622,115 @@ def timeline_legend(y):
     return out
 
 
+def counted(count, singular, plural=None):
+    """'1 worker', '2 workers'."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
+def timeline_words(result, spans, groups):
+    """The timeline's title and notes: what the job was and did, how to read the axis, what was
+    collapsed, and what an earlier master ran (resumed)."""
+    data, runs = result.timeline, len(result.runs)
+    attempts, workers = data["attempts"], data["workers"]
+    roles = collections.Counter(worker["worker"].split()[0] for worker in workers)
+    title = (f"kmr timeline: {result.points} points, {counted(roles['mapper'], 'mapper')}, "
+             f"{counted(roles['reducer'], 'reducer')}, {counted(sum(1 for s in spans if s['iteration']), 'iteration')}"
+             f"{' in %d runs' % runs if runs > 1 else ''}; {counted(len(attempts), 'attempt')}: "
+             f"{sum(a['outcome'] == 'FAILURE' for a in attempts)} FAILURE, "
+             f"{counted(len(data['losses']), 'worker')} lost, "
+             f"{counted(sum(a['backup'] for a in attempts), 'backup copy', 'backup copies')}, "
+             f"{counted(sum(a['rerun'] for a in attempts), 'map task')} re-executed")
+    before = f" (before {spans[0]['start']:.2f} s: the input check and the workers' start-up)" if spans else ""
+    notes = [f"x: seconds since the master started the job{before}; a lane per worker; hover over a bar "
+             "for its details"]
+    if groups:
+        hidden = sum(map(len, groups))
+        notes.append(f"{hidden} of {len(spans)} spans collapsed into hatched bands; in full: the first and last "
+                     f"{TIMELINE_EDGE}, the earliest with failures, losses, backups or re-runs, and gaps of fewer "
+                     f"than {BAND_SPANS}")
+    if data["resumed"]:
+        earlier = data["resumed"]
+        done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
+               ([f"iteration{'s 1–%d' % earlier['iterations'] if earlier['iterations'] > 1 else ' 1'}"
+                 + (f" of run {earlier['runs'] + 1}" if runs > 1 else "")] if earlier["iterations"] else [])
+        notes.append("resumed from a checkpoint: " + (" and ".join(done) or "the initial centroids") +
+                     " ran in an earlier master, whose attempts are not shown")
+    return title, notes
+
+
+def boundaries_svg(spans, full, axis, top, bottom, right, runs):
+    """A line where each span drawn in full starts, labelled with its iteration number (on a second
+    level when the first is taken), and where the last before a band or the end ends; with
+    restarts, a bold line and the run's number where each run starts."""
+    out, label_ends = [], [-math.inf, -math.inf]   # where the labels on each level end
+    for number, span in enumerate(spans):
+        if number not in full:
+            continue
+        x, which = axis.x(span["start"]), f'data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}"'
+        new_run = runs and (number == 0 or spans[number - 1]["run"] != span["run"])
+        out.append(f'<line class="boundary" {which} data-edge="start" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" '
+                   f'y2="{bottom}" stroke="{"black" if new_run else "#555"}" stroke-width="{2 if new_run else 1}"/>')
+        if new_run:
+            out.append(f'<text class="run" x="{x + 3:.1f}" y="{top - 36}" font-weight="bold">run {span["run"]}</text>')
+        following = axis.x(spans[number + 1]["start"]) if number + 1 < len(spans) else right
+        label = span_label(span)
+        if following - x < 6.5 * len(label) + 8:   # about 6.5 px per character at 12 px
+            label = span_label(span, short=True)
+        level = 0 if x + 3 > label_ends[0] + 4 else 1 if x + 3 > label_ends[1] + 4 else \
+            min((0, 1), key=label_ends.__getitem__)
+        label_ends[level] = x + 3 + 6.5 * len(label)
+        out.append(f'<text class="iteration" {which} x="{x + 3:.1f}" y="{top - 8 - 14 * level}">'
+                   f'{html.escape(label)}</text>')
+        if number + 1 == len(spans) or number + 1 not in full:
+            x = axis.x(span["end"])
+            out.append(f'<line class="boundary" {which} data-edge="end" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" '
+                       f'y2="{bottom}" stroke="#555"/>')
+    return out
+
+
+def axis_svg(axis, ticks, decimals, y, left, right):
+    """The time axis under the lanes: a line per full-scale piece, ticks with their values, a title."""
+    out = [f'<line class="axis" x1="{x0:.1f}" y1="{y}" x2="{x1:.1f}" y2="{y}" stroke="black"/>'
+           for _, _, x0, x1, group in axis.pieces if group is None and x1 > x0]
+    out += [f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 5}" stroke="black"/>'
+            f'<text class="tick" x="{x:.1f}" y="{y + 18}" text-anchor="middle">{value:.{decimals}f}</text>'
+            for value, x in ticks]
+    out.append(f'<text x="{(left + right) / 2}" y="{y + 38}" text-anchor="middle">seconds since the master '
+               f'started the job</text>')
+    return out
+
+
 def timeline_svg(result):
     """An SVG of the job in time: a lane per worker (a respawned worker's new process in the same
     lane), a bar per attempt coloured by stage, marks where something went wrong, iteration
     boundaries, a time axis and a legend (built from result.timeline, see Master.timeline)."""
     data = result.timeline
     spans = sorted(data["iterations"], key=lambda span: span["start"])
-    attempts, losses, workers = data["attempts"], data["losses"], data["workers"]
+    attempts, losses = data["attempts"], data["losses"]
     runs = len(result.runs) > 1
     groups = collapsed_groups(spans, attempts, losses)
     full = set(range(len(spans))) - {number for group in groups for number in group}
     index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
+    title, notes = timeline_words(result, spans, groups)
+    left, right, top = LANE_LABEL, TIMELINE_WIDTH - 30, 50 + 17 * len(notes) + 36 + (18 if runs else 0)
     start = spans[0]["start"] if spans else 0.0
     end = max([span["end"] for span in spans] + [attempt["end"] for attempt in attempts] + [start + 1e-3])
-    left, right, top = LANE_LABEL, TIMELINE_WIDTH - 30, 130
     axis = TimeAxis(start, end, [(spans[g[0]]["start"], spans[g[-1]]["end"], g) for g in groups], left, right)
+    ticks, decimals = axis.ticks()
+    raced = {(a["run"], a["stage"], a["iteration"], a["task"]) for a in attempts if a["backup"]}
 
-    lanes, y = [], top
-    for worker in workers:
+    lanes, marks, y = [], [], top
+    for number, worker in enumerate(data["workers"]):
         mine = [(number, attempt) for number, attempt in enumerate(attempts)
                 if attempt["worker"] == worker["worker"] and index[attempt["run"], attempt["iteration"]] in full]
         lost = [loss for loss in losses if loss["worker"] == worker["worker"] and span_at(spans, loss["time"]) in full]
         placed, rows = stack(mine)
-        height = max(34, ROW * rows + 4) + (14 if lost else 0)
-        lanes.append((worker, placed, lost, y, height))
+        height = max(34, ROW * rows + 4) + (14 if lost else 0)   # room for two lines of label, and the loss's
+        drawn, lane_marks = lane_svg(number, (worker, placed, lost, y, height), axis, ticks, right, raced, runs)
+        lanes.append(drawn)
+        marks += lane_marks
         y += height
     bottom = y
-    raced = {(a["run"], a["stage"], a["iteration"], a["task"]) for a in attempts if a["backup"]}
-    iterations = sum(1 for span in spans if span["iteration"])
-    failures = sum(attempt["outcome"] == "FAILURE" for attempt in attempts)
-    roles = collections.Counter(worker["worker"].split()[0] for worker in workers)
-    title = (f"kmr timeline: {result.points} points, {roles['mapper']} mappers, {roles['reducer']} reducers, "
-             f"{iterations} iterations{' in %d runs' % len(result.runs) if runs else ''}; {len(attempts)} "
-             f"attempts: {failures} FAILURE, {len(losses)} workers lost, "
-             f"{sum(a['backup'] for a in attempts)} backup copies, {sum(a['rerun'] for a in attempts)} map "
-             f"tasks re-executed")
-    notes = ["x: seconds since the master started the job; one lane per worker; hover over a bar for "
-             "its details"]
-    if groups:
-        notes.append(f"{len(spans) - len(full)} of {len(spans)} spans collapsed into hatched bands; in full: the "
-                     f"first and last {TIMELINE_EDGE}, the earliest with failures, losses, backups or re-runs, and "
-                     f"gaps of fewer than {BAND_SPANS}")
-    if data["resumed"]:
-        earlier = data["resumed"]
-        done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
-               ([f"iteration{'s 1–%d' % earlier['iterations'] if earlier['iterations'] > 1 else ' 1'}"
-                 + (f" of run {earlier['runs'] + 1}" if runs else "")] if earlier["iterations"] else [])
-        notes.append("resumed from a checkpoint: " + (" and ".join(done) or "the initial centroids") +
-                     " ran in an earlier master, whose attempts are not shown")
     height = bottom + 150
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{TIMELINE_WIDTH}" height="{height}" '
            f'viewBox="0 0 {TIMELINE_WIDTH} {height}" font-family="sans-serif" font-size="12">',
@@ -2679,53 +2740,17 @@ def timeline_svg(result):
            '<rect width="8" height="8" fill="#f7f7f7"/><rect width="1.5" height="8" fill="#d0d0d0"/></pattern></defs>',
            '<rect width="100%" height="100%" fill="white"/>',
            f'<text class="title" x="20" y="28" font-size="16">{html.escape(title)}</text>']
-    for number, note in enumerate(notes):
-        out.append(f'<text class="note" x="20" y="{50 + 17 * number}" fill="#333">{html.escape(note)}</text>')
-    ticks, decimals = axis.ticks()
-    marks = []
-    for number, lane in enumerate(lanes):
-        drawn, lane_marks = lane_svg(number, lane, axis, ticks, right, raced, runs)
-        out.append(drawn)
-        marks += lane_marks
-    label_ends = [-math.inf, -math.inf]   # where the labels on each of two levels end
-    for number, span in enumerate(spans):
-        if number not in full:
-            continue
-        x = axis.x(span["start"])
-        new_run = runs and (number == 0 or spans[number - 1]["run"] != span["run"])
-        out.append(f'<line class="boundary" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
-                   f'data-edge="start" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" y2="{bottom}" '
-                   f'stroke="{"black" if new_run else "#555"}" stroke-width="{2 if new_run else 1}"/>')
-        if new_run:
-            out.append(f'<text class="run" x="{x + 3:.1f}" y="{top - 36}" font-weight="bold">run {span["run"]}</text>')
-        following = axis.x(spans[number + 1]["start"]) if number + 1 < len(spans) else right
-        label = span_label(span)
-        if following - x < 6.5 * len(label) + 8:
-            label = span_label(span, short=True)
-        level = 0 if x + 3 > label_ends[0] + 4 else 1 if x + 3 > label_ends[1] + 4 else \
-            min((0, 1), key=label_ends.__getitem__)
-        label_ends[level] = x + 3 + 6.5 * len(label)
-        out.append(f'<text class="iteration" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
-                   f'x="{x + 3:.1f}" y="{top - 8 - 14 * level}">{html.escape(label)}</text>')
-        if number + 1 == len(spans) or number + 1 not in full:
-            x_end = axis.x(span["end"])
-            out.append(f'<line class="boundary" data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}" '
-                       f'data-edge="end" x1="{x_end:.1f}" y1="{top - 30}" x2="{x_end:.1f}" y2="{bottom}" stroke="#555"/>')
+    out += [f'<text class="note" x="20" y="{50 + 17 * number}" fill="#333">{html.escape(note)}</text>'
+            for number, note in enumerate(notes)]
+    out += lanes
+    out += boundaries_svg(spans, full, axis, top, bottom, right, runs)
     for group in groups:
         piece = next(piece for piece in axis.pieces if piece[4] is group)
         inside = [attempt for attempt in attempts if index[attempt["run"], attempt["iteration"]] in group]
         out.append(band_svg(group, spans, inside, losses, piece, top - 30, bottom, runs))
-    out.extend(mark for mark in marks if mark)
-    axis_y = bottom + 6
-    for t0, t1, x0, x1, group in axis.pieces:
-        if group is None and x1 > x0:
-            out.append(f'<line class="axis" x1="{x0:.1f}" y1="{axis_y}" x2="{x1:.1f}" y2="{axis_y}" stroke="black"/>')
-    for value, x in ticks:
-        out.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 5}" stroke="black"/>'
-                   f'<text class="tick" x="{x:.1f}" y="{axis_y + 18}" text-anchor="middle">{value:.{decimals}f}</text>')
-    out.append(f'<text x="{(left + right) / 2}" y="{axis_y + 38}" text-anchor="middle">seconds since the master '
-               f'started the job</text>')
-    out.extend(timeline_legend(axis_y + 62))
+    out += [mark for mark in marks if mark]
+    out += axis_svg(axis, ticks, decimals, bottom + 6, left, right)
+    out += timeline_legend(bottom + 68)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

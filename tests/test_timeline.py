@@ -344,8 +344,9 @@ def test_a_re_executed_map_task_is_outlined_and_counted(crashes):
     missing = [a for a in attempts if a["stage"] == "Reduce" and a["reason"].startswith("map output missing")]
     assert missing and all(a["outcome"] == "FAILURE" and a["iteration"] == 2 for a in missing)
     (title,) = crashes.svg.of_class("text", "title")
-    assert f"{len(crashes.timeline['losses'])} workers lost" in title.text
-    assert f"{len(reruns)} map tasks re-executed" in title.text
+    losses = len(crashes.timeline["losses"])
+    assert f"{losses} worker{'s' if losses != 1 else ''} lost" in title.text
+    assert f"{len(reruns)} map task{'s' if len(reruns) != 1 else ''} re-executed" in title.text
 
 
 def test_a_backup_copy_is_striped_the_copy_that_won_ticked_and_the_other_faded(tmp_path):
