@@ -1689,7 +1689,7 @@ class Master:
         self.leftovers = {}   # future -> Attempt: losers of backup races, still running
         self.holders = {}     # (role, task) -> the worker that last finished it
         self.finished = []    # RunResults of the runs done so far (for the checkpoint)
-        self.origin = time.monotonic()   # the timeline's zero, reset when the job starts
+        self.origin = None    # time.monotonic() when run() started the job: the timeline's zero
         self.run_number = 1
         self.records = []     # AttemptRecord of every attempt, in the order they started
         self.spans = []       # when each iteration (k-means++: 0, final SSE: None) ran, for the timeline
@@ -1826,13 +1826,13 @@ class Master:
         """Stamp an attempt's end and outcome, in the thread that ran it, as its call returns: SUCCESS,
         FAILURE (the worker's reason), lost, or stale (the worker had seen a newer job or iteration)."""
         end = time.monotonic() - self.origin
-        error = None if future.cancelled() else future.exception()
         if future.cancelled():
             outcome, reason = "unfinished", "cancelled as the job ended"
-        elif isinstance(error, WorkerLost):
-            outcome, reason = "lost", str(error)
-        elif error is not None:
-            outcome, reason = "stale" if str(error).startswith("stale attempt") else "FAILURE", str(error)
+        elif isinstance(future.exception(), WorkerLost):
+            outcome, reason = "lost", str(future.exception())
+        elif future.exception() is not None:
+            reason = str(future.exception())
+            outcome = "stale" if reason.startswith("stale attempt") else "FAILURE"
         elif isinstance(future.result(), MissingOutput):
             outcome, reason = "FAILURE", f"map output missing for tasks {sorted(future.result().tasks)}"
         else:
@@ -2639,7 +2639,8 @@ def timeline_words(result, spans, groups):
              f"{sum(a['outcome'] == 'FAILURE' for a in attempts)} FAILURE, "
              f"{counted(len(data['losses']), 'worker')} lost, "
              f"{counted(sum(a['backup'] for a in attempts), 'backup copy', 'backup copies')}, "
-             f"{counted(sum(a['rerun'] for a in attempts), 'map task')} re-executed")
+             f"{counted(len({(a['run'], a['iteration'], a['task']) for a in attempts if a['rerun']}), 'map task')} "
+             "re-executed")
     before = f" (before {spans[0]['start']:.2f} s: the input check and the workers' start-up)" if spans else ""
     notes = [f"x: seconds since the master started the job{before}; a lane per worker; hover over a bar "
              "for its details"]

@@ -346,7 +346,7 @@ def test_a_re_executed_map_task_is_outlined_and_counted(crashes):
     (title,) = crashes.svg.of_class("text", "title")
     losses = len(crashes.timeline["losses"])
     assert f"{losses} worker{'s' if losses != 1 else ''} lost" in title.text
-    assert f"{len(reruns)} map task{'s' if len(reruns) != 1 else ''} re-executed" in title.text
+    assert "1 map task re-executed" in title.text   # however many attempts it took
 
 
 def test_a_backup_copy_is_striped_the_copy_that_won_ticked_and_the_other_faded(tmp_path):
