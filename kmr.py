@@ -2487,7 +2487,8 @@ def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
     where = ("run %d, " % attempt["run"] if runs else "") + span_label(attempt)
     title = (f"{attempt['worker']} (PID {attempt['pid']}, {attempt['address']}): {attempt['stage']} {what} "
              f"{attempt['task']}, {where}, attempt {attempt['attempt']}"
-             f"{', backup copy' if attempt['backup'] else ''}{', re-executed (map output lost)' if attempt['rerun'] else ''}"
+             f"{', backup copy' if attempt['backup'] else ''}"
+             f"{', re-executed (map output lost)' if attempt['rerun'] else ''}"
              f": {attempt['start']:.3f} to {attempt['end']:.3f} s, {outcome}"
              f"{' (' + attempt['reason'] + ')' if attempt['reason'] else ''}")
     out = [f'<g class="attempt" data-index="{index}" data-run="{attempt["run"]}" data-stage="{attempt["stage"]}" '
@@ -2503,7 +2504,8 @@ def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
         out.append(f'<rect class="backup" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
                    f'fill="url(#stripes)"/>')
     out.append("</g>")
-    cross = f"M{x1 - 6:.1f} {middle - 6} L{x1 + 6:.1f} {middle + 6} M{x1 - 6:.1f} {middle + 6} L{x1 + 6:.1f} {middle - 6}"
+    cross = (f"M{x1 - 6:.1f} {middle - 6} L{x1 + 6:.1f} {middle + 6} "
+             f"M{x1 - 6:.1f} {middle + 6} L{x1 + 6:.1f} {middle - 6}")
     halo = f'<path d="{cross}" stroke="white" stroke-width="6" stroke-linecap="round"/>'
     mark = ""
     if outcome == "FAILURE":
@@ -2526,8 +2528,10 @@ def lane_svg(number, lane, axis, ticks, right, raced, runs):
     ran two at once), its losses; returns (the lane, the marks to draw above everything)."""
     worker, placed, lost, y, height = lane
     detail = f"{worker['address']} · PID {worker['pid']}"
-    out = [f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{1 + max((row for row, _, _ in placed), default=0)}">'
-           f'<rect x="10" y="{y}" width="{right - 10}" height="{height}" fill="{"#f3f5f8" if number % 2 else "white"}"/>'
+    rows = 1 + max((row for row, _, _ in placed), default=0)
+    out = [f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{rows}">'
+           f'<rect x="10" y="{y}" width="{right - 10}" height="{height}" '
+           f'fill="{"#f3f5f8" if number % 2 else "white"}"/>'
            f'<text class="lane-name" x="20" y="{y + 15}" font-weight="bold">{worker["worker"]}</text>'
            f'<text class="lane-detail" x="20" y="{y + 29}" font-size="11" fill="#444">{html.escape(detail)}</text>']
     out.extend(f'<line class="grid" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="#e4e4e4"/>'
