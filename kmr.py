@@ -259,6 +259,7 @@ def assign_clusters(columns, centroids):
 
 PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
+DENSE_SHARE = 0.3                # above this share of doubtful points, examining all of a chunk is cheaper
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 
 
@@ -492,6 +493,16 @@ def reassign(state, columns, centroids, magnitudes):
             operator.and_,
             map(operator.gt, map(operator.sub, part_upper, lower[low:high]), map(gap_limit.__getitem__, part_keys)),
             map(operator.gt, part_upper, map(upper_limit.__getitem__, part_keys)))))
+        if len(doubtful) > DENSE_SHARE * (high - low):   # cheaper to examine every point of the chunk
+            new_keys, best, second = two_nearest([column[low:high] for column in columns], centroids)
+            upper[low:high] = array("d", map(operator.sub, map(operator.add, map(math.sqrt, best),
+                                                               itertools.repeat(slack)), map(grown.__getitem__, new_keys)))
+            lower[low:high] = array("d", map(operator.add, map(operator.sub, map(math.sqrt, second),
+                                                               itertools.repeat(slack)), map(shrunk.__getitem__, new_keys)))
+            moves += [(i, part_keys[i - low], new_keys[i - low])
+                      for i in itertools.compress(range(low, high), map(operator.ne, part_keys, new_keys))]
+            keys[low:high] = new_keys
+            continue
         if not doubtful:
             continue
         own_keys = array("i", map(keys.__getitem__, doubtful))
@@ -972,6 +983,7 @@ TOKEN_KEY = "kmr-token"
 CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
 MAX_CLUSTERS = 100_000
 MAX_RESTARTS = 1000
+SAMPLE_PASS = -1   # the "iteration" of the Sample pass, before run 1 (timeline and summary)
 MAX_DIM = 4096
 
 
@@ -1578,6 +1590,7 @@ class Worker:
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
     beaten: bool = False       # a backup copy of its last task finished first: back it up early
+    pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
     def name(self):
@@ -1595,6 +1608,7 @@ class Attempt:
     process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
     relocated: bool = False   # another worker ran the task last: this one parses or recounts first
     started: float = field(default_factory=time.monotonic)
+    record: object = None     # its AttemptRecord, for the timeline
 
 
 class TaskFailed(Exception):
@@ -1730,6 +1744,7 @@ class Workers:
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
         worker.alive = True
+        worker.pid = reply.pid
         log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout):
@@ -1908,6 +1923,26 @@ class IterationStats:
 
 
 @dataclass
+class AttemptRecord:
+    """One attempt as the timeline and the summary show it (times in seconds since the job started)."""
+
+    run: int
+    worker: str           # role and index ("mapper 1"): the worker's lane
+    address: str
+    pid: int
+    stage: str            # Map, Reduce (its fetches, then GetResult) or Weigh
+    task: int             # the map task, partition or split weighed
+    iteration: int        # 0: a k-means++ round; None: the final SSE pass
+    attempt: int
+    backup: bool
+    rerun: bool           # a map task run again because its output could not be fetched
+    start: float
+    collect: float = None   # a Reduce attempt: when it asked for the result (GetResult)
+    ending: tuple = None    # (end, outcome, reason), set in one step by the thread that ran it
+    won: bool = False       # its result is the one the master used
+
+
+@dataclass
 class RunResult:
     """One complete K-means run (one of --restarts)."""
 
@@ -1962,6 +1997,7 @@ class JobResult:
     dim: int
     points: int
     plot_sample: list
+    timeline: dict = None   # every attempt, iteration span and lost worker (see Master.timeline)
 
     @property
     def centroids(self):
@@ -2004,6 +2040,11 @@ class Master:
         self.leftovers = {}   # future -> Attempt: losers of backup races, still running
         self.holders = {}     # (role, task) -> the worker that last finished it
         self.finished = []    # RunResults of the runs done so far (for the checkpoint)
+        self.origin = None    # time.monotonic() when run() started the job: the timeline's zero
+        self.run_number = 1
+        self.records = []     # AttemptRecord of every attempt, in the order they started
+        self.spans = []       # when each iteration (k-means++: 0, final SSE: None) ran, for the timeline
+        self.losses = []      # every worker lost: when, which process, its replacement
         self.checkpoint_path = os.path.join(options.data_dir, CHECKPOINT)
         # workers this master spawns always require a token: a fresh one per run unless --token is set
         self.workers = Workers(options, options.token or secrets.token_hex(16),
@@ -2012,7 +2053,7 @@ class Master:
 
     # -- running tasks -------------------------------------------------------------------------
 
-    def run_tasks(self, role, tasks, attempts, run_one):
+    def run_tasks(self, role, tasks, attempts, run_one, stage, iteration, rerun=False):
         """Run every task on some live worker of a role; {task: (worker, result)}.
 
         A task that failed is re-assigned; a worker that went silent is lost (see Workers.lose). Once
@@ -2023,7 +2064,8 @@ class Master:
         before.
         The first copy to succeed wins; the other is left to finish and ignored, and its worker gets
         no new task until it has. `attempts` counts tries per task for the whole iteration;
-        run_one(attempt) may raise TaskFailed or WorkerLost.
+        run_one(attempt) may raise TaskFailed or WorkerLost. `stage`, `iteration` and `rerun` (map
+        tasks run again) label the attempts on the timeline.
         """
         pending, results, running, durations, backed_up = list(tasks), {}, {}, [], set()
         reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
@@ -2037,7 +2079,13 @@ class Master:
             holder = self.holders.get((role, task))
             attempt = Attempt(worker, task, attempts[task], backup, worker.process,
                               relocated=holder is not None and holder is not worker)
-            running[self.workers.threads.submit(run_one, attempt)] = attempt
+            attempt.record = AttemptRecord(self.run_number, f"{worker.role} {worker.index}", worker.address,
+                                           worker.pid, stage, task, iteration, attempt.number, backup, rerun,
+                                           attempt.started - self.origin)
+            self.records.append(attempt.record)
+            future = self.workers.threads.submit(run_one, attempt)
+            future.add_done_callback(functools.partial(self.attempt_ended, attempt.record))
+            running[future] = attempt
             return attempt
 
         while pending or any(attempt.task not in results for attempt in running.values()):
@@ -2076,7 +2124,7 @@ class Master:
                 except WorkerLost as error:
                     reasons[task][f"{worker.name} lost ({error})"] += 1
                     log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    self.workers.lose(worker, str(error), attempt.process)
+                    self.lose(worker, str(error), attempt.process)
                 except TaskFailed as error:
                     reasons[task][str(error)] += 1
                     self.events["failures"] += 1
@@ -2084,6 +2132,7 @@ class Master:
                 else:
                     if task not in results:
                         results[task] = (worker, result)
+                        attempt.record.won = True
                         self.holders[role, task] = worker
                         durations.append(time.monotonic() - attempt.started)
                         self.race_won(role, attempt, [a for a in running.values() if a.task == task])
@@ -2122,7 +2171,43 @@ class Master:
         for future in [f for f in self.leftovers if f.done()]:
             attempt = self.leftovers.pop(future)
             if isinstance(future.exception(), WorkerLost):
-                self.workers.lose(attempt.worker, str(future.exception()), attempt.process)
+                self.lose(attempt.worker, str(future.exception()), attempt.process)
+
+    def attempt_ended(self, record, future):
+        """Stamp an attempt's end and outcome, in the thread that ran it, as its call returns: SUCCESS,
+        FAILURE (the worker's reason), lost, or stale (the worker had seen a newer job or iteration)."""
+        end = time.monotonic() - self.origin
+        if future.cancelled():
+            outcome, reason = "unfinished", "cancelled as the job ended"
+        elif isinstance(future.exception(), WorkerLost):
+            outcome, reason = "lost", str(future.exception())
+        elif future.exception() is not None:
+            reason = str(future.exception())
+            outcome = "stale" if reason.startswith("stale attempt") else "FAILURE"
+        elif isinstance(future.result(), MissingOutput):
+            outcome, reason = "FAILURE", f"map output missing for tasks {sorted(future.result().tasks)}"
+        else:
+            outcome, reason = "SUCCESS", ""
+        record.ending = (end, outcome, reason)
+
+    def lose(self, worker, why, process=None):
+        """Workers.lose, and the loss on the timeline: when, which process, and the PID of its
+        replacement (None for a worker we did not spawn)."""
+        was_alive, pid, noticed = worker.alive, worker.pid, time.monotonic() - self.origin
+        self.workers.lose(worker, why, process)
+        if was_alive and not worker.alive:
+            self.losses.append({"run": self.run_number, "worker": f"{worker.role} {worker.index}", "pid": pid,
+                                "time": noticed, "reason": why,
+                                "new_pid": worker.process.pid if worker.process is not None else None})
+
+    @contextlib.contextmanager
+    def timed(self, iteration):
+        """Note when a part of the run ran, for the timeline: an iteration, k-means++ (0), the final
+        SSE pass (None) or the Sample pass (SAMPLE_PASS)."""
+        start = time.monotonic() - self.origin
+        yield
+        self.spans.append({"run": self.run_number, "iteration": iteration, "start": start,
+                           "end": time.monotonic() - self.origin})
 
     @staticmethod
     def straggler(attempts, durations):
@@ -2144,8 +2229,8 @@ class Master:
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def map_stage(self, iteration, tasks, centroids, previous, attempts):
-        """Map: run the given map tasks; {task: (mapper, MapReply)}."""
+    def map_stage(self, iteration, tasks, centroids, previous, attempts, rerun=False):
+        """Map: run the given map tasks (again, when `rerun`: their output was lost); {task: (mapper, MapReply)}."""
         def run_one(attempt):
             task = attempt.task
             start, end = self.ranges[task - 1]
@@ -2157,7 +2242,7 @@ class Master:
                 request.previous.CopyFrom(flatten(previous))
             return self.workers.call(attempt, "Map", request, f"task {task}")
 
-        return self.run_tasks("mapper", tasks, attempts, run_one)
+        return self.run_tasks("mapper", tasks, attempts, run_one, "Map", iteration, rerun)
 
     def reduce_stage(self, iteration, partitions, map_results, attempts):
         """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
@@ -2175,11 +2260,12 @@ class Master:
                 if failed.reply is None or not failed.reply.missing_tasks:
                     raise
                 return MissingOutput(set(failed.reply.missing_tasks))
+            attempt.record.collect = time.monotonic() - self.origin
             return self.workers.call(attempt, "GetResult",
                                      pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
                                      f"partition {partition}")
 
-        done = self.run_tasks("reducer", partitions, attempts, run_one)
+        done = self.run_tasks("reducer", partitions, attempts, run_one, "Reduce", iteration)
         results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
         lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
@@ -2204,11 +2290,11 @@ class Master:
             if lost:
                 for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
                     if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):   # silent 2 s already
-                        self.workers.lose(worker, "its map output could not be fetched")
+                        self.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
                 self.events["re-executions"] += len(lost)
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
-                                                  map_attempts))
+                                                  map_attempts, rerun=True))
         reduced = time.perf_counter()
         outcome = self.compile(iteration, centroids, map_results, results)
         phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
@@ -2260,7 +2346,7 @@ class Master:
                                       draw_seed=seeds[task], count_clusters=count_clusters)
             return self.workers.call(attempt, "Weigh", request, f"task {task}")
 
-        done = self.run_tasks("mapper", list(seeds), {}, run_one)
+        done = self.run_tasks("mapper", list(seeds), {}, run_one, "Weigh", None if count_clusters else 0)
         return {task: reply for task, (_, reply) in sorted(done.items())}
 
     def kmeans_plus_plus(self, first, rng):
@@ -2287,7 +2373,8 @@ class Master:
         if run_stats and run_stats[-1].shift == 0.0:
             return run_stats[-1].sse, run_stats[-1].counts
         log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
-        replies = self.weigh(centroids, rng, count_clusters=True).values()
+        with self.timed(None):
+            replies = self.weigh(centroids, rng, count_clusters=True).values()
         sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
         return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
 
@@ -2328,8 +2415,9 @@ class Master:
                                        plot_points=options.plot_points, keep_text=not options.combine)
             return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
 
-        replies = [reply for _, (_, reply) in sorted(self.run_tasks(
-            "mapper", range(1, options.mappers + 1), {}, run_one).items())]
+        with self.timed(SAMPLE_PASS):
+            replies = [reply for _, (_, reply) in sorted(self.run_tasks(
+                "mapper", range(1, options.mappers + 1), {}, run_one, "Sample", SAMPLE_PASS).items())]
         bad = [reply.input_error for reply in replies if reply.input_error]
         if bad:
             raise InputError(bad[0])   # the first split's first bad line: the file's first
@@ -2395,6 +2483,7 @@ class Master:
     def run(self):
         """Validate the input, start workers, run every restart; returns a JobResult."""
         options = self.options
+        self.origin = time.monotonic()
         seeds = self.prepare()   # input errors found without reading the points come before any log line
         log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
                  options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
@@ -2408,6 +2497,8 @@ class Master:
         self.workers.start()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
+        first_processes = [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
+                           for w in self.workers.every()]
         samples, plot_sample = self.sample()
         release_console()
         self.sampling_events = dict(self.events)   # failures of the Sample pass count in run 1
@@ -2424,10 +2515,13 @@ class Master:
                      options.restarts, f"; run {resumed.number} continues after iteration "
                      f"{len(resumed.iterations)}" if resumed else "")
         runs = self.finished
+        earlier = None   # what an earlier master did, for the timeline
+        if self.saved:
+            earlier = {"runs": len(runs), "iterations": len(resumed.iterations) if resumed else 0}
         for number, (seed, sample) in enumerate(zip(seeds, samples), 1):
             if number <= len(runs):
                 continue
-            self.job = f"{self.job_base}-{number}"
+            self.job, self.run_number = f"{self.job_base}-{number}", number
             progress = resumed if resumed and resumed.number == number else None
             runs.append(self.run_once(number, seed, sample, progress))
             self.save(None)
@@ -2438,7 +2532,30 @@ class Master:
         if options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
-        return JobResult(best, runs, startup, self.dim, self.points, plot_sample)
+        return JobResult(best, runs, startup, self.dim, self.points, plot_sample,
+                         self.timeline(first_processes, earlier))
+
+    def timeline(self, workers, earlier):
+        """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
+        the workers as they started, every attempt, iteration span and lost worker, and what an earlier
+        master did (resumed from its checkpoint: {runs, iterations} done there, not recorded here).
+        An attempt still running (a copy that lost a backup race) ends with the job, `unfinished`."""
+        now = time.monotonic() - self.origin
+        attempts = []
+        for record in self.records:
+            end, outcome, reason = record.ending or (now, "unfinished", "still running when the job ended")
+            if outcome == "SUCCESS" and not record.won:
+                outcome, reason = "ignored", "another copy of the task finished first"
+            attempts.append({"run": record.run, "worker": record.worker, "address": record.address,
+                             "pid": record.pid, "stage": record.stage, "task": record.task,
+                             "iteration": record.iteration, "attempt": record.attempt, "backup": record.backup,
+                             "rerun": record.rerun, "start": round(record.start, 6),
+                             "collect": None if record.collect is None else round(record.collect, 6),
+                             "end": round(end, 6), "outcome": outcome, "reason": reason})
+        spans = [{**span, "start": round(span["start"], 6), "end": round(span["end"], 6)} for span in self.spans]
+        losses = [{**loss, "time": round(loss["time"], 6)} for loss in self.losses]
+        return {"workers": workers, "attempts": attempts, "iterations": spans, "losses": losses,
+                "resumed": earlier, "end": round(now, 6)}
 
     def write_centroids(self, centroids):
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
@@ -2456,7 +2573,8 @@ class Master:
             if self.given_init is not None:
                 initial = self.given_init
             elif options.init == "k-means++":
-                initial = self.kmeans_plus_plus(sample[0], rng)
+                with self.timed(0):
+                    initial = self.kmeans_plus_plus(sample[0], rng)
             else:
                 initial = sample
             progress = Progress(number, seed, initial, initial, history=[initial], events=dict(self.events))
@@ -2473,7 +2591,8 @@ class Master:
             started = time.perf_counter()
             before = collections.Counter(self.events)
             log.log(DETAIL, "=== iteration %d ===", iteration)
-            new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
+            with self.timed(iteration):
+                new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
             shift = largest_shift(progress.centroids, new)
             progress.previous, progress.centroids = progress.centroids, new
             progress.history.append(new)
@@ -2506,7 +2625,7 @@ def run_job(options):
 
 
 # ####################################################################################################
-# Reports: the summary (JSON) and the plot (SVG), built from a JobResult
+# Reports: the summary (JSON), the plot and the timeline (SVG), built from a JobResult
 # ####################################################################################################
 
 PLOT_POINTS = 3000    # input points the master samples for --plot
@@ -2534,6 +2653,7 @@ def summary(result, options):
                         "counts": s.counts, "seconds": s.seconds, "phases": s.phases, "events": s.events}
                        for s in best.iterations],
         "failures": dict(totals),
+        "timeline": result.timeline,
         "converged": best.converged,
         "final_sse": best.sse,
         "final_counts": best.counts,
@@ -2623,6 +2743,407 @@ def plot_svg(result):
     return "\n".join(out) + "\n"
 
 
+TIMELINE_WIDTH = 1600    # px: lane labels, the time axis and the legend fit a window this wide
+TIMELINE_FULL = 10       # spans (iterations, k-means++, final SSE) drawn at full scale at most ...
+TIMELINE_EDGE = 3        # ... always the first and the last few, then the earliest with trouble in them
+BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans ...
+BAND_SPANS = 3           # ... at least this many (fewer are drawn in full: a band would not save room)
+LANE_LABEL = 250         # px of the column of lane labels
+ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of the narrowest bar
+STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
+COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
+FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+
+
+def span_label(span, short=False):
+    """What the timeline calls a span: an iteration, the k-means++ rounds or the final SSE pass."""
+    if span["iteration"] == SAMPLE_PASS:
+        return "input" if short else "input check"
+    if span["iteration"] == 0:
+        return "k-means++"
+    if span["iteration"] is None:
+        return "SSE" if short else "final SSE"
+    return str(span["iteration"]) if short else f"iteration {span['iteration']}"
+
+
+def troubled(attempt):
+    """Whether an attempt is worth seeing in full: anything but a plain SUCCESS."""
+    return attempt["outcome"] != "SUCCESS" or attempt["backup"] or attempt["rerun"]
+
+
+def span_at(spans, time_point):
+    """The index of the span running at a time (the last one started by then)."""
+    return max(0, bisect.bisect_right([span["start"] for span in spans], time_point) - 1)
+
+
+def collapsed_groups(spans, attempts, losses):
+    """The runs of consecutive spans that collapse into bands, so that a run of any length stays
+    readable: none of up to TIMELINE_FULL spans; of more, all but the first and last TIMELINE_EDGE
+    and the earliest with trouble (a failure, a loss, a backup, a re-run), TIMELINE_FULL in all,
+    except that runs shorter than BAND_SPANS are drawn in full too."""
+    count = len(spans)
+    if count <= TIMELINE_FULL:
+        return []
+    keep = set(range(TIMELINE_EDGE)) | set(range(count - TIMELINE_EDGE, count))
+    index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
+    trouble = {index[attempt["run"], attempt["iteration"]] for attempt in attempts if troubled(attempt)}
+    trouble |= {span_at(spans, loss["time"]) for loss in losses}
+    keep |= set(sorted(trouble - keep)[:TIMELINE_FULL - len(keep)])
+    groups = []
+    for number in sorted(set(range(count)) - keep):
+        if groups and groups[-1][-1] == number - 1:
+            groups[-1].append(number)
+        else:
+            groups.append([number])
+    return [group for group in groups if len(group) >= BAND_SPANS]
+
+
+class TimeAxis:
+    """Seconds since the job started to x pixels, piece by piece: the spans drawn in full share one
+    scale, and each run of consecutive collapsed spans becomes a band BAND_WIDTH px wide."""
+
+    def __init__(self, start, end, bands, left, right):
+        self.pieces = []   # (t0, t1, x0, x1, the collapsed spans' indices or None)
+        collapsed = sum(t1 - t0 for t0, t1, _ in bands)
+        self.scale = (right - left - BAND_WIDTH * len(bands)) / max(end - start - collapsed, 1e-9)
+        time_point, x = start, left
+        for t0, t1, group in bands:
+            x = self.add(time_point, t0, x, x + (t0 - time_point) * self.scale)
+            x = self.add(t0, t1, x, x + BAND_WIDTH, group)
+            time_point = t1
+        self.add(time_point, end, x, right)
+
+    def add(self, t0, t1, x0, x1, group=None):
+        """Append one piece; returns where it ends."""
+        self.pieces.append((t0, t1, x0, x1, group))
+        return x1
+
+    def x(self, time_point):
+        """Where a moment is drawn."""
+        for t0, t1, x0, x1, _ in self.pieces:
+            if time_point <= t1:
+                break
+        time_point = min(max(time_point, t0), t1)
+        return x0 if t1 == t0 else x0 + (time_point - t0) / (t1 - t0) * (x1 - x0)
+
+    def ticks(self):
+        """Round times about 110 px apart in the full-scale pieces: [(seconds, x)], and the decimals
+        their labels need."""
+        full = [(t0, t1) for t0, t1, _, _, group in self.pieces if group is None]
+        seconds = sum(t1 - t0 for t0, t1 in full)
+        values = nice_ticks(0.0, seconds, max(2, int(seconds * self.scale / 110)))
+        step = values[1] - values[0] if len(values) > 1 else seconds or 1.0
+        ticks = [(k * step, self.x(k * step)) for t0, t1 in full
+                 for k in range(math.ceil(t0 / step - 1e-9), math.floor(t1 / step + 1e-9) + 1)]
+        return ticks, max(0, -math.floor(math.log10(step) + 1e-9))
+
+
+def stack(attempts):
+    """Each attempt of a lane with its row: the first row free when it starts. A lane has more than
+    one row only where its worker really ran two attempts at once."""
+    ends, placed = [], []
+    for index, attempt in sorted(attempts, key=lambda item: item[1]["start"]):
+        row = next((number for number, end in enumerate(ends) if end <= attempt["start"]), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = attempt["end"]
+        placed.append((row, index, attempt))
+    return placed, max(1, len(ends))
+
+
+def attempt_svg(index, attempt, axis, y, x_limit, raced, runs):
+    """One attempt as (its bar, its mark). The bar is in its stage's colour (a Reduce bar ends in its
+    GetResult), striped for a backup copy, outlined purple for a re-executed map task, faded when its
+    result was not used. The mark, drawn above every bar so that none hides it, sits at its end: a
+    red cross for FAILURE, a grey one for stale, a black triangle for lost, a green tick for the copy
+    that won a backup race."""
+    x0 = axis.x(attempt["start"])
+    x1 = max(min(max(axis.x(attempt["end"]), x0 + MIN_BAR), x_limit), x0)
+    outcome, middle = attempt["outcome"], y + BAR / 2
+    faded = outcome in ("ignored", "unfinished")
+    stroke = (f'stroke="{RERUN_COLOUR}" stroke-width="3"' if attempt["rerun"] else
+              'stroke="#333" stroke-width="1" stroke-dasharray="3 2"' if faded else
+              f'stroke="{FAILURE_COLOUR}" stroke-width="1.5"' if outcome == "FAILURE" else
+              'stroke="black" stroke-width="1.5"' if outcome == "lost" else 'stroke="white" stroke-width="0.5"')
+    what = "partition" if attempt["stage"] == "Reduce" else "task"
+    where = ("run %d, " % attempt["run"] if runs else "") + span_label(attempt)
+    title = (f"{attempt['worker']} (PID {attempt['pid']}, {attempt['address']}): {attempt['stage']} {what} "
+             f"{attempt['task']}, {where}, attempt {attempt['attempt']}"
+             f"{', backup copy' if attempt['backup'] else ''}"
+             f"{', re-executed (map output lost)' if attempt['rerun'] else ''}"
+             f": {attempt['start']:.3f} to {attempt['end']:.3f} s, {outcome}"
+             f"{' (' + attempt['reason'] + ')' if attempt['reason'] else ''}")
+    out = [f'<g class="attempt" data-index="{index}" data-run="{attempt["run"]}" data-stage="{attempt["stage"]}" '
+           f'data-task="{attempt["task"]}" data-iteration="{json.dumps(attempt["iteration"])}" '
+           f'data-attempt="{attempt["attempt"]}" data-outcome="{outcome}"><title>{html.escape(title)}</title>',
+           f'<rect class="bar" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
+           f'fill="{STAGE_COLOURS[attempt["stage"]]}" fill-opacity="{0.35 if faded else 1}" {stroke}/>']
+    if attempt["collect"] is not None:
+        xc = min(max(axis.x(attempt["collect"]), x0), x1)
+        out.append(f'<rect class="collect" x="{xc:.1f}" y="{y}" width="{x1 - xc:.1f}" height="{BAR}" '
+                   f'fill="{COLLECT_COLOUR}" fill-opacity="{0.35 if faded else 1}"/>')
+    if attempt["backup"]:
+        out.append(f'<rect class="backup" x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="{BAR}" '
+                   f'fill="url(#stripes)"/>')
+    out.append("</g>")
+    cross = (f"M{x1 - 6:.1f} {middle - 6} L{x1 + 6:.1f} {middle + 6} "
+             f"M{x1 - 6:.1f} {middle + 6} L{x1 + 6:.1f} {middle - 6}")
+    halo = f'<path d="{cross}" stroke="white" stroke-width="6" stroke-linecap="round"/>'
+    mark = ""
+    if outcome == "FAILURE":
+        mark = f'{halo}<path class="failure" data-index="{index}" d="{cross}" stroke="{FAILURE_COLOUR}" ' \
+               'stroke-width="3" stroke-linecap="round"/>'
+    elif outcome == "stale":
+        mark = f'{halo}<path class="stale" data-index="{index}" d="{cross}" stroke="#555" stroke-width="2.5" ' \
+               'stroke-linecap="round"/>'
+    elif outcome == "lost":
+        mark = f'<path class="lost" data-index="{index}" d="M{x1 - 7:.1f} {y - 3} L{x1 + 7:.1f} {y - 3} ' \
+               f'L{x1:.1f} {middle + 3} Z" fill="black" stroke="white"/>'
+    elif outcome == "SUCCESS" and raced:
+        mark = f'<path class="won" data-index="{index}" d="M{x1 - 7:.1f} {y - 7} l3.5 5 l8 -9" ' \
+               f'stroke="{WON_COLOUR}" stroke-width="3" fill="none" stroke-linecap="round"/>'
+    return "".join(out), mark
+
+
+def lane_svg(number, lane, axis, ticks, right, raced, runs):
+    """One worker's lane: its name, address and first PID, its attempts (one row, more only where it
+    ran two at once), its losses; returns (the lane, the marks to draw above everything)."""
+    worker, placed, lost, y, height = lane
+    detail = f"{worker['address']} · PID {worker['pid']}"
+    rows = 1 + max((row for row, _, _ in placed), default=0)
+    out = [f'<g class="lane" data-worker="{worker["worker"]}" data-rows="{rows}">'
+           f'<rect x="10" y="{y}" width="{right - 10}" height="{height}" '
+           f'fill="{"#f3f5f8" if number % 2 else "white"}"/>'
+           f'<text class="lane-name" x="20" y="{y + 15}" font-weight="bold">{worker["worker"]}</text>'
+           f'<text class="lane-detail" x="20" y="{y + 29}" font-size="11" fill="#444">{html.escape(detail)}</text>']
+    out.extend(f'<line class="grid" x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="#e4e4e4"/>'
+               for _, x in ticks)
+    limits, next_start = [], {}   # a bar ends before the next bar of its row starts
+    for row, _, attempt in reversed(placed):
+        limits.append(next_start.get(row, math.inf))
+        next_start[row] = axis.x(attempt["start"])
+    marks = []
+    for (row, index, attempt), limit in zip(placed, reversed(limits)):
+        key = (attempt["run"], attempt["stage"], attempt["iteration"], attempt["task"])
+        bar, mark = attempt_svg(index, attempt, axis, y + 11 + ROW * row, limit, key in raced, runs)
+        out.append(bar)
+        marks.append(mark)
+    out.extend(loss_svg(loss, axis, y, height) for loss in lost)
+    out.append("</g>")
+    return "".join(out), marks
+
+
+def loss_svg(loss, axis, y, height):
+    """A lost worker in its lane: a dashed line at the moment, the PID that was lost and its
+    replacement's."""
+    x = axis.x(loss["time"])
+    then = f"new PID {loss['new_pid']}" if loss["new_pid"] else "asked again later"
+    title = f"{loss['worker']} lost at {loss['time']:.3f} s ({loss['reason']}): PID {loss['pid']}; {then}"
+    return (f'<g class="loss" data-pid="{loss["pid"]}" data-new-pid="{loss["new_pid"] or ""}">'
+            f'<title>{html.escape(title)}</title>'
+            f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="{LOSS_COLOUR}" stroke-width="2" '
+            f'stroke-dasharray="4 2"/><text class="loss-label" x="{x + 4:.1f}" y="{y + height - 4}" '
+            f'fill="{LOSS_COLOUR}" font-size="11">PID {loss["pid"]} lost, {then}</text></g>')
+
+
+def band_svg(group, spans, inside, losses, piece, top, bottom, runs):
+    """Consecutive collapsed spans as one hatched band that says what they held (`inside`: their attempts)."""
+    _, _, x0, x1, _ = piece
+    first, last = spans[group[0]], spans[group[-1]]
+    failures = sum(attempt["outcome"] == "FAILURE" for attempt in inside)
+    lost = sum(group[0] <= span_at(spans, loss["time"]) <= group[-1] for loss in losses)
+    if not runs and first["iteration"] and last["iteration"]:
+        names = [f"iterations {first['iteration']}–{last['iteration']}"]
+    else:
+        names = [("run %d: " % first["run"] if runs else "") + span_label(first) + " to",
+                 ("run %d: " % last["run"] if runs else "") + span_label(last)]
+    lines = names + [f"{last['end'] - first['start']:.3f} s", f"{len(inside)} attempts",
+                     f"{failures} FAILURE"] + ([f"{lost} workers lost"] if lost else []) + ["(collapsed)"]
+    out = [f'<g class="band" data-spans="{len(group)}" data-attempts="{len(inside)}" data-failures="{failures}" '
+           f'data-lost="{lost}"><title>{html.escape(", ".join(lines[:-1]))}</title>'
+           f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{bottom - top}" fill="url(#hatch)" '
+           f'stroke="#999"/>']
+    for number, line in enumerate(lines):
+        colour = FAILURE_COLOUR if line.endswith("FAILURE") and failures else "#222"
+        out.append(f'<text class="band-label" x="{(x0 + x1) / 2:.1f}" y="{top + 18 + 15 * number}" '
+                   f'text-anchor="middle" font-size="11" fill="{colour}">{html.escape(line)}</text>')
+    out.append("</g>")
+    return "".join(out)
+
+
+def timeline_legend(y):
+    """The legend: stage colours and marks, in two rows."""
+    middle = y + BAR / 2
+    items = [
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Sample"]}"/>',
+         "Sample (read, check, draw)"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}"/>', "Map"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Reduce"]}"/>',
+         "Reduce (with its fetches)"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{COLLECT_COLOUR}"/>', "GetResult (collection)"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Weigh"]}"/>',
+         "Weigh (k-means++, final SSE)"),
+        (f'<path d="M5 {middle - 5} L15 {middle + 5} M5 {middle + 5} L15 {middle - 5}" stroke="{FAILURE_COLOUR}" '
+         f'stroke-width="3" stroke-linecap="round"/>', "FAILURE reply"),
+        (f'<path d="M5 {middle - 5} L15 {middle + 5} M5 {middle + 5} L15 {middle - 5}" stroke="#666" '
+         f'stroke-width="2" stroke-linecap="round"/>', "stale (newer work seen)"),
+        (f'<path d="M4 {y} L16 {y} L10 {middle + 4} Z" fill="black"/>', "worker lost during the attempt"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="{LOSS_COLOUR}" stroke-width="2" '
+         f'stroke-dasharray="4 2"/>', "worker lost: its new PID"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}"/>'
+         f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="url(#stripes)"/>', "backup copy"),
+        (f'<path d="M4 {middle} l3 4 l7 -8" stroke="{WON_COLOUR}" stroke-width="2.5" fill="none"/>',
+         "the copy that won"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="{STAGE_COLOURS["Map"]}" fill-opacity="0.35" '
+         f'stroke="#333" stroke-dasharray="3 2"/>', "ignored (lost the race)"),
+        (f'<rect x="1.5" y="{y}" width="17" height="{BAR}" fill="{STAGE_COLOURS["Map"]}" stroke="{RERUN_COLOUR}" '
+         f'stroke-width="3"/>', "map task re-executed"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="#555"/>', "iteration starts"),
+        (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="url(#hatch)" stroke="#999"/>',
+         "iterations collapsed"),
+    ]
+    out = []
+    for number, (glyph, text) in enumerate(items):
+        x, dy = 20 + 220 * (number % 7), 26 * (number // 7)
+        out.append(f'<g class="legend" transform="translate({x} {dy})">{glyph}'
+                   f'<text x="28" y="{y + 12}">{html.escape(text)}</text></g>')
+    return out
+
+
+def counted(count, singular, plural=None):
+    """'1 worker', '2 workers'."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
+def timeline_words(result, spans, groups):
+    """The timeline's title and notes: what the job was and did, how to read the axis, what was
+    collapsed, and what an earlier master ran (resumed)."""
+    data, runs = result.timeline, len(result.runs)
+    attempts, workers = data["attempts"], data["workers"]
+    roles = collections.Counter(worker["worker"].split()[0] for worker in workers)
+    title = (f"kmr timeline: {result.points} points, {counted(roles['mapper'], 'mapper')}, "
+             f"{counted(roles['reducer'], 'reducer')}, {counted(sum(1 for s in spans if s['iteration']), 'iteration')}"
+             f"{' in %d runs' % runs if runs > 1 else ''}; {counted(len(attempts), 'attempt')}: "
+             f"{sum(a['outcome'] == 'FAILURE' for a in attempts)} FAILURE, "
+             f"{counted(len(data['losses']), 'worker')} lost, "
+             f"{counted(sum(a['backup'] for a in attempts), 'backup copy', 'backup copies')}, "
+             f"{counted(len({(a['run'], a['iteration'], a['task']) for a in attempts if a['rerun']}), 'map task')} "
+             "re-executed")
+    before = f" (before {spans[0]['start']:.2f} s: counting the input's lines and the workers' start-up)" if spans else ""
+    notes = [f"x: seconds since the master started the job{before}; a lane per worker; hover over a bar "
+             "for its details"]
+    if groups:
+        hidden = sum(map(len, groups))
+        notes.append(f"{hidden} of {len(spans)} spans collapsed into hatched bands; in full: the first and last "
+                     f"{TIMELINE_EDGE}, the earliest with failures, losses, backups or re-runs, and gaps of fewer "
+                     f"than {BAND_SPANS}")
+    if data["resumed"]:
+        earlier = data["resumed"]
+        done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
+               ([f"iteration{'s 1–%d' % earlier['iterations'] if earlier['iterations'] > 1 else ' 1'}"
+                 + (f" of run {earlier['runs'] + 1}" if runs > 1 else "")] if earlier["iterations"] else [])
+        notes.append("resumed from a checkpoint: " + (" and ".join(done) or "the initial centroids") +
+                     " ran in an earlier master, whose attempts are not shown")
+    return title, notes
+
+
+def boundaries_svg(spans, full, axis, top, bottom, right, runs):
+    """A line where each span drawn in full starts, labelled with its iteration number (on a second
+    level when the first is taken), and where the last before a band or the end ends; with
+    restarts, a bold line and the run's number where each run starts."""
+    out, label_ends = [], [-math.inf, -math.inf]   # where the labels on each level end
+    for number, span in enumerate(spans):
+        if number not in full:
+            continue
+        x, which = axis.x(span["start"]), f'data-run="{span["run"]}" data-iteration="{json.dumps(span["iteration"])}"'
+        new_run = runs and (number == 0 or spans[number - 1]["run"] != span["run"])
+        out.append(f'<line class="boundary" {which} data-edge="start" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" '
+                   f'y2="{bottom}" stroke="{"black" if new_run else "#555"}" stroke-width="{2 if new_run else 1}"/>')
+        if new_run:
+            out.append(f'<text class="run" x="{x + 3:.1f}" y="{top - 36}" font-weight="bold">run {span["run"]}</text>')
+        following = axis.x(spans[number + 1]["start"]) if number + 1 < len(spans) else right
+        label = span_label(span)
+        if following - x < 6.5 * len(label) + 8:   # about 6.5 px per character at 12 px
+            label = span_label(span, short=True)
+        level = 0 if x + 3 > label_ends[0] + 4 else 1 if x + 3 > label_ends[1] + 4 else \
+            min((0, 1), key=label_ends.__getitem__)
+        label_ends[level] = x + 3 + 6.5 * len(label)
+        out.append(f'<text class="iteration" {which} x="{x + 3:.1f}" y="{top - 8 - 14 * level}">'
+                   f'{html.escape(label)}</text>')
+        if number + 1 == len(spans) or number + 1 not in full:
+            x = axis.x(span["end"])
+            out.append(f'<line class="boundary" {which} data-edge="end" x1="{x:.1f}" y1="{top - 30}" x2="{x:.1f}" '
+                       f'y2="{bottom}" stroke="#555"/>')
+    return out
+
+
+def axis_svg(axis, ticks, decimals, y, left, right):
+    """The time axis under the lanes: a line per full-scale piece, ticks with their values, a title."""
+    out = [f'<line class="axis" x1="{x0:.1f}" y1="{y}" x2="{x1:.1f}" y2="{y}" stroke="black"/>'
+           for _, _, x0, x1, group in axis.pieces if group is None and x1 > x0]
+    out += [f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 5}" stroke="black"/>'
+            f'<text class="tick" x="{x:.1f}" y="{y + 18}" text-anchor="middle">{value:.{decimals}f}</text>'
+            for value, x in ticks]
+    out.append(f'<text x="{(left + right) / 2}" y="{y + 38}" text-anchor="middle">seconds since the master '
+               f'started the job</text>')
+    return out
+
+
+def timeline_svg(result):
+    """An SVG of the job in time: a lane per worker (a respawned worker's new process in the same
+    lane), a bar per attempt coloured by stage, marks where something went wrong, iteration
+    boundaries, a time axis and a legend (built from result.timeline, see Master.timeline)."""
+    data = result.timeline
+    spans = sorted(data["iterations"], key=lambda span: span["start"])
+    attempts, losses = data["attempts"], data["losses"]
+    runs = len(result.runs) > 1
+    groups = collapsed_groups(spans, attempts, losses)
+    full = set(range(len(spans))) - {number for group in groups for number in group}
+    index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
+    title, notes = timeline_words(result, spans, groups)
+    left, right, top = LANE_LABEL, TIMELINE_WIDTH - 30, 50 + 17 * len(notes) + 36 + (18 if runs else 0)
+    start = spans[0]["start"] if spans else 0.0
+    end = max([span["end"] for span in spans] + [attempt["end"] for attempt in attempts] + [start + 1e-3])
+    axis = TimeAxis(start, end, [(spans[g[0]]["start"], spans[g[-1]]["end"], g) for g in groups], left, right)
+    ticks, decimals = axis.ticks()
+    raced = {(a["run"], a["stage"], a["iteration"], a["task"]) for a in attempts if a["backup"]}
+
+    lanes, marks, y = [], [], top
+    for number, worker in enumerate(data["workers"]):
+        mine = [(number, attempt) for number, attempt in enumerate(attempts)
+                if attempt["worker"] == worker["worker"] and index[attempt["run"], attempt["iteration"]] in full]
+        lost = [loss for loss in losses if loss["worker"] == worker["worker"] and span_at(spans, loss["time"]) in full]
+        placed, rows = stack(mine)
+        height = max(34, ROW * rows + 4) + (14 if lost else 0)   # room for two lines of label, and the loss's
+        drawn, lane_marks = lane_svg(number, (worker, placed, lost, y, height), axis, ticks, right, raced, runs)
+        lanes.append(drawn)
+        marks += lane_marks
+        y += height
+    bottom = y
+    height = bottom + 150
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{TIMELINE_WIDTH}" height="{height}" '
+           f'viewBox="0 0 {TIMELINE_WIDTH} {height}" font-family="sans-serif" font-size="12">',
+           '<defs><pattern id="stripes" width="6" height="6" patternUnits="userSpaceOnUse" '
+           'patternTransform="rotate(45)"><rect width="3" height="6" fill="black" fill-opacity="0.45"/></pattern>'
+           '<pattern id="hatch" width="8" height="8" patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+           '<rect width="8" height="8" fill="#f7f7f7"/><rect width="1.5" height="8" fill="#d0d0d0"/></pattern></defs>',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text class="title" x="20" y="28" font-size="16">{html.escape(title)}</text>']
+    out += [f'<text class="note" x="20" y="{50 + 17 * number}" fill="#333">{html.escape(note)}</text>'
+            for number, note in enumerate(notes)]
+    out += lanes
+    out += boundaries_svg(spans, full, axis, top, bottom, right, runs)
+    for group in groups:
+        piece = next(piece for piece in axis.pieces if piece[4] is group)
+        inside = [attempt for attempt in attempts if index[attempt["run"], attempt["iteration"]] in group]
+        out.append(band_svg(group, spans, inside, losses, piece, top - 30, bottom, runs))
+    out += [mark for mark in marks if mark]
+    out += axis_svg(axis, ticks, decimals, bottom + 6, left, right)
+    out += timeline_legend(bottom + 68)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 # ####################################################################################################
 # Command line
 # ####################################################################################################
@@ -2700,6 +3221,7 @@ EXAMPLES = """examples:
   python kmr.py --role mapper --port 6001                     a standalone worker (also: reducer)
   python kmr.py --role master --mapper-addrs h1:6001,h2:6001 --reducer-addrs h3:6101 --token T
   python kmr.py --role master --fail-prob 0.5                 the failure drill: half of all tasks fail
+  python kmr.py --role master --fail-prob 0.3 --timeline t.svg   the drill in time, a lane per worker
   python kmr.py --role master --crash mapper:1:after-map:2    mapper 1 dies after its Map of iteration 2
 """
 
@@ -2730,6 +3252,8 @@ def parse_args(argv=None):
                         help="complete runs from different seeds; the lowest final SSE wins (default 1)")
     master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")
     master.add_argument("--summary", metavar="FILE.json", help="write parameters and per-iteration numbers")
+    master.add_argument("--timeline", metavar="FILE.svg",
+                        help="draw every task attempt in time, a lane per worker, as SVG")
     display = master.add_mutually_exclusive_group()
     display.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
     display.add_argument("--compact", action="store_true",
@@ -2784,7 +3308,7 @@ def parse_args(argv=None):
     args.tls = tls_files(args)
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
-    for flag, path in (("--plot", args.plot), ("--summary", args.summary)):
+    for flag, path in (("--plot", args.plot), ("--summary", args.summary), ("--timeline", args.timeline)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
             raise InputError(f"{flag} {path}: not a file in an existing folder")
     if not all(" " <= char <= "~" for char in args.token):
@@ -2862,7 +3386,7 @@ def run_master(args):
                          fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
-               (args.plot, lambda: plot_svg(result))]
+               (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result))]
     for path, render in reports:
         if path:
             try:

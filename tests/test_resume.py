@@ -19,9 +19,9 @@ JOB = ["--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 12, "--seed", 5, "--
 
 
 def without_timings(summary):
-    """A summary less what no two runs share: wall times, and the folder the input is in."""
+    """A summary less what no two runs share: wall times, the timeline, and the folder the input is in."""
     summary = dict(summary)
-    del summary["startup_seconds"]
+    del summary["startup_seconds"], summary["timeline"]
     summary["parameters"] = {k: v for k, v in summary["parameters"].items() if k != "input"}
     summary["iterations"] = [{k: v for k, v in stats.items() if k not in ("seconds", "phases")}
                              for stats in summary["iterations"]]
