@@ -259,7 +259,6 @@ def assign_clusters(columns, centroids):
 
 PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
-DENSE_SHARE = 0.3                # above this share of doubtful points, examining all of a chunk is cheaper
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 
 
@@ -493,16 +492,6 @@ def reassign(state, columns, centroids, magnitudes):
             operator.and_,
             map(operator.gt, map(operator.sub, part_upper, lower[low:high]), map(gap_limit.__getitem__, part_keys)),
             map(operator.gt, part_upper, map(upper_limit.__getitem__, part_keys)))))
-        if len(doubtful) > DENSE_SHARE * (high - low):   # cheaper to examine every point of the chunk
-            new_keys, best, second = two_nearest([column[low:high] for column in columns], centroids)
-            upper[low:high] = array("d", map(operator.sub, map(operator.add, map(math.sqrt, best),
-                                                               itertools.repeat(slack)), map(grown.__getitem__, new_keys)))
-            lower[low:high] = array("d", map(operator.add, map(operator.sub, map(math.sqrt, second),
-                                                               itertools.repeat(slack)), map(shrunk.__getitem__, new_keys)))
-            moves += [(i, part_keys[i - low], new_keys[i - low])
-                      for i in itertools.compress(range(low, high), map(operator.ne, part_keys, new_keys))]
-            keys[low:high] = new_keys
-            continue
         if not doubtful:
             continue
         own_keys = array("i", map(keys.__getitem__, doubtful))
