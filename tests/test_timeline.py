@@ -249,13 +249,13 @@ def test_bars_lie_within_their_iteration_boundaries(run, request):
     result = request.getfixturevalue(run)
     lines = result.svg.boundaries()
     spans = result.timeline["iterations"]
-    assert [s["iteration"] for s in spans] == list(range(1, len(result.summary["iterations"]) + 1))
+    assert [s["iteration"] for s in spans] == [kmr.SAMPLE_PASS, *range(1, len(result.summary["iterations"]) + 1)]
     labels = {(int(t.get("data-run")), json.loads(t.get("data-iteration"))): t.text
               for t in result.svg.of_class("text", "iteration")}
     edges = []
     for span in spans:
         key = (span["run"], span["iteration"])
-        assert labels[key] in (f"iteration {span['iteration']}", str(span["iteration"]))
+        assert labels[key] in (kmr.span_label(span), kmr.span_label(span, short=True))
         edges.append(lines[(*key, "start")])
     edges.append(lines[(spans[-1]["run"], spans[-1]["iteration"], "end")])
     assert edges == sorted(edges)
@@ -462,8 +462,9 @@ def test_a_resumed_run_shows_only_the_iterations_it_ran_and_says_so(tmp_path):
     assert result.returncode == 0, result.stderr
     timeline = json.loads((tmp_path / "s.json").read_text())["timeline"]
     assert timeline["resumed"] == {"runs": 0, "iterations": done}
-    ran = sorted({a["iteration"] for a in timeline["attempts"]} - {None})   # None: the final SSE pass
-    assert ran == list(range(done + 1, 13)) == [s["iteration"] for s in timeline["iterations"] if s["iteration"]]
+    ran = sorted({a["iteration"] for a in timeline["attempts"]} - {None, kmr.SAMPLE_PASS})   # final SSE, Sample
+    assert ran == list(range(done + 1, 13)) == [s["iteration"] for s in timeline["iterations"]
+                                                 if s["iteration"] not in (None, kmr.SAMPLE_PASS)]
     notes = " ".join(t.text for t in Timeline(tmp_path / "t.svg").of_class("text", "note"))
     assert f"resumed from a checkpoint: iterations 1–{done} ran in an earlier master" in notes
 
