@@ -190,56 +190,7 @@ def nearest(point, centroids):
     return best_key
 
 
-MAX_UNROLLED = 4096   # K*D up to which assign_clusters compiles its loop unrolled
-
-
-@functools.lru_cache(maxsize=64)
-def unrolled_assigner(clusters, dim):
-    """A compiled loop doing, point by point, what `nearest` and `squared_distance` do, and dropping
-    each point's coordinates into its cluster's lists.
-
-    Python spends most of a K-means iteration interpreting this loop; with the K distance sums and
-    comparisons written out (centroids in local variables) it runs about twice as fast as any
-    list-at-a-time formulation. The arithmetic and the strict '<' are exactly those of `nearest`.
-    """
-    coords = [f"x{d}" for d in range(dim)]
-    body = ["def assign(columns, centroids):",
-            f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(clusters))},) "
-            "= centroids",
-            "    keys, best = [], []",
-            "    add_key, add_best = keys.append, best.append",
-            f"    members = [[[] for _ in range({dim})] for _ in range({clusters})]",
-            *[f"    add{d} = [member[{d}].append for member in members]" for d in range(dim)],
-            f"    for {', '.join(coords)}, in zip(*columns):"]
-    for key in range(clusters):
-        diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
-        total = " + ".join(f"d{d} * d{d}" for d in range(dim))
-        if key == 0:
-            body.append(f"        {diffs}; b = {total}; k = 0")
-        else:
-            body += [f"        {diffs}; d = {total}", f"        if d < b: b = d; k = {key}"]
-    body += ["        add_key(k); add_best(b)", *[f"        add{d}[k](x{d})" for d in range(dim)],
-             "    return keys, best, members"]
-    namespace = {}
-    exec(compile("\n".join(body), f"<assign K={clusters} D={dim}>", "exec"), namespace)
-    return namespace["assign"]
-
-
-def assign_clusters(columns, centroids):
-    """Map: every point's nearest centroid (ties: lowest index) and squared distance to it, and the
-    points of each cluster column by column: (keys, distances, members[k][d])."""
-    dim = len(columns)
-    if len(centroids) * dim <= MAX_UNROLLED:
-        return unrolled_assigner(len(centroids), dim)(columns, centroids)
-    keys, distances = [], []
-    members = [[[] for _ in range(dim)] for _ in centroids]
-    for point in zip(*columns):
-        key = nearest(point, centroids)
-        keys.append(key)
-        distances.append(squared_distance(point, centroids[key]))
-        for column, value in zip(members[key], point):
-            column.append(value)
-    return keys, distances, members
+MAX_UNROLLED = 4096   # K*D up to which the assignment loop is compiled unrolled
 
 
 # -- Map across iterations: a split's assignment, kept and updated (Hamerly's bounds) ---------------
@@ -303,6 +254,15 @@ def two_nearest(columns, centroids):
         second.append(min(distances[:key] + distances[key + 1:], default=math.inf))
     return keys, best, second
 
+
+
+def assign_clusters(columns, centroids):
+    """Map, all points at once (the sequential reference's): every point's nearest centroid (ties:
+    lowest index), its squared distance, and each cluster's points column by column."""
+    keys, distances, _ = two_nearest(columns, centroids)
+    members = [[[column[i] for i in indices] for column in columns]
+               for indices in indices_by_key(keys, len(centroids))]
+    return list(keys), list(distances), members
 
 def distances_to_own(columns, centroids, keys):
     """Each point's squared distance to the centroid of its key, computed as `squared_distance` does
@@ -579,16 +539,6 @@ def exact_terms(values):
             return terms
         terms.append(term)
         pending.append(-term)
-
-
-def combine(records):
-    """Combiner: each record's coordinates replaced by the exact terms of their sum per dimension.
-
-    The values are first copied into one contiguous array: fsum's passes then walk memory in order
-    instead of chasing float objects scattered over the heap (a third faster).
-    """
-    return [(key, count, [exact_terms(array("d", values)) for values in sums])
-            for key, count, sums in records]
 
 
 @dataclass
