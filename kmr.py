@@ -202,11 +202,13 @@ MAX_UNROLLED = 4096   # K*D up to which the assignment loop is compiled unrolled
 # both its lower bound and half the distance from its centroid to the nearest other one; only such
 # points are examined again, with exactly `nearest`'s arithmetic. Every bound carries a slack larger
 # than all the rounding in it, so a point is skipped only when its centroid is strictly nearest in the
-# computed squared distances too: the keys are always `nearest`'s, ties included.
+# computed squared distances too: the keys are always `nearest`'s, ties included. The whole test is one
+# compiled loop per (K, D), like the assignment loop: a skipped point costs a few comparisons.
 #
-# The SSE needs no distances: per cluster and dimension it is sum x^2 - 2 c sum x + n c^2, each part
-# kept or formed as doubles whose exact sum it is (sums of squares from products split so that they are
-# exact), so the SSE is the exact one, correctly rounded, and is updated by the points that moved.
+# The SSE needs no distances: it is sum x^2 over the split (the same whatever the clusters, summed once
+# with integers) less, per cluster and dimension, 2 c sum x - n c^2, every product split into doubles
+# whose exact sum it is. So the SSE is the exact one, correctly rounded, and each cluster's part changes
+# only with its exact sums, which change only by the points that moved.
 
 PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
@@ -256,6 +258,60 @@ def two_nearest(columns, centroids):
 
 
 
+@functools.lru_cache(maxsize=64)
+def bounded_reassigner(clusters, dim, unrolled):
+    """A compiled loop moving a split's points to new centroids with Hamerly's test: a point whose
+    bounds prove its centroid still nearest is skipped; otherwise its own distance tightens the upper
+    bound, and if it is still in doubt every distance is computed with `nearest`'s arithmetic and
+    strict '<' (unrolled up to MAX_UNROLLED). Updates keys and bounds in place; returns (moves,
+    examined, rechecked)."""
+    xs = [f"x{d}" for d in range(dim)] if unrolled else ["point"]
+    body = ["def reassign_points(columns, keys, upper, lower, centroids, limits, grown, shrunk, half, slack):",
+            "    upper_limit, gap_limit = limits",
+            "    moves = []; add_move = moves.append; examined = rechecked = 0"]
+    if unrolled:
+        body += [f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(clusters))},) "
+                 "= centroids",
+                 f"    {''.join(f'own{d}, ' for d in range(dim))}= map(list, zip(*centroids))",
+                 f"    for i, {', '.join(xs)}, k, u, l in zip(count(), *columns, keys, upper, lower):"]
+    else:
+        body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
+    body += ["        if u <= upper_limit[k] or u - l <= gap_limit[k]: continue",
+             "        examined += 1"]
+    if unrolled:
+        body += [f"        {'; '.join(f'd{d} = x{d} - own{d}[k]' for d in range(dim))}",
+                 f"        reach = sqrt({' + '.join(f'd{d} * d{d}' for d in range(dim))}) + slack"]
+    else:
+        body.append("        reach = sqrt(squared_distance(point, centroids[k])) + slack")
+    body += ["        upper[i] = reach - grown[k]",
+             "        reach += slack",
+             "        if reach < half[k] or reach < l - shrunk[k]: continue",
+             "        rechecked += 1"]
+    if unrolled:
+        for key in range(clusters):
+            diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
+            total = " + ".join(f"d{d} * d{d}" for d in range(dim))
+            if key == 0:
+                body.append(f"        {diffs}; b = {total}; s = inf; key = 0")
+            else:
+                body += [f"        {diffs}; d = {total}",
+                         f"        if d < b: s = b; b = d; key = {key}",
+                         "        elif d < s: s = d"]
+    else:
+        body += ["        b = s = inf; key = 0",
+                 "        for index, centroid in enumerate(centroids):",
+                 "            d = squared_distance(point, centroid)",
+                 "            if d < b: s = b; b = d; key = index",
+                 "            elif d < s: s = d"]
+    body += ["        upper[i] = sqrt(b) + slack - grown[key]",
+             "        lower[i] = sqrt(s) - slack + shrunk[key]",
+             "        if key != k: keys[i] = key; add_move((i, k, key))",
+             "    return moves, examined, rechecked"]
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance}
+    exec(compile("\n".join(body), f"<bounded reassign K={clusters} D={dim}>", "exec"), namespace)
+    return namespace["reassign_points"]
+
+
 def assign_clusters(columns, centroids):
     """Map, all points at once (the sequential reference's): every point's nearest centroid (ties:
     lowest index), its squared distance, and each cluster's points column by column."""
@@ -263,27 +319,6 @@ def assign_clusters(columns, centroids):
     members = [[[column[i] for i in indices] for column in columns]
                for indices in indices_by_key(keys, len(centroids))]
     return list(keys), list(distances), members
-
-def distances_to_own(columns, centroids, keys):
-    """Each point's squared distance to the centroid of its key, computed as `squared_distance` does
-    (coordinate by coordinate, left to right), at C speed."""
-    total = None
-    for column, coordinates in zip(columns, zip(*centroids)):
-        differences = list(map(operator.sub, column, map(coordinates.__getitem__, keys)))
-        squares = map(operator.mul, differences, differences)
-        total = squares if total is None else map(operator.add, total, squares)
-    return array("d", total)
-
-
-def square_parts(values):
-    """Doubles whose exact sum is the sum of the values' squares: each value split into halves of 26
-    bits (Veltkamp), whose products are exact (values within PRUNE_LIMITS)."""
-    scaled = list(map(SPLITTER.__mul__, values))
-    high = list(map(operator.sub, scaled, map(operator.sub, scaled, values)))
-    low = list(map(operator.sub, values, high))
-    twice_cross = map(operator.mul, map(operator.mul, high, low), itertools.repeat(2.0))   # x2 is exact
-    return itertools.chain(map(operator.mul, high, high), twice_cross, map(operator.mul, low, low))
-
 
 def two_product(a, b):
     """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
@@ -294,15 +329,34 @@ def two_product(a, b):
     return product, (((a_high * b_high - product) + a_high * b_low) + a_low * b_high) + a_low * b_low
 
 
+def square_terms(columns, magnitudes):
+    """Doubles whose exact sum is the sum of every squared coordinate of a split (the SSE needs it,
+    whatever the clusters); None beyond PRUNE_LIMITS. Every coordinate is a whole multiple of the ulp
+    of the smallest nonzero one, so in that unit they are integers, squared and summed exactly."""
+    smallest = magnitudes[0]
+    if not within_prune_limits(magnitudes):
+        return None
+    if smallest == math.inf:
+        return []   # every coordinate is zero
+    shift = max(0, 1 - math.frexp(math.ulp(smallest))[1])   # 2**-shift divides every coordinate
+    scale = math.ldexp(1.0, shift)
+    total = 0
+    for column in columns:
+        for low in range(0, len(column), ASSIGN_CHUNK):
+            whole = list(map(int, map(scale.__mul__, column[low:low + ASSIGN_CHUNK])))
+            total += sum(map(operator.mul, whole, whole))
+    return integer_terms(total, 2 * shift)
+
+
 def sse_of_sums(counts, sums, squares, centroids):
-    """The exact SSE of clusters against their centroids from counts, exact sums and exact sums of
-    squares: per dimension sum x^2 - 2 c sum x + n c^2, every product split exactly; as exact terms."""
-    terms = []
-    for count, sum_terms, square_sums, centroid in zip(counts, sums, squares, centroids):
+    """The exact SSE of clusters against their centroids from counts, exact sums and the exact sum of
+    all squares: sum x^2 less, per cluster and dimension, 2 c sum x - n c^2 (every product split
+    exactly); as exact terms."""
+    terms = list(squares)
+    for count, sum_terms, centroid in zip(counts, sums, centroids):
         if not count:
             continue
-        for total, total_of_squares, c in zip(sum_terms, square_sums, centroid):
-            terms += total_of_squares
+        for total, c in zip(sum_terms, centroid):
             for term in total:
                 terms += [-2.0 * part for part in two_product(c, term)]
             high, low = two_product(c, c)
@@ -320,10 +374,16 @@ def exact_sse(columns, keys, centroids):
         for value, key in zip(column, keys):
             difference = fixed(value) - scaled[key]
             total += difference * difference
+    return integer_terms(total, 2148)
+
+
+def integer_terms(total, shift):
+    """Doubles whose exact sum is total / 2**shift (down to 2**-1074): each the correctly rounded
+    rest (int / int rounds correctly), a whole number of 2**-shift."""
     terms = []
-    while (term := total / (1 << 2148)) != 0.0:   # int / int is correctly rounded
+    while (term := total / (1 << shift)) != 0.0:
         terms.append(term)
-        total -= fixed(term) << 1074
+        total -= (fixed(term) << shift) >> 1074
     return terms
 
 
@@ -346,9 +406,11 @@ class Assignment:
     steps: int           # steps since the bounds were set (the slack grows with them)
     counts: list         # points per cluster
     sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
-    squares: list        # the same for the sum of squared coordinates (None beyond PRUNE_LIMITS)
+    squares: list        # the split's square_terms (None beyond PRUNE_LIMITS)
     members: list        # per cluster: its point indices ascending (kept for plain partitions only)
     sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
+    examined: int = 0    # points of the last step whose bounds did not prove their cluster ...
+    rechecked: int = 0   # ... and of those, points whose every distance was computed
 
 
 def coordinate_range(columns):
@@ -379,15 +441,14 @@ def bound_slack(dim, centroids, magnitudes, state=None):
     return 16.0 * (dim + 16 + steps) * sys.float_info.epsilon * scale
 
 
-def new_assignment(columns, centroids, keep_members, magnitudes):
+def new_assignment(columns, centroids, keep_members, magnitudes, squares):
     """Every point of a split examined against the centroids: a fresh Assignment."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
-    exact_products = within_prune_limits(magnitudes) and within_prune_limits(coordinate_range(zip(*centroids)))
+    exact_products = squares is not None and within_prune_limits(coordinate_range(zip(*centroids)))
     slack = bound_slack(dim, centroids, magnitudes)
     keys, upper, lower = array("i"), array("d"), array("d")
     counts, members = [0] * clusters, [[] for _ in centroids]
     sums = [[[] for _ in range(dim)] for _ in centroids]
-    squares = [[[] for _ in range(dim)] for _ in centroids] if exact_products else None
     for low in range(0, size, ASSIGN_CHUNK):
         part = [column[low:low + ASSIGN_CHUNK] for column in columns]
         part_keys, best, second = two_nearest(part, centroids)
@@ -397,7 +458,7 @@ def new_assignment(columns, centroids, keep_members, magnitudes):
         for key, indices in enumerate(indices_by_key(part_keys, clusters, low)):
             if indices:
                 counts[key] += len(indices)
-                add_points(sums[key], squares and squares[key], columns, indices, [])
+                add_points(sums[key], columns, indices, [])
                 if keep_members:
                     members[key].extend(indices)
     state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
@@ -407,16 +468,12 @@ def new_assignment(columns, centroids, keep_members, magnitudes):
     return state
 
 
-def add_points(sums, squares, columns, came, went):
-    """A cluster's exact sums (and sums of squares) after the points `came` joined it and `went` left:
-    their coordinates added and subtracted without rounding."""
+def add_points(sums, columns, came, went):
+    """A cluster's exact sums after the points `came` joined it and `went` left: their coordinates
+    added and subtracted without rounding."""
     for dimension, column in enumerate(columns):
-        joined = array("d", map(column.__getitem__, came))
-        left = array("d", map(column.__getitem__, went))
-        sums[dimension] = exact_terms(itertools.chain(sums[dimension], joined, map(operator.neg, left)))
-        if squares is not None:
-            squares[dimension] = exact_terms(itertools.chain(squares[dimension], square_parts(joined),
-                                                             map(operator.neg, square_parts(left))))
+        sums[dimension] = exact_terms(itertools.chain(sums[dimension], map(column.__getitem__, came),
+                                                      map(operator.neg, map(column.__getitem__, went))))
 
 
 def reassign(state, columns, centroids, magnitudes):
@@ -424,7 +481,7 @@ def reassign(state, columns, centroids, magnitudes):
     returns how many changed. Counts, exact sums, members and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
     if state.squares is None or not within_prune_limits(coordinate_range(zip(*centroids))):
-        fresh = new_assignment(columns, centroids, state.members is not None, magnitudes)
+        fresh = new_assignment(columns, centroids, state.members is not None, magnitudes, state.squares)
         moved = sum(map(operator.ne, state.keys, fresh.keys))
         vars(state).update(vars(fresh))
         return moved
@@ -440,42 +497,10 @@ def reassign(state, columns, centroids, magnitudes):
     separation = [min((math.sqrt(squared_distance(c, other)) for j, other in enumerate(centroids) if j != k),
                       default=math.inf) for k, c in enumerate(centroids)]
     half = [s / 2 - slack for s in separation]
-    # a point may have moved if upper + grown > lower - shrunk and upper + grown > half
-    gap_limit = [-(g + s) - 2 * slack for g, s in zip(grown, shrunk)]
-    upper_limit = [h - g - 2 * slack for h, g in zip(half, grown)]
-    keys, upper, lower = state.keys, state.upper, state.lower
-    moves = []
-    for low in range(0, len(keys), ASSIGN_CHUNK):
-        high = min(low + ASSIGN_CHUNK, len(keys))
-        part_keys, part_upper = keys[low:high], upper[low:high]
-        doubtful = list(itertools.compress(range(low, high), map(
-            operator.and_,
-            map(operator.gt, map(operator.sub, part_upper, lower[low:high]), map(gap_limit.__getitem__, part_keys)),
-            map(operator.gt, part_upper, map(upper_limit.__getitem__, part_keys)))))
-        if not doubtful:
-            continue
-        own_keys = array("i", map(keys.__getitem__, doubtful))
-        points = [array("d", map(column.__getitem__, doubtful)) for column in columns]
-        own = array("d", map(operator.add, map(math.sqrt, distances_to_own(points, centroids, own_keys)),
-                             itertools.repeat(slack)))
-        for i, distance in zip(doubtful, map(operator.sub, own, map(grown.__getitem__, own_keys))):
-            upper[i] = distance   # the exact distance, less the growth to come, replaces the bound
-        # still in doubt with the exact distance: own + slack >= half and >= lower - shrunk
-        reach = list(map(operator.add, own, itertools.repeat(slack)))
-        recheck = list(itertools.compress(range(len(doubtful)), map(
-            operator.and_, map(operator.ge, reach, map(half.__getitem__, own_keys)),
-            map(operator.ge, reach, map(operator.sub, map(lower.__getitem__, doubtful),
-                                        map(shrunk.__getitem__, own_keys))))))
-        if not recheck:
-            continue
-        new_keys, best, second = two_nearest([array("d", map(p.__getitem__, recheck)) for p in points], centroids)
-        for n, key, distance, runner_up in zip(recheck, new_keys, best, second):
-            i = doubtful[n]
-            upper[i] = math.sqrt(distance) + slack - grown[key]
-            lower[i] = math.sqrt(runner_up) - slack + shrunk[key]
-            if key != own_keys[n]:
-                moves.append((i, own_keys[n], key))
-                keys[i] = key
+    # a point may have moved if upper + grown > half and upper + grown > lower - shrunk
+    limits = ([h - g - 2 * slack for h, g in zip(half, grown)], [-(g + s) - 2 * slack for g, s in zip(grown, shrunk)])
+    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, clusters * dim <= MAX_UNROLLED)(
+        columns, state.keys, state.upper, state.lower, centroids, limits, grown, shrunk, half, slack)
     state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
     apply_moves(state, columns, moves)
     state.sse_terms = sse_of_sums(state.counts, state.sums, state.squares, centroids)
@@ -492,7 +517,7 @@ def apply_moves(state, columns, moves):
     for key in set(arrived) | set(left):
         came, went = arrived.get(key, []), left.get(key, [])
         state.counts[key] += len(came) - len(went)
-        add_points(state.sums[key], state.squares[key], columns, came, went)
+        add_points(state.sums[key], columns, came, went)
         if state.members is not None:
             gone = set(went)
             state.members[key] = sorted(itertools.chain(itertools.filterfalse(gone.__contains__,
@@ -1146,6 +1171,11 @@ class Split:
     weights_for: tuple = ()  # (job, how many centroids they were weighed against)
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
+    @functools.cached_property
+    def squares(self):
+        """The split's square_terms, once."""
+        return square_terms(self.columns, self.magnitudes)
+
     def assign(self, centroids, previous=None, keep_members=False):
         """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
         moved points counted are those since the previous iteration); returns the moved count.
@@ -1156,7 +1186,7 @@ class Split:
         moved = len(self.columns[0])
         for target in ([previous] if previous is not None else []) + [centroids]:
             if state is None:
-                state = new_assignment(self.columns, target, keep_members, self.magnitudes)
+                state = new_assignment(self.columns, target, keep_members, self.magnitudes, self.squares)
             elif state.centroids != target:
                 moved = reassign(state, self.columns, target, self.magnitudes)
             else:

@@ -81,15 +81,16 @@ def columns_of(points):
 
 
 @settings(max_examples=300, deadline=None)
-@given(scenarios(), st.integers(1, 7))
-def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk):
+@given(scenarios(), st.integers(1, 7), st.booleans())
+def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled):
     points, sequence = scenario
     assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
     chunk_size, kmr.ASSIGN_CHUNK = kmr.ASSIGN_CHUNK, chunk   # several passes per step, as on big splits
+    most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0   # both loops
     try:
-        state = kmr.new_assignment(columns, sequence[0], True, magnitudes)
+        state = kmr.new_assignment(columns, sequence[0], True, magnitudes, kmr.square_terms(columns, magnitudes))
         assert held(state) == from_scratch(points, sequence[0])
         for centroids in sequence[1:]:
             old_keys = list(state.keys)
@@ -98,25 +99,18 @@ def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk):
             assert held(state) == expected
             assert moved == sum(a != b for a, b in zip(old_keys, expected[0]))
     finally:
-        kmr.ASSIGN_CHUNK = chunk_size
+        kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED = chunk_size, most_unrolled
 
 
-def test_points_are_skipped_on_well_separated_data(monkeypatch):
+def test_points_are_skipped_on_well_separated_data():
     """The bounds do prune: after a small move, only points near a boundary are examined again."""
-    examined = []
-    real = kmr.two_nearest
-
-    def counting(columns, centroids, first=0):
-        examined.append(len(columns[0]))
-        return real(columns, centroids, first)
-
     points = [(x / 10, 0.0) for x in range(100)] + [(50 + x / 10, 0.0) for x in range(100)]
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], False, magnitudes)
-    monkeypatch.setattr(kmr, "two_nearest", counting)
+    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], False, magnitudes,
+                               kmr.square_terms(columns, magnitudes))
     kmr.reassign(state, columns, [(1.0, 0.0), (59.0, 0.0)], magnitudes)
-    assert sum(examined) == 0   # every point is far nearer its own centroid than the other
+    assert state.examined == 0   # every point is far nearer its own centroid than the other
     assert list(state.keys) == [kmr.nearest(p, [(1.0, 0.0), (59.0, 0.0)]) for p in points]
 
 
@@ -124,7 +118,7 @@ def test_points_are_skipped_on_well_separated_data(monkeypatch):
 def test_coordinates_beyond_the_prune_limits_are_examined_every_time(points):
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    state = kmr.new_assignment(columns, points, False, magnitudes)
-    assert state.squares is None
+    assert kmr.square_terms(columns, magnitudes) is None
+    state = kmr.new_assignment(columns, points, False, magnitudes, None)
     moved = kmr.reassign(state, columns, points[::-1], magnitudes)
     assert list(state.keys) == [1, 0] and moved == 2
