@@ -398,7 +398,7 @@ class Assignment:
     """Where a split's points stand against one set of centroids: what Map keeps between iterations."""
 
     centroids: list
-    keys: array          # each point's cluster
+    keys: array          # each point's cluster (the smallest integer type that holds K-1)
     upper: array         # per point: an upper bound on the distance to its centroid, minus `grown` of it
     lower: array         # per point: a lower bound on the distance to any other centroid, plus `shrunk` of it
     grown: list          # per cluster: how far (at most) its centroid moved in all steps so far
@@ -441,20 +441,27 @@ def bound_slack(dim, centroids, magnitudes, state=None):
     return 16.0 * (dim + 16 + steps) * sys.float_info.epsilon * scale
 
 
+def key_array(clusters, size):
+    """Zeroed keys of `size` points, in the smallest type that holds K-1 (1 byte a key up to K=128)."""
+    typecode = "b" if clusters <= 128 else "h" if clusters <= 32768 else "i"
+    return array(typecode, bytes(array(typecode).itemsize * size))
+
+
 def new_assignment(columns, centroids, keep_members, magnitudes, squares):
     """Every point of a split examined against the centroids: a fresh Assignment."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
     exact_products = squares is not None and within_prune_limits(coordinate_range(zip(*centroids)))
     slack = bound_slack(dim, centroids, magnitudes)
-    keys, upper, lower = array("i"), array("d"), array("d")
+    keys = key_array(clusters, size)
+    upper, lower = array("d", bytes(8 * size)), array("d", bytes(8 * size))
     counts, members = [0] * clusters, [[] for _ in centroids]
     sums = [[[] for _ in range(dim)] for _ in centroids]
     for low in range(0, size, ASSIGN_CHUNK):
-        part = [column[low:low + ASSIGN_CHUNK] for column in columns]
-        part_keys, best, second = two_nearest(part, centroids)
-        keys.extend(part_keys)
-        upper.extend(map(operator.add, map(math.sqrt, best), itertools.repeat(slack)))
-        lower.extend(map(operator.sub, map(math.sqrt, second), itertools.repeat(slack)))
+        high = min(size, low + ASSIGN_CHUNK)
+        part_keys, best, second = two_nearest([column[low:high] for column in columns], centroids)
+        keys[low:high] = array(keys.typecode, part_keys)
+        upper[low:high] = array("d", map(operator.add, map(math.sqrt, best), itertools.repeat(slack)))
+        lower[low:high] = array("d", map(operator.sub, map(math.sqrt, second), itertools.repeat(slack)))
         for key, indices in enumerate(indices_by_key(part_keys, clusters, low)):
             if indices:
                 counts[key] += len(indices)
