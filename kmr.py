@@ -407,10 +407,47 @@ class Assignment:
     counts: list         # points per cluster
     sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
     squares: list        # the split's square_terms (None beyond PRUNE_LIMITS)
-    members: list        # per cluster: its point indices ascending (kept for plain partitions only)
+    buckets: list        # per cluster its Bucket, for plain partitions (None with the combiner)
+    slots: array         # per point: its place in its cluster's bucket (None with the combiner)
     sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
     examined: int = 0    # points of the last step whose bounds did not prove their cluster ...
     rechecked: int = 0   # ... and of those, points whose every distance was computed
+
+
+@dataclass
+class Bucket:
+    """A cluster's points as plain partitions send them, in no set order: indices, coordinates per
+    dimension and texts, in step. Kept, not gathered again: a point moves out by the last one taking
+    its place, so an iteration costs what moved, not what stayed."""
+
+    indices: array
+    columns: list
+    texts: list
+
+    @classmethod
+    def of(cls, indices, columns, texts):
+        return cls(array("q", indices), [array("d", gather(column, indices)) for column in columns],
+                   list(gather(texts, indices)))
+
+    def remove(self, slot):
+        """Take out the point at `slot`; returns the index of the point now there (None if none)."""
+        last = self.indices.pop()
+        for values in (*self.columns, self.texts):
+            value = values.pop()
+            if slot < len(values):
+                values[slot] = value
+        if slot < len(self.indices):
+            self.indices[slot] = last
+            return last
+        return None
+
+    def add(self, index, columns, texts):
+        """Put point `index` last; returns its slot."""
+        self.indices.append(index)
+        for values, column in zip(self.columns, columns):
+            values.append(column[index])
+        self.texts.append(texts[index])
+        return len(self.indices) - 1
 
 
 def coordinate_range(columns):
@@ -447,8 +484,9 @@ def key_array(clusters, size):
     return array(typecode, bytes(array(typecode).itemsize * size))
 
 
-def new_assignment(columns, centroids, keep_members, magnitudes, squares):
-    """Every point of a split examined against the centroids: a fresh Assignment."""
+def new_assignment(columns, centroids, texts, magnitudes, squares):
+    """Every point of a split examined against the centroids: a fresh Assignment (with buckets of
+    the points and their `texts` for plain partitions, unless texts is None)."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
     exact_products = squares is not None and within_prune_limits(coordinate_range(zip(*centroids)))
     slack = bound_slack(dim, centroids, magnitudes)
@@ -466,10 +504,16 @@ def new_assignment(columns, centroids, keep_members, magnitudes, squares):
             if indices:
                 counts[key] += len(indices)
                 add_points(sums[key], columns, indices, [])
-                if keep_members:
+                if texts is not None:
                     members[key].extend(indices)
+    buckets = slots = None
+    if texts is not None:
+        buckets, slots = [Bucket.of(indices, columns, texts) for indices in members], array("q", bytes(8 * size))
+        for bucket in buckets:
+            for slot, index in enumerate(bucket.indices):
+                slots[index] = slot
     state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
-                       squares, members if keep_members else None, [])
+                       squares, buckets, slots, [])
     state.sse_terms = sse_of_sums(counts, sums, squares, centroids) if exact_products else \
         exact_sse(columns, keys, centroids)
     return state
@@ -483,12 +527,12 @@ def add_points(sums, columns, came, went):
                                                       map(operator.neg, gather(column, went))))
 
 
-def reassign(state, columns, centroids, magnitudes):
+def reassign(state, columns, texts, centroids, magnitudes):
     """Move an Assignment to new centroids, examining only points that may have changed cluster;
-    returns how many changed. Counts, exact sums, members and SSE change by the points that moved."""
+    returns how many changed. Counts, exact sums, buckets and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
     if state.squares is None or not within_prune_limits(coordinate_range(zip(*centroids))):
-        fresh = new_assignment(columns, centroids, state.members is not None, magnitudes, state.squares)
+        fresh = new_assignment(columns, centroids, texts if state.buckets is not None else None, magnitudes, state.squares)
         moved = sum(map(operator.ne, state.keys, fresh.keys))
         vars(state).update(vars(fresh))
         return moved
@@ -509,13 +553,13 @@ def reassign(state, columns, centroids, magnitudes):
     moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, clusters * dim <= MAX_UNROLLED)(
         columns, state.keys, state.upper, state.lower, centroids, limits, grown, shrunk, half, slack)
     state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
-    apply_moves(state, columns, moves)
+    apply_moves(state, columns, texts, moves)
     state.sse_terms = sse_of_sums(state.counts, state.sums, state.squares, centroids)
     return len(moves)
 
 
-def apply_moves(state, columns, moves):
-    """Counts, exact sums and members after points moved between clusters: each cluster's sums change
+def apply_moves(state, columns, texts, moves):
+    """Counts, exact sums and buckets after points moved between clusters: each cluster's sums change
     by exactly the points that arrived and left."""
     arrived, left = collections.defaultdict(list), collections.defaultdict(list)
     for index, old, new in moves:
@@ -525,10 +569,13 @@ def apply_moves(state, columns, moves):
         came, went = arrived.get(key, []), left.get(key, [])
         state.counts[key] += len(came) - len(went)
         add_points(state.sums[key], columns, came, went)
-        if state.members is not None:
-            gone = set(went)
-            state.members[key] = sorted(itertools.chain(itertools.filterfalse(gone.__contains__,
-                                                                              state.members[key]), came))
+    if state.buckets is not None:
+        buckets, slots = state.buckets, state.slots
+        for index, old, new in moves:
+            replaced = buckets[old].remove(slots[index])
+            if replaced is not None:
+                slots[replaced] = slots[index]
+            slots[index] = buckets[new].add(index, columns, texts)
 
 def gather(values, indices):
     """values[i] for each of the indices, as a tuple: itemgetter does it at C speed."""
@@ -741,11 +788,11 @@ def format_centroids(centroids):
     return "".join(format_point(c) + "\n" for c in centroids)
 
 
-def format_partition(groups, texts):
-    """A partition file: one 'key<TAB>x,y,...' pair per line, the coordinates as the input wrote them
-    (whitespace removed), which parse back to exactly the doubles the mapper used."""
-    return "".join(f"{key}\t" + f"\n{key}\t".join(gather(texts, indices)) + "\n"
-                   for key, indices in groups)
+def format_partition(groups):
+    """A partition file from (key, its points' texts): one 'key<TAB>x,y,...' pair per line, the
+    coordinates as the input wrote them (whitespace removed), which parse back to exactly the
+    doubles the mapper used."""
+    return "".join(f"{key}\t" + f"\n{key}\t".join(texts) + "\n" for key, texts in groups)
 
 
 def format_combined_partition(records):
@@ -768,11 +815,9 @@ def map_output(split, reducers, combine):
         records = [(key, count, state.sums[key]) for key, count in enumerate(state.counts) if count]
         parts = partition(records, reducers)
         return parts, [format_combined_partition(part) for part in parts]
-    records = [(key, count, [array("d", gather(column, state.members[key])) for column in split.columns])
-               for key, count in enumerate(state.counts) if count]
+    records = [(key, count, state.buckets[key].columns) for key, count in enumerate(state.counts) if count]
     parts = partition(records, reducers)
-    return parts, [format_partition([(key, state.members[key]) for key, _, _ in part], split.texts)
-                   for part in parts]
+    return parts, [format_partition([(key, state.buckets[key].texts) for key, _, _ in part]) for part in parts]
 
 
 def open_text(path):
@@ -1190,19 +1235,20 @@ class Split:
         """The split's square_terms, once."""
         return square_terms(self.columns, self.magnitudes)
 
-    def assign(self, centroids, previous=None, keep_members=False):
+    def assign(self, centroids, previous=None, keep_buckets=False):
         """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
         moved points counted are those since the previous iteration); returns the moved count.
         Call with `lock` held."""
         state = self.assignment
-        if state is not None and keep_members and state.members is None:
-            state = None   # plain partitions need members the combiner did not keep
+        if state is not None and keep_buckets and state.buckets is None:
+            state = None   # plain partitions need buckets the combiner did not keep
         moved = len(self.columns[0])
         for target in ([previous] if previous is not None else []) + [centroids]:
             if state is None:
-                state = new_assignment(self.columns, target, keep_members, self.magnitudes, self.squares)
+                state = new_assignment(self.columns, target, self.texts if keep_buckets else None, self.magnitudes,
+                                       self.squares)
             elif state.centroids != target:
-                moved = reassign(state, self.columns, target, self.magnitudes)
+                moved = reassign(state, self.columns, self.texts, target, self.magnitudes)
             else:
                 moved = 0
         self.assignment = state
@@ -1254,7 +1300,7 @@ class MapperServicer(pb_grpc.MapperServicer):
             return pb.MapResponse(status=failure(problem))
         previous = unflatten(request.previous) if request.HasField("previous") and iteration > 1 else None
         with split.lock:
-            moved = split.assign(unflatten(request.centroids), previous, keep_members=not request.combine)
+            moved = split.assign(unflatten(request.centroids), previous, keep_buckets=not request.combine)
             records, texts = map_output(split, request.reducers, request.combine)
             sse_terms = split.assignment.sse_terms
         if not context.is_active():   # cancelled: a backup copy finished first, or the master left

@@ -70,10 +70,16 @@ def from_scratch(points, centroids):
     return keys, counts, sums, sse, members
 
 
-def held(state):
-    """The same quantities, as the assignment holds them."""
+def held(state, columns, texts):
+    """The same quantities, as the assignment holds them; its buckets hold each point's index,
+    coordinates and text in step, and each point's slot says where."""
+    for bucket in state.buckets:
+        assert [list(values) for values in bucket.columns] == [[c[i] for i in bucket.indices] for c in columns]
+        assert bucket.texts == [texts[i] for i in bucket.indices]
+        assert all(state.slots[index] == slot for slot, index in enumerate(bucket.indices))
     sums = [[math.fsum(terms) for terms in per_dim] for per_dim in state.sums]
-    return list(state.keys), state.counts, sums, math.fsum(state.sse_terms), state.members
+    return (list(state.keys), state.counts, sums, math.fsum(state.sse_terms),
+            [sorted(bucket.indices) for bucket in state.buckets])
 
 
 def columns_of(points):
@@ -85,18 +91,18 @@ def columns_of(points):
 def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled):
     points, sequence = scenario
     assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
-    columns = columns_of(points)
+    columns, texts = columns_of(points), [",".join(map(repr, p)) for p in points]
     magnitudes = kmr.coordinate_range(columns)
     chunk_size, kmr.ASSIGN_CHUNK = kmr.ASSIGN_CHUNK, chunk   # several passes per step, as on big splits
     most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0   # both loops
     try:
-        state = kmr.new_assignment(columns, sequence[0], True, magnitudes, kmr.square_terms(columns, magnitudes))
-        assert held(state) == from_scratch(points, sequence[0])
+        state = kmr.new_assignment(columns, sequence[0], texts, magnitudes, kmr.square_terms(columns, magnitudes))
+        assert held(state, columns, texts) == from_scratch(points, sequence[0])
         for centroids in sequence[1:]:
             old_keys = list(state.keys)
-            moved = kmr.reassign(state, columns, centroids, magnitudes)
+            moved = kmr.reassign(state, columns, texts, centroids, magnitudes)
             expected = from_scratch(points, centroids)
-            assert held(state) == expected
+            assert held(state, columns, texts) == expected
             assert moved == sum(a != b for a, b in zip(old_keys, expected[0]))
     finally:
         kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED = chunk_size, most_unrolled
@@ -107,9 +113,9 @@ def test_points_are_skipped_on_well_separated_data():
     points = [(x / 10, 0.0) for x in range(100)] + [(50 + x / 10, 0.0) for x in range(100)]
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], False, magnitudes,
+    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], None, magnitudes,
                                kmr.square_terms(columns, magnitudes))
-    kmr.reassign(state, columns, [(1.0, 0.0), (59.0, 0.0)], magnitudes)
+    kmr.reassign(state, columns, None, [(1.0, 0.0), (59.0, 0.0)], magnitudes)
     assert state.examined == 0   # every point is far nearer its own centroid than the other
     assert list(state.keys) == [kmr.nearest(p, [(1.0, 0.0), (59.0, 0.0)]) for p in points]
 
@@ -119,6 +125,6 @@ def test_coordinates_beyond_the_prune_limits_are_examined_every_time(points):
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
     assert kmr.square_terms(columns, magnitudes) is None
-    state = kmr.new_assignment(columns, points, False, magnitudes, None)
-    moved = kmr.reassign(state, columns, points[::-1], magnitudes)
+    state = kmr.new_assignment(columns, points, None, magnitudes, None)
+    moved = kmr.reassign(state, columns, None, points[::-1], magnitudes)
     assert list(state.keys) == [1, 0] and moved == 2
