@@ -430,25 +430,28 @@ class Bucket:
         return cls(array("q", indices), [array("d", gather(column, indices)) for column in columns],
                    list(gather(texts, indices)))
 
-    def remove(self, slot):
-        """Take out the point at `slot`; returns the index of the point now there (None if none)."""
-        last = self.indices.pop()
-        for values in (*self.columns, self.texts):
-            value = values.pop()
-            if slot < len(values):
-                values[slot] = value
-        if slot < len(self.indices):
-            self.indices[slot] = last
-            return last
-        return None
 
-    def add(self, index, columns, texts):
-        """Put point `index` last; returns its slot."""
-        self.indices.append(index)
-        for values, column in zip(self.columns, columns):
+def move_in_buckets(buckets, slots, columns, texts, moves):
+    """Points that changed cluster go from one bucket to the other: the last point of the old bucket
+    takes the place of the one leaving, which joins the new bucket at the end."""
+    for index, old, new in moves:
+        source, target, slot = buckets[old], buckets[new], slots[index]
+        last = source.indices.pop()
+        if last != index:
+            source.indices[slot] = last
+            slots[last] = slot
+            for values in source.columns:
+                values[slot] = values.pop()
+            source.texts[slot] = source.texts.pop()
+        else:
+            for values in source.columns:
+                values.pop()
+            source.texts.pop()
+        slots[index] = len(target.indices)
+        target.indices.append(index)
+        for values, column in zip(target.columns, columns):
             values.append(column[index])
-        self.texts.append(texts[index])
-        return len(self.indices) - 1
+        target.texts.append(texts[index])
 
 
 def coordinate_range(columns):
@@ -571,12 +574,7 @@ def apply_moves(state, columns, texts, moves):
         state.counts[key] += len(came) - len(went)
         add_points(state.sums[key], columns, came, went)
     if state.buckets is not None:
-        buckets, slots = state.buckets, state.slots
-        for index, old, new in moves:
-            replaced = buckets[old].remove(slots[index])
-            if replaced is not None:
-                slots[replaced] = slots[index]
-            slots[index] = buckets[new].add(index, columns, texts)
+        move_in_buckets(state.buckets, state.slots, columns, texts, moves)
 
 def gather(values, indices):
     """values[i] for each of the indices, as a tuple: itemgetter does it at C speed."""
