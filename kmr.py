@@ -263,17 +263,17 @@ def two_nearest(columns, centroids):
 def bounded_reassigner(clusters, dim, unrolled):
     """A compiled loop moving a split's points to new centroids with Hamerly's test: a point whose
     bounds prove its centroid still nearest is skipped; otherwise its own distance tightens the upper
-    bound, and if it is still in doubt every distance is computed with `nearest`'s arithmetic and
-    strict '<' (unrolled up to MAX_UNROLLED). Updates keys and bounds in place; returns (moves,
-    examined, rechecked)."""
+    bound, and if it is still in doubt it is measured against the centroids that can compete. Those
+    are the ones nearer its centroid than twice its distance (triangle inequality: the others are
+    farther than its own), taken nearest first from `neighbours`. Distances use `nearest`'s arithmetic
+    and a tie goes to the lowest index, so the key is `nearest`'s. Updates keys and bounds in place;
+    returns (moves, examined, rechecked)."""
     xs = [f"x{d}" for d in range(dim)] if unrolled else ["point"]
-    body = ["def reassign_points(columns, keys, upper, lower, centroids, limits, grown, shrunk, half, slack):",
+    body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half, slack):",
             "    upper_limit, gap_limit = limits",
             "    moves = []; add_move = moves.append; examined = rechecked = 0"]
     if unrolled:
-        body += [f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(clusters))},) "
-                 "= centroids",
-                 f"    {''.join(f'own{d}, ' for d in range(dim))}= map(list, zip(*centroids))",
+        body += [f"    {''.join(f'own{d}, ' for d in range(dim))}= map(list, zip(*centroids))",
                  f"    for i, {', '.join(xs)}, k, u, l in zip(count(), *columns, keys, upper, lower):"]
     else:
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
@@ -281,31 +281,29 @@ def bounded_reassigner(clusters, dim, unrolled):
              "        examined += 1"]
     if unrolled:
         body += [f"        {'; '.join(f'd{d} = x{d} - own{d}[k]' for d in range(dim))}",
-                 f"        reach = sqrt({' + '.join(f'd{d} * d{d}' for d in range(dim))}) + slack"]
+                 f"        b = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
     else:
-        body.append("        reach = sqrt(squared_distance(point, centroids[k])) + slack")
-    body += ["        upper[i] = reach - grown[k]",
+        body.append("        b = squared_distance(point, centroids[k])")
+    body += ["        reach = sqrt(b) + slack",
+             "        upper[i] = reach - grown[k]",
              "        reach += slack",
              "        if reach < half[k] or reach < l - shrunk[k]: continue",
-             "        rechecked += 1"]
+             "        rechecked += 1",
+             "        twice = reach + reach; s = beyond = inf; key = k"]
     if unrolled:
-        for key in range(clusters):
-            diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
-            total = " + ".join(f"d{d} * d{d}" for d in range(dim))
-            if key == 0:
-                body.append(f"        {diffs}; b = {total}; s = inf; key = 0")
-            else:
-                body += [f"        {diffs}; d = {total}",
-                         f"        if d < b: s = b; b = d; key = {key}",
-                         "        elif d < s: s = d"]
+        body += [f"        for far, j, {''.join(f'e{d}, ' for d in range(dim))}in neighbours[k]:",
+                 "            if far >= twice: beyond = far; break",
+                 f"            {'; '.join(f'd{d} = x{d} - e{d}' for d in range(dim))}",
+                 f"            d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
     else:
-        body += ["        b = s = inf; key = 0",
-                 "        for index, centroid in enumerate(centroids):",
-                 "            d = squared_distance(point, centroid)",
-                 "            if d < b: s = b; b = d; key = index",
-                 "            elif d < s: s = d"]
-    body += ["        upper[i] = sqrt(b) + slack - grown[key]",
-             "        lower[i] = sqrt(s) - slack + shrunk[key]",
+        body += ["        for far, j, centroid in neighbours[k]:",
+                 "            if far >= twice: beyond = far; break",
+                 "            d = squared_distance(point, centroid)"]
+    body += ["            if d < b or d == b and j < key: s = b; b = d; key = j",
+             "            elif d < s: s = d",
+             "        upper[i] = sqrt(b) + slack - grown[key]",
+             "        s = sqrt(s); beyond -= reach   # beyond: every centroid not measured is farther than that",
+             "        lower[i] = (s if s < beyond else beyond) - slack + shrunk[key]",
              "        if key != k: keys[i] = key; add_move((i, k, key))",
              "    return moves, examined, rechecked"]
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance}
@@ -549,13 +547,15 @@ def reassign(state, columns, texts, centroids, magnitudes):
         farthest_other = [0.0]
     grown = [g + shift for g, shift in zip(state.grown, shifts)]
     shrunk = [s + other for s, other in zip(state.shrunk, farthest_other)]
-    separation = [min((math.sqrt(squared_distance(c, other)) for j, other in enumerate(centroids) if j != k),
-                      default=math.inf) for k, c in enumerate(centroids)]
-    half = [s / 2 - slack for s in separation]
+    unrolled = clusters * dim <= MAX_UNROLLED
+    # per centroid, the others nearest first: (distance, index, coordinates); the slack is in `reach`
+    neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *(other if unrolled else [other]))
+                         for j, other in enumerate(centroids) if j != k) for k, c in enumerate(centroids)]
+    half = [row[0][0] / 2 - slack if row else math.inf for row in neighbours]
     # a point may have moved if upper + grown > half and upper + grown > lower - shrunk
     limits = ([h - g - 2 * slack for h, g in zip(half, grown)], [-(g + s) - 2 * slack for g, s in zip(grown, shrunk)])
-    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, clusters * dim <= MAX_UNROLLED)(
-        columns, state.keys, state.upper, state.lower, centroids, limits, grown, shrunk, half, slack)
+    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, unrolled)(
+        columns, state.keys, state.upper, state.lower, centroids, neighbours, limits, grown, shrunk, half, slack)
     state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
     apply_moves(state, columns, texts, moves)
     state.sse_terms = sse_of_sums(state.counts, state.sums, state.squares, centroids)

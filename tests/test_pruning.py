@@ -6,6 +6,7 @@ counts, exact sums, members and SSE the assignment carries must equal those comp
 """
 
 import math
+import random
 from fractions import Fraction
 from array import array
 
@@ -106,6 +107,40 @@ def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled
             assert moved == sum(a != b for a, b in zip(old_keys, expected[0]))
     finally:
         kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED = chunk_size, most_unrolled
+
+
+def bounds_hold(state, columns):
+    """Every kept bound is a bound: the upper one at least the distance to the point's centroid, the
+    lower one at most the distance to any other centroid."""
+    for i, point in enumerate(zip(*columns)):
+        key = state.keys[i]
+        distances = [math.sqrt(kmr.squared_distance(point, c)) for c in state.centroids]
+        others = distances[:key] + distances[key + 1:]
+        assert state.upper[i] + state.grown[key] >= distances[key]
+        assert state.lower[i] - state.shrunk[key] <= min(others, default=math.inf)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 12), st.integers(0, 2**32), st.booleans())
+def test_competing_centroids_are_all_measured(dim, clusters, seed, unrolled):
+    """Many clusters that jump about: points in doubt are measured only against centroids near
+    enough to their own to compete; none that could win is left out, and no bound overstates."""
+    rng = random.Random(seed)
+    points = [tuple(rng.choice([rng.gauss(0, 10), float(rng.randint(-3, 3))]) for _ in range(dim))
+              for _ in range(300)]
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    centroids = rng.sample(points, clusters)
+    most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0
+    try:
+        state = kmr.new_assignment(columns, centroids, None, magnitudes, kmr.square_terms(columns, magnitudes))
+        for _ in range(6):
+            centroids = [tuple(x + rng.gauss(0, rng.choice([0.1, 1.0, 5.0])) for x in c) for c in centroids]
+            kmr.reassign(state, columns, None, centroids, magnitudes)
+            assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
+            bounds_hold(state, columns)
+    finally:
+        kmr.MAX_UNROLLED = most_unrolled
 
 
 def test_points_are_skipped_on_well_separated_data():
