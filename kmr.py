@@ -201,10 +201,15 @@ MAX_UNROLLED = 4096   # K*D up to which the assignment loop is compiled unrolled
 # When centroids move, the upper bound grows by how far its own centroid moved and the lower bound
 # shrinks by how far any other one moved. A point can change cluster only if its upper bound exceeds
 # both its lower bound and half the distance from its centroid to the nearest other one; only such
-# points are examined again, with exactly `nearest`'s arithmetic. Every bound carries a slack larger
-# than all the rounding in it, so a point is skipped only when its centroid is strictly nearest in the
-# computed squared distances too: the keys are always `nearest`'s, ties included. The whole test is one
-# compiled loop per (K, D), like the assignment loop: a skipped point costs a few comparisons.
+# points are examined again, with exactly `nearest`'s arithmetic, and only against the centroids near
+# enough to their own to compete (Elkan's test on the distances between centroids). Every bound carries
+# a slack larger than all the rounding in it, so a point is skipped only when its centroid is strictly
+# nearest in the computed squared distances too: the keys are always `nearest`'s, ties included. The
+# whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
+# comparisons.
+#
+# Plain partitions (no combiner) send every point, so each cluster's points are kept in a Bucket that
+# changes by the points that moved, rather than gathered from the whole split every iteration.
 #
 # The SSE needs no distances: it is sum x^2 over the split (the same whatever the clusters, summed once
 # with integers) less, per cluster and dimension, 2 c sum x - n c^2, every product split into doubles
@@ -258,7 +263,6 @@ def two_nearest(columns, centroids):
     return keys, best, second
 
 
-
 @functools.lru_cache(maxsize=64)
 def bounded_reassigner(clusters, dim, unrolled):
     """A compiled loop moving a split's points to new centroids with Hamerly's test: a point whose
@@ -269,7 +273,8 @@ def bounded_reassigner(clusters, dim, unrolled):
     and a tie goes to the lowest index, so the key is `nearest`'s. Updates keys and bounds in place;
     returns (moves, examined, rechecked)."""
     xs = [f"x{d}" for d in range(dim)] if unrolled else ["point"]
-    body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half, slack):",
+    body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half,"
+            " slack):",
             "    upper_limit, gap_limit = limits",
             "    moves = []; add_move = moves.append; examined = rechecked = 0"]
     if unrolled:
@@ -318,6 +323,7 @@ def assign_clusters(columns, centroids):
     members = [[[column[i] for i in indices] for column in columns]
                for indices in indices_by_key(keys, len(centroids))]
     return list(keys), list(distances), members
+
 
 def two_product(a, b):
     """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
@@ -425,6 +431,7 @@ class Bucket:
 
     @classmethod
     def of(cls, indices, columns, texts):
+        """The bucket of the points `indices` of a split."""
         return cls(array("q", indices), [array("d", gather(column, indices)) for column in columns],
                    list(gather(texts, indices)))
 
@@ -534,7 +541,8 @@ def reassign(state, columns, texts, centroids, magnitudes):
     returns how many changed. Counts, exact sums, buckets and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
     if state.squares is None or not within_prune_limits(coordinate_range(zip(*centroids))):
-        fresh = new_assignment(columns, centroids, texts if state.buckets is not None else None, magnitudes, state.squares)
+        plain = texts if state.buckets is not None else None
+        fresh = new_assignment(columns, centroids, plain, magnitudes, state.squares)
         moved = sum(map(operator.ne, state.keys, fresh.keys))
         vars(state).update(vars(fresh))
         return moved
@@ -575,6 +583,7 @@ def apply_moves(state, columns, texts, moves):
         add_points(state.sums[key], columns, came, went)
     if state.buckets is not None:
         move_in_buckets(state.buckets, state.slots, columns, texts, moves)
+
 
 def gather(values, indices):
     """values[i] for each of the indices, as a tuple: itemgetter does it at C speed."""
