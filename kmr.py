@@ -1311,9 +1311,11 @@ class MapperServicer(pb_grpc.MapperServicer):
             moved = split.assign(unflatten(request.centroids), previous, keep_buckets=not request.combine)
             records, texts = map_output(split, request.reducers, request.combine)
             sse_terms = split.assignment.sse_terms
+            # packed now: plain records are the kept buckets, which the next step of this split changes
+            chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
+            sizes = [sum(count for _, count, _ in part) for part in records]
         if not context.is_active():   # cancelled: a backup copy finished first, or the master left
             return pb.MapResponse(status=failure("cancelled"))
-        chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
         with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
             if not self.fresh.admit(request.job, task, iteration):
                 return pb.MapResponse(status=failure("stale attempt: a newer job or iteration ran"))
@@ -1322,7 +1324,6 @@ class MapperServicer(pb_grpc.MapperServicer):
                 write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
             with self.lock:
                 self.outputs[task] = MapTaskOutput(request.job, iteration, chunks)
-        sizes = [sum(count for _, count, _ in part) for part in records]
         points = len(split.columns[0])
         log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, points, sizes, moved)
         self.faults.crash_point("after-map", iteration, context)
@@ -1554,12 +1555,13 @@ REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 
 
 def start_server(role, host, port, settings):
-    """A started gRPC server for a mapper or reducer, and the port it bound."""
+    """A started gRPC server for a mapper or reducer, the port it bound and the threads that run its
+    calls."""
     interceptors = [TokenCheck(settings.token)] if settings.token else []
     # so_reuseport off: otherwise a port another process holds looks free
     # threads to spare: a partition stream holds one while flow control blocks it, and pings must get one
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=64), interceptors=interceptors,
-                         options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
+    handlers = concurrent.futures.ThreadPoolExecutor(max_workers=64)
+    server = grpc.server(handlers, interceptors=interceptors, options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
     if role == "mapper":
         pb_grpc.add_MapperServicer_to_server(MapperServicer(settings), server)
     else:
@@ -1576,11 +1578,12 @@ def start_server(role, host, port, settings):
     if not bound:
         raise InputError(f"cannot listen on {address}: port in use or address not available")
     server.start()
-    return server, bound
+    return server, bound, handlers
 
 
-def serve_until_stopped(server, should_stop, signals=(signal.SIGTERM, signal.SIGINT)):
-    """Block until one of the signals arrives (or should_stop()), then stop the server gracefully."""
+def serve_until_stopped(server, handlers, should_stop, signals=(signal.SIGTERM, signal.SIGINT)):
+    """Block until one of the signals arrives (or should_stop()), then stop the server gracefully:
+    calls still running after the grace period are cancelled, and their threads finish."""
     stop = threading.Event()
     for signum in signals:
         signal.signal(signum, lambda *_: stop.set())
@@ -1588,6 +1591,7 @@ def serve_until_stopped(server, should_stop, signals=(signal.SIGTERM, signal.SIG
         if should_stop():
             break
     server.stop(grace=1.0).wait()
+    handlers.shutdown(wait=True)
     log.info("stopped")
 
 
@@ -1607,7 +1611,7 @@ def spawned_worker(role, index, settings, log_path, connection):
     setup_logging(f"{role} {index}", log_path, console_level=logging.WARNING)
     parent = os.getppid()
     try:
-        server, port = start_server(role, "127.0.0.1", 0, settings)
+        server, port, handlers = start_server(role, "127.0.0.1", 0, settings)
     except InputError as error:
         connection.send(("error", str(error)))
         return
@@ -1616,9 +1620,9 @@ def spawned_worker(role, index, settings, log_path, connection):
     connection.close()
     # SIGINT stays ignored (inherited from spawn): Ctrl-C is the master's to handle; if the master
     # dies, leave too
-    serve_until_stopped(server, lambda: os.getppid() != parent, signals=(signal.SIGTERM,))
+    serve_until_stopped(server, handlers, lambda: os.getppid() != parent, signals=(signal.SIGTERM,))
     logging.shutdown()
-    os._exit(0)   # everything is written and closed: skip tearing down the interpreter and gRPC (~80 ms)
+    os._exit(0)   # every call has finished and the log is flushed: skip tearing down the interpreter (~80 ms)
 
 
 # ####################################################################################################
@@ -1788,7 +1792,7 @@ class Workers:
                 problem = connection_problem(error, self.options.tls)
                 if problem:
                     raise JobError(f"{worker.name}: {problem}") from None
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self.stopping:
                     raise JobError(f"no {worker.role} answers at {worker.address} (waited {waited:g} s: "
                                    f"{error.code().name})") from None
                 time.sleep(0.1)
@@ -3460,10 +3464,10 @@ def run_worker(args):
                               heartbeat=args.heartbeat, tls=args.tls,
                               input_root=args.input_root or os.getcwd(), fail_prob=args.fail_prob,
                               fail_seed=args.fail_seed)
-    server, port = start_server(args.role, args.host, args.port, settings)
+    server, port, handlers = start_server(args.role, args.host, args.port, settings)
     log.info("%s listening on %s:%d%s", args.role, args.host, port, "" if args.token else " (no token)")
     print(f"{args.host}:{port}", flush=True)
-    serve_until_stopped(server, lambda: False)
+    serve_until_stopped(server, handlers, lambda: False)
     return 0
 
 
