@@ -272,14 +272,14 @@ def bounded_reassigner(clusters, dim, unrolled):
     farther than its own), taken nearest first from `neighbours`. Distances use `nearest`'s arithmetic
     and a tie goes to the lowest index, so the key is `nearest`'s. Updates keys and bounds in place;
     returns (moves, examined, rechecked)."""
-    xs = [f"x{d}" for d in range(dim)] if unrolled else ["point"]
     body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half,"
             " slack):",
             "    upper_limit, gap_limit = limits",
             "    moves = []; add_move = moves.append; examined = rechecked = 0"]
     if unrolled:
+        xs = "".join(f"x{d}, " for d in range(dim))
         body += [f"    {''.join(f'own{d}, ' for d in range(dim))}= map(list, zip(*centroids))",
-                 f"    for i, {', '.join(xs)}, k, u, l in zip(count(), *columns, keys, upper, lower):"]
+                 f"    for i, {xs}k, u, l in zip(count(), *columns, keys, upper, lower):"]
     else:
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
     body += ["        if u <= upper_limit[k] or u - l <= gap_limit[k]: continue",
@@ -415,8 +415,8 @@ class Assignment:
     buckets: list        # per cluster its Bucket, for plain partitions (None with the combiner)
     slots: array         # per point: its place in its cluster's bucket (None with the combiner)
     sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
-    examined: int = 0    # points of the last step whose bounds did not prove their cluster ...
-    rechecked: int = 0   # ... and of those, points whose every distance was computed
+    examined: int        # points of the last step whose bounds did not prove their cluster (all, at first) ...
+    rechecked: int       # ... and of those, points measured against other centroids
 
 
 @dataclass
@@ -522,7 +522,7 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
             for slot, index in enumerate(bucket.indices):
                 slots[index] = slot
     state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
-                       squares, buckets, slots, [])
+                       squares, buckets, slots, [], examined=size, rechecked=size)
     state.sse_terms = sse_of_sums(counts, sums, squares, centroids) if exact_products else \
         exact_sse(columns, keys, centroids)
     return state
@@ -1310,7 +1310,8 @@ class MapperServicer(pb_grpc.MapperServicer):
         with split.lock:
             moved = split.assign(unflatten(request.centroids), previous, keep_buckets=not request.combine)
             records, texts = map_output(split, request.reducers, request.combine)
-            sse_terms = split.assignment.sse_terms
+            state = split.assignment
+            sse_terms = state.sse_terms
             # packed now: plain records are the kept buckets, which the next step of this split changes
             chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
             sizes = [sum(count for _, count, _ in part) for part in records]
@@ -1325,7 +1326,8 @@ class MapperServicer(pb_grpc.MapperServicer):
             with self.lock:
                 self.outputs[task] = MapTaskOutput(request.job, iteration, chunks)
         points = len(split.columns[0])
-        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved", task, points, sizes, moved)
+        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved (%d examined, %d of them measured "
+                  "against other centroids)", task, points, sizes, moved, state.examined, state.rechecked)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=points, moved=moved, partition_points=sizes, sse_terms=sse_terms)
         return pb.MapResponse(status=success(), reply=reply)
