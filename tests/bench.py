@@ -176,6 +176,14 @@ def check_exact(goal, summary, centroids, times):
                  f"  kmr      {got}\n  baseline {centroids}")
 
 
+def checked_job(goal, args, centroids, times):
+    """Run a job and check it against the baseline's run of the same file and init: (wall s, summary)."""
+    progress(f"kmr {goal}")
+    wall, summary = job(args)
+    check_exact(goal, summary, centroids, times)
+    return wall, summary
+
+
 def iteration_seconds(summary):
     """Seconds of every iteration of a kmr summary, iteration 1 included."""
     return [i["seconds"] for i in summary["iterations"]]
@@ -293,13 +301,9 @@ def goals_a_b(scale, iterations):
     progress(f"baseline on {path.name}")
     centroids, base_whole, base_times = baseline(path, init, iterations)
     a_args = job_args("combiner", path, init, 8, iterations)
-    progress("kmr --combiner (a, b)")
-    wall, combined = job(a_args)
-    check_exact("(a)", combined, centroids, base_times)
+    wall, combined = checked_job("(a, b) --combiner", a_args, centroids, base_times)
     b_args = job_args("default", path, init, 8, iterations, flags=())
-    progress("kmr default mode (b)")
-    _, default = job(b_args)
-    check_exact("(b) default", default, centroids, base_times)
+    _, default = checked_job("(b) default mode", b_args, centroids, base_times)
     base = statistics.median(base_times)
     rows = [
         ratio_row("(a)", f"whole job wall time, {points(10**6 // scale)} points, D=2, K=8, {iterations} iterations, "
@@ -324,9 +328,7 @@ def goal_c(scale, iterations):
     progress(f"baseline on {path.name}")
     centroids, _, base_times = baseline(path, init, iterations)
     args = job_args("k64", path, init, 64, iterations)
-    progress("kmr K=64 (c)")
-    _, summary = job(args)
-    check_exact("(c)", summary, centroids, base_times)
+    _, summary = checked_job("(c) K=64", args, centroids, base_times)
     row = ratio_row("(c)", f"{median_iteration(len(base_times))}, {points(300_000 // scale)} points in 64 blobs, "
                     "D=2, K=64, --combiner, M=R=2", statistics.median(iteration_seconds(summary)),
                     statistics.median(base_times), 0.25)
