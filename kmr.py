@@ -14,6 +14,12 @@ reference's bit for bit for any M and R.  Failed, killed or hung workers (found 
 replaced and their tasks re-run; stragglers get backup copies; a killed master continues with
 --resume; workers can speak TLS.  Everything a run writes lives under --data-dir (default Data).
 Results go to stdout; the console shows every call and reply, and Data/dump.txt keeps everything.
+
+The file reads as one iteration's story: the textbook core (parse, split, map, partition,
+shuffle-sort, reduce, the sequential reference), then what makes it exact and fast (exact sums,
+initial centroids, map across iterations), files, the wire format, the tasks a worker runs and
+its thin gRPC services, then the master's side: workers, scheduling, the job record, the master's
+stages, reports and the command line.
 """
 
 import argparse
@@ -41,7 +47,6 @@ import signal
 import ssl
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -50,36 +55,83 @@ from dataclasses import dataclass, field
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # gRPC's own C-core lines would break one-line errors
 try:
     import grpc
-except ImportError:  # pragma: no cover - depends on the machine
-    sys.exit("kmr: error: grpcio is not installed: python3 -m pip install -r requirements.txt")
-try:
     import kmeans_pb2 as pb
     import kmeans_pb2_grpc as pb_grpc
-except ImportError:  # pragma: no cover - depends on the checkout
-    sys.exit("kmr: error: the gRPC stubs are missing: run sh gen_pb.sh first")
+except ImportError as missing:   # main() says what to do in one line; the pure core still imports
+    grpc = pb = pb_grpc = None
+    MISSING_MODULE = missing.name
+else:
+    MISSING_MODULE = None
 
-log = logging.getLogger("kmr")
-DETAIL = 15   # log level of the assignment's display: every call, reply and iteration's centroids
-logging.addLevelName(DETAIL, "DETAIL")
+
+# -- Constants ---------------------------------------------------------------------------------------
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+DETAIL = 15   # log level of the assignment's display: every call, reply and iteration's centroids
+
+# input and job bounds
 MAX_COORDINATE = 1e150        # larger values could overflow a squared distance to inf
 MAX_WORKERS = 256             # bound on M, R and the worker processes a master spawns
-CHUNK_VALUES = 65536          # doubles per streamed partition chunk (512 KiB)
+MAX_CLUSTERS = 100_000        # bound on K
+MAX_DIM = 4096                # bound on D
+MAX_RESTARTS = 1000
 BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
+
+# map across iterations (the bounds engine)
+MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
+PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
+ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
+SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
+PRIORITY_BLOCK = 4096            # points whose random priorities come from one generator
+
+# files
+CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
+PLOT_POINTS = 3000               # input points the master samples for --plot
+
+# the wire and the workers
+TOKEN_KEY = "kmr-token"          # the call metadata that carries --token
+CHUNK_VALUES = 65536             # doubles per streamed partition chunk (512 KiB)
 MAX_MESSAGE_BYTES = 16 << 20     # bound on any one gRPC message, both ways
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
 ]
-REVIVE_EVERY = 10.0   # seconds between pings of a dead worker we did not spawn
+# a worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task
+LOST = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
+REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED"})
+CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
+MAX_SPLITS = 64          # parsed splits a mapper keeps (its own tasks, and tasks it took over)
+MAX_CHANNELS = 256       # mapper channels a reducer keeps
+FETCHERS = 16            # partition streams a reducer reads at once
+REVIVE_EVERY = 10.0      # seconds between pings of a dead worker we did not spawn
 CONNECT_SECONDS = 30.0   # longest wait for a worker to answer at all (at start, after a respawn)
 RPC_TIMEOUT = 300.0      # default deadline of a task RPC: a last resort, heartbeats act first
 HEARTBEAT = 2.0          # default seconds without a ping answer before a worker holding a task is lost
-MAX_SPLITS = 64       # parsed splits a mapper keeps (its own tasks, and tasks it took over)
-MAX_CHANNELS = 256    # mapper channels a reducer keeps
-FETCHERS = 16         # partition streams a reducer reads at once
+
+# scheduling
+BACKUP_AFTER = 2.0          # a straggler is backed up once it ran this many times the median task
+BACKUP_MIN_SECONDS = 0.5    # ... and at least this long: short tasks are never worth a second copy
+DRILL_RISK = 1e-6           # the chance that a --fail-prob drill fails by bad luck under the default budget
+BASE_ATTEMPTS = 4           # tries per task and iteration when no failures are injected
+
+# reports
+PLOT_FRAME = (900, 640, 70, 230, 50, 60)   # px of the --plot picture: width, height, margins left, right, top, bottom
+TIMELINE_WIDTH = 1600    # px: lane labels, the time axis and the legend fit a window this wide
+TIMELINE_FULL = 10       # spans (iterations, k-means++, final SSE) drawn at full scale at most ...
+TIMELINE_EDGE = 3        # ... always the first and the last few, then the earliest with trouble in them
+BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans ...
+BAND_SPANS = 3           # ... at least this many (fewer are drawn in full: a band would not save room)
+LANE_LABEL = 250         # px of the column of lane labels
+ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of the narrowest bar
+STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
+COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
+FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+
+# passes that are not iterations, as the job record, the summary and the timeline number them
+SAMPLE_PASS = -1    # the Sample pass, before run 1
+SEEDING_PASS = 0    # the k-means++ rounds of a run
+FINAL_PASS = None   # the final SSE pass of a run
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -90,10 +142,16 @@ FETCHERS = 16         # partition streams a reducer reads at once
 #   terms    doubles whose exact sum is a cluster sum (what makes the combiner exact)
 #   record   (key, count, terms per dimension): what a partition carries, points or combined sums
 #   split    a map task's points, parsed once and kept by its mapper
-#   job      one run of the master (one per restart); workers refuse requests of a replaced job
+#   run      one complete K-means from one seed (--restarts runs several); its job id names it to workers
+#   job      a run's id on the wire: workers refuse requests of a replaced job
+#   pass     an iteration (1..n), or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS: the stages that are not
+#   stage    one pass's tasks of one kind (Sample, Map, Reduce, Weigh) on one role's workers
 #   attempt  one try of a task on a worker; a backup is a second attempt of a straggling task
 #   heartbeat  a ping to a worker while a call to it runs; silence for --heartbeat s means lost
 #   checkpoint  Data/checkpoint.json, written each iteration: what --resume continues from
+
+
+# -- Exceptions --------------------------------------------------------------------------------------
 
 
 class InputError(ValueError):
@@ -112,8 +170,84 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwind like Ctrl-C so every spawned worker is stopped."""
 
 
+class TaskRefused(Exception):
+    """A worker will not do this task now: it answers FAILURE with this kind, and another attempt may
+    succeed (an injected failure, a stale attempt, input this host cannot read, missing map output)."""
+
+    def __init__(self, kind, message, missing_tasks=()):
+        super().__init__(message)
+        self.kind = kind
+        self.missing_tasks = list(missing_tasks)
+
+
+class TaskFailed(Exception):
+    """A worker answered FAILURE (of a FailureKind): the task is re-assigned, the worker stays."""
+
+    def __init__(self, message, kind, reply=None):
+        super().__init__(message)
+        self.kind = kind
+        self.reply = reply
+
+
+class WorkerLost(Exception):
+    """A worker did not answer in time or at all: it is marked dead."""
+
+
+# -- Logging -----------------------------------------------------------------------------------------
+
+log = logging.getLogger("kmr")
+
+
+class HeldConsole(logging.StreamHandler):
+    """The master's console, holding its lines until the mappers have checked the input: bad input
+    is then one line on stderr, as if it had been caught before the job began (dump.txt has all)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.held = []
+
+    def emit(self, record):
+        if self.held is None:
+            super().emit(record)
+        else:
+            self.held.append(record)
+
+    def let_go(self, show):
+        """Stop holding; show the held lines, or drop them."""
+        held, self.held = self.held or [], None
+        for record in held if show else []:
+            super().emit(record)
+
+
+def release_console(show=True):
+    """Let the console show (or drop) what it held and go on unheld (see HeldConsole)."""
+    for handler in log.handlers:
+        if isinstance(handler, HeldConsole):
+            handler.let_go(show)
+
+
+def setup_logging(role, log_path, console_level=logging.INFO):
+    """Log lines prefixed by role and PID to stderr (from console_level) and, all of them (every
+    RPC is a DEBUG line), appended to dump.txt."""
+    logging.addLevelName(DETAIL, "DETAIL")
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    formatter = logging.Formatter(f"%(asctime)s [{role} %(process)d] %(message)s")
+    console = HeldConsole() if role == "master" else logging.StreamHandler(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+    log.addHandler(console)
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        dump = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+        dump.setFormatter(formatter)
+        log.addHandler(dump)
+
+
+
 # ####################################################################################################
-# Pure core: parsing, split, map, partition, combine, shuffle-sort, reduce (no I/O, no gRPC)
+# Pure core: the textbook (parse, split, map, partition, shuffle-sort, reduce; no I/O, no gRPC)
 # ####################################################################################################
 
 
@@ -191,10 +325,246 @@ def nearest(point, centroids):
     return best_key
 
 
-MAX_UNROLLED = 4096   # K*D up to which the assignment loop is compiled unrolled
 
 
-# -- Map across iterations: a split's assignment, kept and updated (Hamerly's bounds) ---------------
+def map_points(points, centroids):
+    """Map: each point to its nearest centroid, as records (key, count, the coordinates of its points
+    per dimension), keys ascending."""
+    dim = len(centroids[0])
+    members = [[] for _ in centroids]
+    for point in points:
+        members[nearest(point, centroids)].append(point)
+    return map_records([to_columns(cluster, dim) for cluster in members])
+
+
+def map_records(members):
+    """The map output as records (key, count, [the coordinates of its points, per dimension])."""
+    return [(key, len(columns[0]), columns) for key, columns in enumerate(members) if columns[0]]
+
+
+def partition_of(key, reducers):
+    """The reduce task (0-based) that owns a cluster."""
+    return key % reducers
+
+
+def partition(records, reducers):
+    """Partition: the records of each reduce task, keys ascending within each."""
+    partitions = [[] for _ in range(reducers)]
+    for record in records:
+        partitions[partition_of(record[0], reducers)].append(record)
+    return partitions
+
+
+@dataclass
+class Group:
+    """What a reducer knows of one cluster: its point count and, per dimension, sequences of doubles
+    whose exact sum is the cluster's coordinate sum (points themselves, or combined terms)."""
+
+    count: int
+    terms: list
+
+
+def shuffle_sort(record_lists, dim):
+    """Shuffle-sort, reduce side: merge records from every map task into one Group per key, ascending."""
+    groups = {}
+    for records in record_lists:
+        for key, count, sums in records:
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(0, [[] for _ in range(dim)])
+            group.count += count
+            for terms, values in zip(group.terms, sums):
+                terms.append(values)
+    return sorted(groups.items())
+
+
+def reduce_cluster(group):
+    """Reduce: the mean of one cluster, each coordinate fsum / count (exact whatever the split)."""
+    return tuple(math.fsum(itertools.chain.from_iterable(terms)) / group.count for terms in group.terms)
+
+
+def next_centroids(centroids, means):
+    """New centroids from {key: mean}; a cluster that got no points keeps its previous centroid."""
+    return [means.get(key, old) for key, old in enumerate(centroids)]
+
+
+def largest_shift(old, new):
+    """The largest distance any centroid moved."""
+    return max(math.sqrt(squared_distance(a, b)) for a, b in zip(old, new))
+
+
+
+
+def kmeans_reference(points, centroids, n, tol=0.0):
+    """Sequential K-means from the same map / partition / shuffle-sort / reduce functions, point by
+    point with `nearest` (none of the compiled loops below).
+
+    Returns (final centroids, iterations run).  The distributed job must match it bit for bit.
+    """
+    centroids = [tuple(c) for c in centroids]
+    dim = len(centroids[0])
+    for iteration in range(1, n + 1):
+        (records,) = partition(map_points(points, centroids), 1)
+        means = {key: reduce_cluster(group) for key, group in shuffle_sort([records], dim)}
+        new = next_centroids(centroids, means)
+        shift = largest_shift(centroids, new)
+        centroids = new
+        if shift <= tol:
+            return centroids, iteration
+    return centroids, n
+
+
+# ####################################################################################################
+# Exact sums: doubles whose exact sum is a cluster's sum or a split's SSE
+# ####################################################################################################
+
+
+def exact_terms(values):
+    """A few doubles whose exact sum is the exact sum of `values`.
+
+    fsum is correctly rounded, so fsum(values) is the sum's leading double; fsum of the values
+    minus the terms found so far is the next one, until nothing is left.  Each term adds ~53 bits.
+    """
+    pending = list(values)
+    terms = []
+    while True:
+        term = math.fsum(pending)
+        if term == 0.0:
+            return terms
+        terms.append(term)
+        pending.append(-term)
+
+
+def two_product(a, b):
+    """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
+    product = a * b
+    a_scaled, b_scaled = SPLITTER * a, SPLITTER * b
+    a_high, b_high = a_scaled - (a_scaled - a), b_scaled - (b_scaled - b)
+    a_low, b_low = a - a_high, b - b_high
+    return product, (((a_high * b_high - product) + a_high * b_low) + a_low * b_high) + a_low * b_low
+
+
+def sse_of_sums(counts, sums, squares, centroids):
+    """The exact SSE of clusters against their centroids from counts, exact sums and the exact sum of
+    all squares: sum x^2 less, per cluster and dimension, 2 c sum x - n c^2 (every product split
+    exactly); as exact terms."""
+    terms = list(squares)
+    for count, sum_terms, centroid in zip(counts, sums, centroids):
+        if not count:
+            continue
+        for total, c in zip(sum_terms, centroid):
+            for term in total:
+                terms += [-2.0 * part for part in two_product(c, term)]
+            high, low = two_product(c, c)
+            terms += [*two_product(float(count), high), *two_product(float(count), low)]
+    return exact_terms(terms)
+
+
+def exact_sse(columns, keys, centroids):
+    """The SSE as exact terms, with integers: for coordinates beyond PRUNE_LIMITS, where products of
+    doubles could round. Every double is a whole multiple of 2**-1074, so differences and squares
+    are exact integers in units of 2**-1074 and 2**-2148; terms below 2**-1074 are dropped."""
+    total = 0
+    for column, coordinates in zip(columns, zip(*centroids)):
+        scaled = [fixed(c) for c in coordinates]
+        for value, key in zip(column, keys):
+            difference = fixed(value) - scaled[key]
+            total += difference * difference
+    return integer_terms(total, 2148)
+
+
+def integer_terms(total, shift):
+    """Doubles whose exact sum is total / 2**shift (down to 2**-1074): each the correctly rounded
+    rest (int / int rounds correctly), a whole number of 2**-shift."""
+    terms = []
+    while (term := total / (1 << shift)) != 0.0:
+        terms.append(term)
+        total -= (fixed(term) << shift) >> 1074
+    return terms
+
+
+def fixed(value):
+    """A double times 2**1074, as an exact integer."""
+    numerator, denominator = value.as_integer_ratio()
+    return numerator * ((1 << 1074) // denominator)
+
+
+
+
+# ####################################################################################################
+# Initial centroids: a uniform distinct draw (priorities by index) and k-means++ weights
+# ####################################################################################################
+
+
+def point_priorities(seed, start, end):
+    """Random priorities in [0, 1) of the points [start, end): a function of the seed and each point's
+    index only, so every split of the input (any M) gives a point the same priority."""
+    priorities = array("d")
+    for block in range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1):
+        draw = random.Random(f"{seed}/{block}").random
+        drawn = [draw() for _ in range(PRIORITY_BLOCK)]
+        first = block * PRIORITY_BLOCK
+        priorities.extend(drawn[max(start, first) - first:min(end, first + PRIORITY_BLOCK) - first])
+    return priorities
+
+
+def lowest_distinct(columns, priorities, first, count):
+    """The `count` distinct points of lowest priority (a point's priority is its lowest copy's; of equal
+    priorities the lower index wins), as (priority, index from `first`, point), lowest first; fewer
+    if there are fewer distinct points."""
+    wanted = count
+    while True:
+        lowest = heapq.nsmallest(wanted, zip(priorities, range(len(priorities))))
+        chosen = {}
+        for priority, index in lowest:
+            chosen.setdefault(tuple(column[index] for column in columns), (priority, first + index))
+            if len(chosen) == count:
+                break
+        if len(chosen) == count or len(lowest) < wanted:
+            return sorted((priority, index, point) for point, (priority, index) in chosen.items())
+        wanted *= 4   # many copies among the lowest: look further
+
+
+def merge_draws(draws, count, distinct=True):
+    """The `count` points of lowest priority over several splits' draws (each already its split's
+    lowest), distinct points only if asked; in priority order."""
+    best = {}
+    for priority, index, point in itertools.chain.from_iterable(draws):
+        key = point if distinct else index
+        if key not in best or (priority, index) < best[key][:2]:
+            best[key] = (priority, index, point)
+    return sorted(best.values())[:count]
+
+
+def nearest_distances(columns, centroids, previous=None):
+    """Each point's squared distance to the nearest of `centroids` (k-means++ weights, D^2).
+
+    `previous` holds the distances to all but the last centroid, so a round costs one pass.
+    """
+    start = 0 if previous is None else len(centroids) - 1
+    weights = previous
+    for centroid in centroids[start:]:
+        distances = [squared_distance(point, centroid) for point in zip(*columns)] if len(columns) != 2 \
+            else [(dx := x - centroid[0]) * dx + (dy := y - centroid[1]) * dy for x, y in zip(*columns)]
+        weights = distances if weights is None else list(map(min, weights, distances))
+    return weights
+
+
+def weighted_index(weights, fraction):
+    """The index i where the running sum of weights first exceeds fraction * total (0 <= fraction < 1);
+    a zero weight is never chosen."""
+    running = list(itertools.accumulate(weights))
+    index = bisect.bisect_right(running, fraction * running[-1])
+    while index >= len(weights) or weights[index] == 0:   # rounding at the very top end
+        index -= 1
+    return index
+
+
+
+
+# ####################################################################################################
+# Map across iterations: a split's assignment, kept and updated (Hamerly's bounds)
+# ####################################################################################################
 #
 # A mapper keeps each split's assignment between iterations, with Hamerly's two bounds per point: an
 # upper bound on the distance to its own centroid and a lower bound on the distance to every other one.
@@ -215,10 +585,6 @@ MAX_UNROLLED = 4096   # K*D up to which the assignment loop is compiled unrolled
 # with integers) less, per cluster and dimension, 2 c sum x - n c^2, every product split into doubles
 # whose exact sum it is. So the SSE is the exact one, correctly rounded, and each cluster's part changes
 # only with its exact sums, which change only by the points that moved.
-
-PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
-ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
-SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 
 
 @functools.lru_cache(maxsize=64)
@@ -325,15 +691,6 @@ def assign_clusters(columns, centroids):
     return list(keys), list(distances), members
 
 
-def two_product(a, b):
-    """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
-    product = a * b
-    a_scaled, b_scaled = SPLITTER * a, SPLITTER * b
-    a_high, b_high = a_scaled - (a_scaled - a), b_scaled - (b_scaled - b)
-    a_low, b_low = a - a_high, b - b_high
-    return product, (((a_high * b_high - product) + a_high * b_low) + a_low * b_high) + a_low * b_low
-
-
 def square_terms(columns, magnitudes):
     """Doubles whose exact sum is the sum of every squared coordinate of a split (the SSE needs it,
     whatever the clusters); None beyond PRUNE_LIMITS. Every coordinate is a whole multiple of the ulp
@@ -351,51 +708,6 @@ def square_terms(columns, magnitudes):
             whole = list(map(int, map(scale.__mul__, column[low:low + ASSIGN_CHUNK])))
             total += sum(map(operator.mul, whole, whole))
     return integer_terms(total, 2 * shift)
-
-
-def sse_of_sums(counts, sums, squares, centroids):
-    """The exact SSE of clusters against their centroids from counts, exact sums and the exact sum of
-    all squares: sum x^2 less, per cluster and dimension, 2 c sum x - n c^2 (every product split
-    exactly); as exact terms."""
-    terms = list(squares)
-    for count, sum_terms, centroid in zip(counts, sums, centroids):
-        if not count:
-            continue
-        for total, c in zip(sum_terms, centroid):
-            for term in total:
-                terms += [-2.0 * part for part in two_product(c, term)]
-            high, low = two_product(c, c)
-            terms += [*two_product(float(count), high), *two_product(float(count), low)]
-    return exact_terms(terms)
-
-
-def exact_sse(columns, keys, centroids):
-    """The SSE as exact terms, with integers: for coordinates beyond PRUNE_LIMITS, where products of
-    doubles could round. Every double is a whole multiple of 2**-1074, so differences and squares
-    are exact integers in units of 2**-1074 and 2**-2148; terms below 2**-1074 are dropped."""
-    total = 0
-    for column, coordinates in zip(columns, zip(*centroids)):
-        scaled = [fixed(c) for c in coordinates]
-        for value, key in zip(column, keys):
-            difference = fixed(value) - scaled[key]
-            total += difference * difference
-    return integer_terms(total, 2148)
-
-
-def integer_terms(total, shift):
-    """Doubles whose exact sum is total / 2**shift (down to 2**-1074): each the correctly rounded
-    rest (int / int rounds correctly), a whole number of 2**-shift."""
-    terms = []
-    while (term := total / (1 << shift)) != 0.0:
-        terms.append(term)
-        total -= (fixed(term) << shift) >> 1074
-    return terms
-
-
-def fixed(value):
-    """A double times 2**1074, as an exact integer."""
-    numerator, denominator = value.as_integer_ratio()
-    return numerator * ((1 << 1074) // denominator)
 
 
 @dataclass
@@ -601,185 +913,74 @@ def indices_by_key(keys, clusters, first=0):
     return members
 
 
-def map_records(members):
-    """The map output as records (key, count, [the coordinates of its points, per dimension])."""
-    return [(key, len(columns[0]), columns) for key, columns in enumerate(members) if columns[0]]
-
-
-def partition_of(key, reducers):
-    """The reduce task (0-based) that owns a cluster."""
-    return key % reducers
-
-
-def partition(records, reducers):
-    """Partition: the records of each reduce task, keys ascending within each."""
-    partitions = [[] for _ in range(reducers)]
-    for record in records:
-        partitions[partition_of(record[0], reducers)].append(record)
-    return partitions
-
-
-def exact_terms(values):
-    """A few doubles whose exact sum is the exact sum of `values`.
-
-    fsum is correctly rounded, so fsum(values) is the sum's leading double; fsum of the values
-    minus the terms found so far is the next one, until nothing is left.  Each term adds ~53 bits.
-    """
-    pending = list(values)
-    terms = []
-    while True:
-        term = math.fsum(pending)
-        if term == 0.0:
-            return terms
-        terms.append(term)
-        pending.append(-term)
-
-
 @dataclass
-class Group:
-    """What a reducer knows of one cluster: its point count and, per dimension, sequences of doubles
-    whose exact sum is the cluster's coordinate sum (points themselves, or combined terms)."""
+class Split:
+    """A mapper's parsed split, kept across iterations and jobs while the file is unchanged."""
 
-    count: int
-    terms: list
+    stamp: tuple
+    columns: list           # array('d') per dimension: 8 bytes a coordinate
+    texts: list = None      # each point's text, for the plain partition files
+    magnitudes: tuple = None   # smallest nonzero and largest |coordinate| (see PRUNE_LIMITS)
+    assignment: Assignment = None   # where the points stood at the last Map or Weigh
+    weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
+    weights_for: tuple = ()  # (job, how many centroids they were weighed against)
+    lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
+    @functools.cached_property
+    def squares(self):
+        """The split's square_terms, once."""
+        return square_terms(self.columns, self.magnitudes)
 
-def shuffle_sort(record_lists, dim):
-    """Shuffle-sort, reduce side: merge records from every map task into one Group per key, ascending."""
-    groups = {}
-    for records in record_lists:
-        for key, count, sums in records:
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = Group(0, [[] for _ in range(dim)])
-            group.count += count
-            for terms, values in zip(group.terms, sums):
-                terms.append(values)
-    return sorted(groups.items())
-
-
-def reduce_cluster(group):
-    """Reduce: the mean of one cluster, each coordinate fsum / count (exact whatever the split)."""
-    return tuple(math.fsum(itertools.chain.from_iterable(terms)) / group.count for terms in group.terms)
-
-
-def next_centroids(centroids, means):
-    """New centroids from {key: mean}; a cluster that got no points keeps its previous centroid."""
-    return [means.get(key, old) for key, old in enumerate(centroids)]
-
-
-def largest_shift(old, new):
-    """The largest distance any centroid moved."""
-    return max(math.sqrt(squared_distance(a, b)) for a, b in zip(old, new))
-
-
-def nearest_distances(columns, centroids, previous=None):
-    """Each point's squared distance to the nearest of `centroids` (k-means++ weights, D^2).
-
-    `previous` holds the distances to all but the last centroid, so a round costs one pass.
-    """
-    start = 0 if previous is None else len(centroids) - 1
-    weights = previous
-    for centroid in centroids[start:]:
-        distances = [squared_distance(point, centroid) for point in zip(*columns)] if len(columns) != 2 \
-            else [(dx := x - centroid[0]) * dx + (dy := y - centroid[1]) * dy for x, y in zip(*columns)]
-        weights = distances if weights is None else list(map(min, weights, distances))
-    return weights
+    def assign(self, centroids, previous=None, keep_buckets=False):
+        """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
+        moved points counted are those since the previous iteration); returns the moved count.
+        Call with `lock` held."""
+        state = self.assignment
+        if state is not None and keep_buckets and state.buckets is None:
+            state = None   # plain partitions need buckets the combiner did not keep
+        moved = len(self.columns[0])
+        for target in ([previous] if previous is not None else []) + [centroids]:
+            if state is None:
+                state = new_assignment(self.columns, target, self.texts if keep_buckets else None, self.magnitudes,
+                                       self.squares)
+            elif state.centroids != target:
+                moved = reassign(state, self.columns, self.texts, target, self.magnitudes)
+            else:
+                moved = 0
+        self.assignment = state
+        return moved if previous is not None else len(self.columns[0])
 
 
-def weighted_index(weights, fraction):
-    """The index i where the running sum of weights first exceeds fraction * total (0 <= fraction < 1);
-    a zero weight is never chosen."""
-    running = list(itertools.accumulate(weights))
-    index = bisect.bisect_right(running, fraction * running[-1])
-    while index >= len(weights) or weights[index] == 0:   # rounding at the very top end
-        index -= 1
-    return index
+def map_output(split, reducers, combine):
+    """A map task's output from its split's assignment: per partition, the records (key, count, per
+    dimension the doubles to sum: the points' coordinates, or with the combiner the exact sum terms)
+    and the text of the partition file."""
+    state = split.assignment
+    if combine:
+        records = [(key, count, state.sums[key]) for key, count in enumerate(state.counts) if count]
+        parts = partition(records, reducers)
+        return parts, [format_combined_partition(part) for part in parts]
+    records = [(key, count, state.buckets[key].columns) for key, count in enumerate(state.counts) if count]
+    parts = partition(records, reducers)
+    return parts, [format_partition([(key, state.buckets[key].texts) for key, _, _ in part]) for part in parts]
 
-
-PRIORITY_BLOCK = 4096   # points whose random priorities come from one generator
-
-
-def point_priorities(seed, start, end):
-    """Random priorities in [0, 1) of the points [start, end): a function of the seed and each point's
-    index only, so every split of the input (any M) gives a point the same priority."""
-    priorities = array("d")
-    for block in range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1):
-        draw = random.Random(f"{seed}/{block}").random
-        drawn = [draw() for _ in range(PRIORITY_BLOCK)]
-        first = block * PRIORITY_BLOCK
-        priorities.extend(drawn[max(start, first) - first:min(end, first + PRIORITY_BLOCK) - first])
-    return priorities
-
-
-def lowest_distinct(columns, priorities, first, count):
-    """The `count` distinct points of lowest priority (a point's priority is its lowest copy's; of equal
-    priorities the lower index wins), as (priority, index from `first`, point), lowest first; fewer
-    if there are fewer distinct points."""
-    wanted = count
-    while True:
-        lowest = heapq.nsmallest(wanted, zip(priorities, range(len(priorities))))
-        chosen = {}
-        for priority, index in lowest:
-            chosen.setdefault(tuple(column[index] for column in columns), (priority, first + index))
-            if len(chosen) == count:
-                break
-        if len(chosen) == count or len(lowest) < wanted:
-            return sorted((priority, index, point) for point, (priority, index) in chosen.items())
-        wanted *= 4   # many copies among the lowest: look further
-
-
-def merge_draws(draws, count, distinct=True):
-    """The `count` points of lowest priority over several splits' draws (each already its split's
-    lowest), distinct points only if asked; in priority order."""
-    best = {}
-    for priority, index, point in itertools.chain.from_iterable(draws):
-        key = point if distinct else index
-        if key not in best or (priority, index) < best[key][:2]:
-            best[key] = (priority, index, point)
-    return sorted(best.values())[:count]
-
-
-def kmeans_reference(points, centroids, n, tol=0.0):
-    """Sequential K-means built from the same map / partition / shuffle-sort / reduce functions.
-
-    Returns (final centroids, iterations run).  The distributed job must match it bit for bit.
-    """
-    centroids = [tuple(c) for c in centroids]
-    dim = len(centroids[0])
-    columns = to_columns(points, dim)
-    for iteration in range(1, n + 1):
-        _, _, members = assign_clusters(columns, centroids)
-        (records,) = partition(map_records(members), 1)
-        means = {key: reduce_cluster(group) for key, group in shuffle_sort([records], dim)}
-        new = next_centroids(centroids, means)
-        shift = largest_shift(centroids, new)
-        centroids = new
-        if shift <= tol:
-            return centroids, iteration
-    return centroids, n
 
 
 # ####################################################################################################
-# Files: input count, splits, human-readable outputs, atomic writes
+# Files: the input (count, splits, identity), human-readable outputs, atomic writes
 # ####################################################################################################
-
-
-CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
-
-UMASK = os.umask(0o022)
-os.umask(UMASK)
 
 
 def write_atomic(path, text):
-    """Write a whole file or nothing: a temporary file in the same folder, then rename over."""
+    """Write a whole file or nothing: a temporary file in the same folder, then rename over. The
+    temporary file is created 0666 less the umask, like any file the user creates."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    temporary = os.path.join(folder, f".tmp-{os.path.basename(path)}-{secrets.token_hex(6)}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
-        os.chmod(temporary, 0o666 & ~UMASK)   # mkstemp's 0600 would make results private
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -812,20 +1013,6 @@ def format_combined_partition(records):
 def format_reducer_output(clusters):
     """A reducer file: one 'key<TAB>count<TAB>mean' line per cluster."""
     return "".join(f"{key}\t{count}\t{format_point(mean)}\n" for key, count, mean in clusters)
-
-
-def map_output(split, reducers, combine):
-    """A map task's output from its split's assignment: per partition, the records (key, count, per
-    dimension the doubles to sum: the points' coordinates, or with the combiner the exact sum terms)
-    and the text of the partition file."""
-    state = split.assignment
-    if combine:
-        records = [(key, count, state.sums[key]) for key, count in enumerate(state.counts) if count]
-        parts = partition(records, reducers)
-        return parts, [format_combined_partition(part) for part in parts]
-    records = [(key, count, state.buckets[key].columns) for key, count in enumerate(state.counts) if count]
-    parts = partition(records, reducers)
-    return parts, [format_partition([(key, state.buckets[key].texts) for key, _, _ in part]) for part in parts]
 
 
 def open_text(path):
@@ -922,6 +1109,22 @@ def read_centroids(path, clusters, dim):
     return centroids
 
 
+
+
+def input_stamp(path):
+    """The input's identity as a checkpoint keeps it: size and modification time."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+# ####################################################################################################
+# Wire format: protobuf <-> core, replies with a FAILURE kind, channels and heartbeats
+# ####################################################################################################
+
+
 def little_endian(values):
     """Array bytes in little-endian order, the wire order of PartitionChunk."""
     if sys.byteorder == "big":
@@ -1006,26 +1209,21 @@ def draw_triples(message):
     return list(zip(message.priorities, message.indices, unflatten(message.points))) if message.indices else []
 
 
-# ####################################################################################################
-# gRPC services: thin servicers that check requests, convert messages and call the pure core
-# ####################################################################################################
-
-TOKEN_KEY = "kmr-token"
-CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
-MAX_CLUSTERS = 100_000
-MAX_RESTARTS = 1000
-SAMPLE_PASS = -1   # the "iteration" of the Sample pass, before run 1 (timeline and summary)
-MAX_DIM = 4096
-
-
 def success():
     """A SUCCESS status."""
     return pb.Status(success=True)
 
 
-def failure(message):
-    """A FAILURE status."""
-    return pb.Status(success=False, message=message)
+
+
+def failure(refused):
+    """A FAILURE status from a TaskRefused: its kind (what the master branches on) and its words."""
+    return pb.Status(success=False, kind=refused.kind, message=str(refused))
+
+
+def stale_attempt():
+    """Why a worker refuses an attempt of a job it has seen replaced, or of an older iteration."""
+    return TaskRefused(pb.STALE_ATTEMPT, "stale attempt: a newer job or iteration ran")
 
 
 def token_metadata(token):
@@ -1106,6 +1304,12 @@ def await_calls(calls, silence, metadata):
     return silent
 
 
+
+# ####################################################################################################
+# Tasks on a worker: what a mapper keeps and does, what a reducer pulls and reduces (no gRPC server)
+# ####################################################################################################
+
+
 @dataclass
 class WorkerSettings:
     """How a mapper or reducer behaves; picklable, so the master can hand it to spawned workers."""
@@ -1120,6 +1324,15 @@ class WorkerSettings:
     heartbeat: float = HEARTBEAT   # a mapper that answers no ping for this long while we fetch is lost
     tls: TlsFiles = None
 
+    @classmethod
+    def of(cls, flags, **given):
+        """Settings from the master's JobOptions or a standalone worker's arguments (the same names),
+        with some `given` otherwise."""
+        names = ("data_dir", "rpc_timeout", "token", "input_root", "fail_prob", "fail_seed", "heartbeat", "tls")
+        return cls(**{**{name: getattr(flags, name) for name in names}, **given})
+
+
+
 
 class FaultInjector:
     """Deliberate faults for tests and demonstrations: FAILURE replies and SIGKILL at a phase."""
@@ -1130,13 +1343,13 @@ class FaultInjector:
         self.crashes = dict(settings.crashes)
         self.lock = threading.Lock()
 
-    def fails(self, what):
-        """Whether this task should answer FAILURE (probability --fail-prob)."""
+    def refuse(self, what):
+        """Raise TaskRefused (an injected FAILURE) with probability --fail-prob."""
         with self.lock:
             strike = self.probability > 0 and self.rng.random() < self.probability
         if strike:
             log.info("%s: injected FAILURE", what)
-        return strike
+            raise TaskRefused(pb.INJECTED, "injected failure")
 
     def crash_point(self, phase, iteration, context):
         """Die by SIGKILL here ('map', 'reduce') or right after the reply is sent ('after-...')."""
@@ -1147,56 +1360,6 @@ class FaultInjector:
             context.add_callback(lambda: os.kill(os.getpid(), signal.SIGKILL))
         else:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TokenCheck(grpc.ServerInterceptor):
-    """Refuses every call that does not carry the shared token (UNAUTHENTICATED)."""
-
-    def __init__(self, token):
-        self.token = token.encode()
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        supplied = dict(details.invocation_metadata).get(TOKEN_KEY, "")
-        if handler is None or hmac.compare_digest(supplied.encode(), self.token):
-            return handler
-        log.info("refused %s: missing or wrong token", details.method)
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-
-        def deny_stream(request, context):
-            deny(request, context)
-            yield from ()
-
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny_stream)
-        return grpc.unary_unary_rpc_method_handler(deny)
-
-
-def require(context, condition, message, code=grpc.StatusCode.INVALID_ARGUMENT):
-    """Abort the call with `code` unless the request passes a check."""
-    if not condition:
-        log.info("refused: %s %s", code.name, message)
-        context.abort(code, message)
-
-
-def require_centroids(context, message, name):
-    """A Centroids message must be K x D finite doubles within bounds."""
-    dim, values = message.dim, message.values
-    require(context, 1 <= dim <= MAX_DIM, f"{name}: dimension {dim} out of range")
-    require(context, 0 < len(values) <= MAX_CLUSTERS * dim and len(values) % dim == 0,
-            f"{name}: {len(values)} values is not K x {dim}")
-    require(context, all(map(math.isfinite, values)), f"{name}: not finite")
-
-
-def resolve_input(path, root):
-    """The real path of an input file, which must lie below root (symlinks and '..' resolved)."""
-    if "\0" in path:
-        return None
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, path))
-    return real if os.path.commonpath([real, real_root]) == real_root else None
 
 
 class Freshness:
@@ -1225,42 +1388,6 @@ class Freshness:
             return True
 
 
-@dataclass
-class Split:
-    """A mapper's parsed split, kept across iterations and jobs while the file is unchanged."""
-
-    stamp: tuple
-    columns: list           # array('d') per dimension: 8 bytes a coordinate
-    texts: list = None      # each point's text, for the plain partition files
-    magnitudes: tuple = None   # smallest nonzero and largest |coordinate| (see PRUNE_LIMITS)
-    assignment: Assignment = None   # where the points stood at the last Map or Weigh
-    weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
-    weights_for: tuple = ()  # (job, how many centroids they were weighed against)
-    lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
-
-    @functools.cached_property
-    def squares(self):
-        """The split's square_terms, once."""
-        return square_terms(self.columns, self.magnitudes)
-
-    def assign(self, centroids, previous=None, keep_buckets=False):
-        """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
-        moved points counted are those since the previous iteration); returns the moved count.
-        Call with `lock` held."""
-        state = self.assignment
-        if state is not None and keep_buckets and state.buckets is None:
-            state = None   # plain partitions need buckets the combiner did not keep
-        moved = len(self.columns[0])
-        for target in ([previous] if previous is not None else []) + [centroids]:
-            if state is None:
-                state = new_assignment(self.columns, target, self.texts if keep_buckets else None, self.magnitudes,
-                                       self.squares)
-            elif state.centroids != target:
-                moved = reassign(state, self.columns, self.texts, target, self.magnitudes)
-            else:
-                moved = 0
-        self.assignment = state
-        return moved if previous is not None else len(self.columns[0])
 
 
 @dataclass
@@ -1272,65 +1399,26 @@ class MapTaskOutput:
     partitions: list   # per partition: list of PartitionChunk
 
 
-class MapperServicer(pb_grpc.MapperServicer):
-    """Runs map tasks and serves their partitions to reducers."""
+@dataclass
+class MapSummary:
+    """What a Map task tells the master: enough to check that no point was lost or counted twice."""
+
+    points: int
+    moved: int
+    partition_points: list   # points in each partition
+    sse_terms: list          # the split's exact SSE against the centroids it was mapped to
+
+
+class MapperTasks:
+    """A mapper's tasks apart from gRPC: parsed splits and their kept assignments (Split), and the
+    map outputs reducers fetch. A split's first read checks every line of it."""
 
     def __init__(self, settings):
         self.settings = settings
-        self.faults = FaultInjector(settings)
         self.fresh = Freshness()
         self.lock = threading.Lock()
         self.splits = {}    # (path, start, end, dim) -> Split, least recently used first
         self.outputs = {}   # map task -> MapTaskOutput
-
-    def Ping(self, request, context):
-        return pb.PingReply(role="mapper", pid=os.getpid())
-
-    def Map(self, request, context):
-        task, iteration = request.task, request.iteration
-        log.debug("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
-                 request.attempt, request.start, request.end, request.input_path)
-        path = self.input_of(request, context)
-        require(context, iteration >= 1, "iterations start at 1")
-        require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
-        require_centroids(context, request.centroids, "centroids")
-        if request.HasField("previous"):
-            require_centroids(context, request.previous, "previous centroids")
-            require(context, request.previous.dim == request.centroids.dim and
-                    len(request.previous.values) == len(request.centroids.values), "previous: other shape")
-        if self.faults.fails(f"Map task {task}"):
-            return pb.MapResponse(status=failure("injected failure"))
-        if not self.fresh.admit(request.job, task, iteration):
-            return pb.MapResponse(status=failure("stale attempt: a newer job or iteration ran"))
-        self.faults.crash_point("map", iteration, context)
-        split, problem = self.load(request, path, request.centroids.dim, not request.combine, context)
-        if split is None:
-            return pb.MapResponse(status=failure(problem))
-        previous = unflatten(request.previous) if request.HasField("previous") and iteration > 1 else None
-        with split.lock:
-            moved = split.assign(unflatten(request.centroids), previous, keep_buckets=not request.combine)
-            records, texts = map_output(split, request.reducers, request.combine)
-            state = split.assignment
-            sse_terms = state.sse_terms
-            # packed now: plain records are the kept buckets, which the next step of this split changes
-            chunks = [list(record_chunks(part, len(split.columns), not request.combine)) for part in records]
-            sizes = [sum(count for _, count, _ in part) for part in records]
-        if not context.is_active():   # cancelled: a backup copy finished first, or the master left
-            return pb.MapResponse(status=failure("cancelled"))
-        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
-            if not self.fresh.admit(request.job, task, iteration):
-                return pb.MapResponse(status=failure("stale attempt: a newer job or iteration ran"))
-            folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
-            for number, text in enumerate(texts, 1):
-                write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
-            with self.lock:
-                self.outputs[task] = MapTaskOutput(request.job, iteration, chunks)
-        points = len(split.columns[0])
-        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved (%d examined, %d of them measured "
-                  "against other centroids)", task, points, sizes, moved, state.examined, state.rechecked)
-        self.faults.crash_point("after-map", iteration, context)
-        reply = pb.MapReply(points=points, moved=moved, partition_points=sizes, sse_terms=sse_terms)
-        return pb.MapResponse(status=success(), reply=reply)
 
     def split(self, path, start, end, dim, keep_text):
         """A task's points: parsed on first use, then kept while the file's size and mtime hold
@@ -1349,105 +1437,100 @@ class MapperServicer(pb_grpc.MapperServicer):
                 del self.splits[next(iter(self.splits))]
         return split
 
-    def input_of(self, request, context):
-        """The checked input path of a Map or Weigh request."""
-        require(context, request.task >= 1 and request.job, "task and job are required")
-        require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
-        path = resolve_input(request.input_path, self.settings.input_root)
-        require(context, path is not None, f"{request.input_path} is outside the input root",
-                grpc.StatusCode.PERMISSION_DENIED)
-        return path
-
-    def load(self, request, path, dim, keep_text, context):
-        """(the split of a request, None) or (None, why this host cannot read it: answer FAILURE);
-        a file unlike what the master validated is refused (INVALID_ARGUMENT)."""
+    def load(self, task, span, dim, keep_text):
+        """The split of `span` (path, start, end); TaskRefused when this host cannot read it (another
+        mapper may). A bad line is an InputError: no mapper will do better."""
         try:
-            return self.split(path, request.start, request.end, dim, keep_text), None
-        except (OSError, UnreadableInput) as error:   # maybe on this host only: let another mapper try
-            log.info("task %d: FAILURE %s", request.task, error)
-            return None, str(error)
-        except InputError as error:
-            require(context, False, str(error))
+            return self.split(*span, dim, keep_text)
+        except (OSError, UnreadableInput) as error:
+            log.info("task %d: FAILURE %s", task, error)
+            raise TaskRefused(pb.UNREADABLE_INPUT, str(error)) from None
 
-    def Sample(self, request, context):
-        log.debug("Sample task %d attempt %d: points [%d, %d) of %s", request.task, request.attempt,
-                  request.start, request.end, request.input_path)
-        path = self.input_of(request, context)
-        require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
-                f"dimension {request.dim} or K={request.clusters} out of range")
-        require(context, len(request.seeds) <= MAX_RESTARTS, "too many seeds")
-        if self.faults.fails(f"Sample task {request.task}"):
-            return pb.SampleResponse(status=failure("injected failure"))
+    def map_task(self, job, task, iteration, span, reducers, combine, centroids, previous, still_wanted):
+        """Map: the split brought to `centroids` (counting the points moved since `previous`), its
+        partitions packed, written and kept for the reducers; a MapSummary. `still_wanted()` turns
+        False once the master no longer waits (a backup copy won, or it left)."""
+        if not self.fresh.admit(job, task, iteration):
+            raise stale_attempt()
+        split = self.load(task, span, len(centroids[0]), not combine)
+        with split.lock:
+            moved = split.assign(centroids, previous, keep_buckets=not combine)
+            records, texts = map_output(split, reducers, combine)
+            state = split.assignment
+            # packed now: plain records are the kept buckets, which the next step of this split changes
+            chunks = [list(record_chunks(part, len(split.columns), not combine)) for part in records]
+            sizes = [sum(count for _, count, _ in part) for part in records]
+        if not still_wanted():
+            raise TaskRefused(pb.CANCELLED, "cancelled")
+        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
+            if not self.fresh.admit(job, task, iteration):
+                raise stale_attempt()
+            folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
+            for number, text in enumerate(texts, 1):
+                write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
+            with self.lock:
+                self.outputs[task] = MapTaskOutput(job, iteration, chunks)
+        points = len(split.columns[0])
+        log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved (%d examined, %d of them measured "
+                  "against other centroids)", task, points, sizes, moved, state.examined, state.rechecked)
+        return MapSummary(points, moved, sizes, state.sse_terms)
+
+    def output_of(self, job, iteration, task):
+        """The kept partitions of a map task's attempt in this job and iteration (None if not kept)."""
+        with self.lock:
+            output = self.outputs.get(task)
+        if output is None or (output.job, output.iteration) != (job, iteration):
+            return None
+        return output.partitions
+
+    def sample_task(self, task, span, dim, clusters, seeds, plot_points, keep_text):
+        """Sample: the split's first read and check, then per seed its K distinct points of lowest
+        priority, and for the first seed `plot_points` points to plot; (draws, plot, the first bad
+        line's error or "")."""
+        path, start, end = span
         try:
-            split = self.split(path, request.start, request.end, request.dim, request.keep_text)
-        except (OSError, UnreadableInput) as error:   # maybe on this host only: let another mapper try
-            log.info("task %d: FAILURE %s", request.task, error)
-            return pb.SampleResponse(status=failure(str(error)))
+            split = self.load(task, span, dim, keep_text)
         except InputError as error:   # a bad line: the job cannot run
-            return pb.SampleResponse(status=success(), reply=pb.SampleReply(input_error=str(error)))
-        reply = pb.SampleReply()
-        for number, seed in enumerate(request.seeds):
-            priorities = point_priorities(seed, request.start, request.end)
-            reply.draws.append(draw_message(lowest_distinct(split.columns, priorities, request.start,
-                                                            request.clusters), request.dim))
-            if number == 0 and request.plot_points:
-                lowest = heapq.nsmallest(request.plot_points, zip(priorities, range(len(priorities))))
-                reply.plot.CopyFrom(draw_message(
-                    [(p, request.start + i, tuple(c[i] for c in split.columns)) for p, i in lowest], request.dim))
-        return pb.SampleResponse(status=success(), reply=reply)
+            return [], [], str(error)
+        draws, plot = [], []
+        for number, seed in enumerate(seeds):
+            priorities = point_priorities(seed, start, end)
+            draws.append(lowest_distinct(split.columns, priorities, start, clusters))
+            if number == 0 and plot_points:
+                lowest = heapq.nsmallest(plot_points, zip(priorities, range(len(priorities))))
+                plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
+        return draws, plot, ""
 
-    def Weigh(self, request, context):
-        log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
-                  len(request.centroids.values) // max(1, request.centroids.dim))
-        path = self.input_of(request, context)
-        require_centroids(context, request.centroids, "centroids")
-        if self.faults.fails(f"Weigh task {request.task}"):
-            return pb.WeighResponse(status=failure("injected failure"))
-        split, problem = self.load(request, path, request.centroids.dim, False, context)
-        if split is None:
-            return pb.WeighResponse(status=failure(problem))
-        centroids = unflatten(request.centroids)
-        reply = pb.WeighReply()
-        if request.count_clusters:
+    def weigh_task(self, job, task, span, centroids, draw_seed, count_clusters):
+        """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
+        D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead;
+        (mass terms, candidate, counts)."""
+        split = self.load(task, span, len(centroids[0]), False)
+        if count_clusters:
             with split.lock:
                 split.assign(centroids)
-                reply.counts.extend(split.assignment.counts)
-                reply.mass_terms.extend(split.assignment.sse_terms)
-        else:
-            known = split.weights if split.weights_for == (request.job, len(centroids) - 1) else None
-            weights = nearest_distances(split.columns, centroids, known)
-            split.weights, split.weights_for = weights, (request.job, len(centroids))
-            reply.mass_terms.extend(exact_terms(weights))
-            if reply.mass_terms:
-                index = weighted_index(weights, random.Random(request.draw_seed).random())
-                reply.candidate.extend(column[index] for column in split.columns)
-        return pb.WeighResponse(status=success(), reply=reply)
-
-    def GetPartition(self, request, context):
-        require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
-        with self.lock:
-            output = self.outputs.get(request.task)
-        if output is None or (output.job, output.iteration) != (request.job, request.iteration):
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"no output of map task {request.task} iteration {request.iteration}")
-        require(context, request.partition <= len(output.partitions), f"no partition {request.partition}")
-        yield from output.partitions[request.partition - 1]
+                return split.assignment.sse_terms, [], split.assignment.counts
+        known = split.weights if split.weights_for == (job, len(centroids) - 1) else None
+        weights = nearest_distances(split.columns, centroids, known)
+        split.weights, split.weights_for = weights, (job, len(centroids))
+        mass = exact_terms(weights)
+        if not mass:
+            return mass, [], []
+        index = weighted_index(weights, random.Random(draw_seed).random())
+        return mass, [column[index] for column in split.columns], []
 
 
-class ReducerServicer(pb_grpc.ReducerServicer):
-    """Runs reduce tasks: pull one partition from every mapper, shuffle-sort, reduce."""
+class ReducerTasks:
+    """A reducer's tasks apart from serving them: pull a partition from every map task's mapper
+    (heartbeating each), shuffle-sort, reduce, write the reducer file and keep the result."""
 
     def __init__(self, settings):
         self.settings = settings
-        self.faults = FaultInjector(settings)
         self.fresh = Freshness()
         self.lock = threading.Lock()
-        self.channels = {}   # mapper address -> Mapper stub (one channel each, reused)
-        self.results = {}    # partition -> (job, iteration, ResultReply)
+        self.channels = {}   # mapper address -> (channel, Mapper stub): one channel each, reused
+        self.results = {}    # partition -> (job, iteration, clusters, points from each map task)
         self.fetchers = concurrent.futures.ThreadPoolExecutor(FETCHERS)   # pulls from many mappers at once
-
-    def Ping(self, request, context):
-        return pb.PingReply(role="reducer", pid=os.getpid())
 
     def mapper(self, address):
         """The stub for a mapper, on a channel kept while the mapper is in use (replaced mappers'
@@ -1463,7 +1546,8 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             return self.channels[address][1]
 
     def fetch(self, output, stream, dim, clusters):
-        """All records of this partition from one map task's stream; None if they cannot be had."""
+        """All records of this partition from one map task's stream; None if they cannot be had; a
+        mapper's refusal (a wrong token, say) is raised."""
         started = time.perf_counter()
         try:
             records = [record for chunk in stream for record in decode_chunk(chunk, dim)]
@@ -1473,87 +1557,278 @@ class ReducerServicer(pb_grpc.ReducerServicer):
             stream.cancel()
             why = error.code().name if isinstance(error, grpc.RpcError) else str(error)
             log.info("<- GetPartition(task %d) FAILURE from %s: %s", output.task, output.address, why)
-            if isinstance(error, grpc.RpcError) and error.code() in REFUSALS:
+            if isinstance(error, grpc.RpcError) and error.code().name in REFUSALS:
                 raise
             return None
         log.debug("<- GetPartition(task %d) SUCCESS from %s: %d records, %.1f ms", output.task,
                   output.address, len(records), 1000 * (time.perf_counter() - started))
         return records
 
+    def pull(self, job, iteration, partition, outputs, dim, clusters, deadline):
+        """Every map task's records of a partition, FETCHERS streams at once, each heartbeating its
+        mapper; None for a map task whose output could not be had."""
+        metadata = token_metadata(self.settings.token)
+        fetched = []
+        for low in range(0, len(outputs), FETCHERS):
+            streams = {}
+            for output in outputs[low:low + FETCHERS]:
+                log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition,
+                          output.address)
+                stub = self.mapper(output.address)
+                request = pb.PartitionRequest(job=job, iteration=iteration, task=output.task, partition=partition)
+                stream = stub.GetPartition(request, timeout=max(0.05, deadline - time.monotonic()),
+                                           metadata=metadata)
+                streams[stream] = (stub, f"mapper {output.address}")
+            pulls = [self.fetchers.submit(self.fetch, output, stream, dim, clusters)
+                     for output, stream in zip(outputs[low:low + FETCHERS], streams)]
+            await_calls(streams, self.settings.heartbeat, metadata)
+            fetched += [pull.result() for pull in pulls]
+        return fetched
+
+    def pull_partition(self, job, iteration, partition, outputs, dim, clusters, deadline):
+        """The shuffle's input of a reduce task: its partition of every map output. TaskRefused when
+        the attempt is stale, or (MISSING_OUTPUT, naming them) when some map outputs cannot be had."""
+        if not self.fresh.admit(job, partition, iteration):
+            raise stale_attempt()
+        fetched = self.pull(job, iteration, partition, outputs, dim, clusters, deadline)
+        missing = [output.task for output, records in zip(outputs, fetched) if records is None]
+        if missing:
+            log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
+            raise TaskRefused(pb.MISSING_OUTPUT, f"map output missing for tasks {missing}", missing)
+        return fetched
+
+    def reduce_partition(self, job, iteration, partition, fetched, dim):
+        """Reduce: shuffle-sort and average a partition's records; the reducer file is written and the
+        result kept for GetResult."""
+        per_task = [sum(count for _, count, _ in records) for records in fetched]
+        clusters = [(key, group.count, reduce_cluster(group)) for key, group in shuffle_sort(fetched, dim)]
+        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
+            if not self.fresh.admit(job, partition, iteration):
+                raise stale_attempt()
+            write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
+                         format_reducer_output(clusters))
+            with self.lock:
+                self.results[partition] = (job, iteration, clusters, per_task)
+        log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters), sum(per_task))
+
+    def result(self, job, iteration, partition):
+        """(clusters, points from each map task) of a partition's reduce in this job and iteration."""
+        with self.lock:
+            stored = self.results.get(partition)
+        if stored is None or stored[:2] != (job, iteration):
+            raise TaskRefused(pb.NO_RESULT, f"no result for partition {partition} iteration {iteration}")
+        return stored[2:]
+
+# ####################################################################################################
+# gRPC services (thin): check the request, call the worker's tasks, convert the answer
+# ####################################################################################################
+
+
+class TokenCheck:
+    """A grpc.ServerInterceptor that refuses every call without the shared token (UNAUTHENTICATED)."""
+
+    def __init__(self, token):
+        self.token = token.encode()
+
+    def intercept_service(self, continuation, details):
+        """The call's handler if it carries the token, else one that refuses it."""
+        handler = continuation(details)
+        supplied = dict(details.invocation_metadata).get(TOKEN_KEY, "")
+        if handler is None or hmac.compare_digest(supplied.encode(), self.token):
+            return handler
+        log.info("refused %s: missing or wrong token", details.method)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+        def deny_stream(request, context):
+            deny(request, context)
+            yield from ()
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def require(context, condition, message, code="INVALID_ARGUMENT"):
+    """Abort the call with the status `code` (its name) unless the request passes a check."""
+    if not condition:
+        log.info("refused: %s %s", code, message)
+        context.abort(grpc.StatusCode[code], message)
+
+
+def require_centroids(context, message, name):
+    """A Centroids message must be K x D finite doubles within bounds."""
+    dim, values = message.dim, message.values
+    require(context, 1 <= dim <= MAX_DIM, f"{name}: dimension {dim} out of range")
+    require(context, 0 < len(values) <= MAX_CLUSTERS * dim and len(values) % dim == 0,
+            f"{name}: {len(values)} values is not K x {dim}")
+    require(context, all(map(math.isfinite, values)), f"{name}: not finite")
+
+
+def resolve_input(path, root):
+    """The real path of an input file, which must lie below root (symlinks and '..' resolved)."""
+    if "\0" in path:
+        return None
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    return real if os.path.commonpath([real, real_root]) == real_root else None
+
+
+
+
+def input_span(request, root, context):
+    """(real path, start, end) of a request's split: a task and job given, the range upright and the
+    file below the input root."""
+    require(context, request.task >= 1 and request.job, "task and job are required")
+    require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
+    path = resolve_input(request.input_path, root)
+    require(context, path is not None, f"{request.input_path} is outside the input root", "PERMISSION_DENIED")
+    return path, request.start, request.end
+
+
+def task_rpc(response):
+    """An RPC method whose TaskRefused is answered FAILURE with its kind (in the `response` message
+    type, by name) and whose InputError (the file is unlike what the master checked) refuses the call."""
+    def decorate(method):
+        @functools.wraps(method)
+        def rpc(self, request, context):
+            try:
+                return method(self, request, context)
+            except TaskRefused as refused:
+                answer = getattr(pb, response)(status=failure(refused))
+                if refused.missing_tasks:
+                    answer.reply.missing_tasks.extend(refused.missing_tasks)
+                return answer
+            except InputError as error:
+                require(context, False, str(error))
+        return rpc
+    return decorate
+
+
+class MapperServicer:
+    """The Mapper service (kmeans.proto): map tasks, their partitions for reducers, Sample and Weigh."""
+
+    def __init__(self, settings):
+        self.tasks = MapperTasks(settings)
+        self.faults = FaultInjector(settings)
+
+    def Ping(self, request, context):
+        """This is a mapper, and its PID: what connects and heartbeats ask."""
+        return pb.PingReply(role="mapper", pid=os.getpid())
+
+    @task_rpc("MapResponse")
+    def Map(self, request, context):
+        """Map one split to the request's centroids, then partition, write and keep its output."""
+        task, iteration = request.task, request.iteration
+        log.debug("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
+                  request.attempt, request.start, request.end, request.input_path)
+        span = input_span(request, self.tasks.settings.input_root, context)
+        require(context, iteration >= 1, "iterations start at 1")
+        require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
+        require_centroids(context, request.centroids, "centroids")
+        previous = None
+        if request.HasField("previous"):
+            require_centroids(context, request.previous, "previous centroids")
+            require(context, request.previous.dim == request.centroids.dim and
+                    len(request.previous.values) == len(request.centroids.values), "previous: other shape")
+            previous = unflatten(request.previous) if iteration > 1 else None
+        self.faults.refuse(f"Map task {task}")
+        self.faults.crash_point("map", iteration, context)
+        done = self.tasks.map_task(request.job, task, iteration, span, request.reducers, request.combine,
+                                   unflatten(request.centroids), previous, context.is_active)
+        self.faults.crash_point("after-map", iteration, context)
+        reply = pb.MapReply(points=done.points, moved=done.moved, partition_points=done.partition_points,
+                            sse_terms=done.sse_terms)
+        return pb.MapResponse(status=success(), reply=reply)
+
+    @task_rpc("SampleResponse")
+    def Sample(self, request, context):
+        """Read and check one split (its first read) and draw its candidates for every run's initial
+        centroids (and points to plot)."""
+        log.debug("Sample task %d attempt %d: points [%d, %d) of %s", request.task, request.attempt,
+                  request.start, request.end, request.input_path)
+        span = input_span(request, self.tasks.settings.input_root, context)
+        require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
+                f"dimension {request.dim} or K={request.clusters} out of range")
+        require(context, len(request.seeds) <= MAX_RESTARTS, "too many seeds")
+        self.faults.refuse(f"Sample task {request.task}")
+        draws, plot, input_error = self.tasks.sample_task(request.task, span, request.dim, request.clusters,
+                                                          request.seeds, request.plot_points, request.keep_text)
+        reply = pb.SampleReply(draws=[draw_message(drawn, request.dim) for drawn in draws],
+                               plot=draw_message(plot, request.dim), input_error=input_error)
+        return pb.SampleResponse(status=success(), reply=reply)
+
+    @task_rpc("WeighResponse")
+    def Weigh(self, request, context):
+        """Weigh one split against centroids: a k-means++ round, or the final SSE and cluster sizes."""
+        log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
+                  len(request.centroids.values) // max(1, request.centroids.dim))
+        span = input_span(request, self.tasks.settings.input_root, context)
+        require_centroids(context, request.centroids, "centroids")
+        self.faults.refuse(f"Weigh task {request.task}")
+        mass, candidate, counts = self.tasks.weigh_task(request.job, request.task, span, unflatten(request.centroids),
+                                                        request.draw_seed, request.count_clusters)
+        reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts)
+        return pb.WeighResponse(status=success(), reply=reply)
+
+    def GetPartition(self, request, context):
+        """Stream one partition of a map task's kept output to a reducer, in bounded chunks."""
+        require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
+        partitions = self.tasks.output_of(request.job, request.iteration, request.task)
+        if partitions is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"no output of map task {request.task} iteration {request.iteration}")
+        require(context, request.partition <= len(partitions), f"no partition {request.partition}")
+        yield from partitions[request.partition - 1]
+
+
+class ReducerServicer:
+    """The Reducer service (kmeans.proto): reduce tasks and their results."""
+
+    def __init__(self, settings):
+        self.tasks = ReducerTasks(settings)
+        self.faults = FaultInjector(settings)
+
+    def Ping(self, request, context):
+        """This is a reducer, and its PID: what connects and heartbeats ask."""
+        return pb.PingReply(role="reducer", pid=os.getpid())
+
+    @task_rpc("ReduceResponse")
     def Reduce(self, request, context):
-        partition, iteration = request.partition, request.iteration
+        """Pull one partition from every map task's mapper, shuffle-sort and reduce it, and keep the
+        result for GetResult; FAILURE naming the map tasks whose output could not be fetched."""
+        partition, iteration, settings = request.partition, request.iteration, self.tasks.settings
         log.debug("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
-                 iteration, request.attempt, len(request.outputs))
+                  iteration, request.attempt, len(request.outputs))
         require(context, partition >= 1 and iteration >= 1 and request.job, "partition, iteration, job")
         require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
                 f"dimension {request.dim} or K={request.clusters} out of range")
         require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
         require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
-        if self.faults.fails(f"Reduce partition {partition}"):
-            return pb.ReduceResponse(status=failure("injected failure"))
-        if not self.fresh.admit(request.job, partition, iteration):
-            return pb.ReduceResponse(status=failure("stale attempt: a newer job or iteration ran"))
+        self.faults.refuse(f"Reduce partition {partition}")
         # leave time to report missing map output before the master's own deadline runs out
         remaining = context.time_remaining()
-        remaining = self.settings.rpc_timeout if remaining is None else remaining
-        deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * remaining)
-        metadata = token_metadata(self.settings.token)
-        fetched = []
-        try:   # as many streams at once as there are fetching threads, each heartbeating its mapper
-            for low in range(0, len(request.outputs), FETCHERS):
-                streams = {}
-                for output in request.outputs[low:low + FETCHERS]:
-                    log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition,
-                              output.address)
-                    stub = self.mapper(output.address)
-                    fetch = pb.PartitionRequest(job=request.job, iteration=iteration, task=output.task,
-                                                partition=partition)
-                    stream = stub.GetPartition(fetch, timeout=max(0.05, deadline - time.monotonic()),
-                                               metadata=metadata)
-                    streams[stream] = (stub, f"mapper {output.address}")
-                pulls = [self.fetchers.submit(self.fetch, output, stream, request.dim, request.clusters)
-                         for output, stream in zip(request.outputs[low:low + FETCHERS], streams)]
-                await_calls(streams, self.settings.heartbeat, metadata)
-                fetched += [pull.result() for pull in pulls]
+        remaining = settings.rpc_timeout if remaining is None else remaining
+        deadline = time.monotonic() + min(settings.rpc_timeout, 0.6 * remaining)
+        try:
+            fetched = self.tasks.pull_partition(request.job, iteration, partition, request.outputs, request.dim,
+                                                request.clusters, deadline)
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
-        missing = [output.task for output, records in zip(request.outputs, fetched) if records is None]
-        if missing:
-            log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
-            return pb.ReduceResponse(status=failure(f"map output missing for tasks {missing}"),
-                                     reply=pb.ReduceReply(missing_tasks=missing))
         self.faults.crash_point("reduce", iteration, context)
-        per_task = [sum(count for _, count, _ in records) for records in fetched]
-        groups = shuffle_sort(fetched, request.dim)
-        clusters = [(key, group.count, reduce_cluster(group)) for key, group in groups]
-        result = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
-                                          for key, count, mean in clusters],
-                                points_from_task=per_task)
-        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
-            if not self.fresh.admit(request.job, partition, iteration):
-                return pb.ReduceResponse(status=failure("stale attempt: a newer job or iteration ran"))
-            write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
-                         format_reducer_output(clusters))
-            with self.lock:
-                self.results[partition] = (request.job, iteration, result)
-        log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters),
-                 sum(per_task))
+        self.tasks.reduce_partition(request.job, iteration, partition, fetched, request.dim)
         self.faults.crash_point("after-reduce", iteration, context)
         return pb.ReduceResponse(status=success())
 
+    @task_rpc("ResultResponse")
     def GetResult(self, request, context):
-        with self.lock:
-            stored = self.results.get(request.partition)
-        if stored is None or stored[:2] != (request.job, request.iteration):
-            return pb.ResultResponse(status=failure(
-                f"no result for partition {request.partition} iteration {request.iteration}"))
-        return pb.ResultResponse(status=success(), reply=stored[2])
-
-
-# A worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task.
-LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED}
+        """The kept result of a partition's reduce in this job and iteration: each cluster's count and
+        mean, and how many points came from each map task (the master's accounting)."""
+        clusters, per_task = self.tasks.result(request.job, request.iteration, request.partition)
+        reply = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
+                                         for key, count, mean in clusters], points_from_task=per_task)
+        return pb.ResultResponse(status=success(), reply=reply)
 
 
 def start_server(role, host, port, settings):
@@ -1627,6 +1902,7 @@ def spawned_worker(role, index, settings, log_path, connection):
     os._exit(0)   # every call has finished and the log is flushed: skip tearing down the interpreter (~80 ms)
 
 
+
 # ####################################################################################################
 # Workers: spawning, connecting, heartbeats, losing, respawning and reviving (the master's side)
 # ####################################################################################################
@@ -1645,45 +1921,11 @@ class Worker:
     stub: object = None
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
-    beaten: bool = False       # a backup copy of its last task finished first: back it up early
     pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
     def name(self):
         return f"{self.role} {self.index} ({self.address})"
-
-
-@dataclass
-class Attempt:
-    """One try of one task on one worker (a backup copy is an attempt too)."""
-
-    worker: Worker
-    task: int
-    number: int
-    backup: bool = False
-    process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
-    relocated: bool = False   # another worker ran the task last: this one parses or recounts first
-    started: float = field(default_factory=time.monotonic)
-    record: object = None     # its AttemptRecord, for the timeline
-
-
-class TaskFailed(Exception):
-    """A worker answered FAILURE: the task is re-assigned, the worker stays."""
-
-    def __init__(self, message, reply):
-        super().__init__(message)
-        self.reply = reply
-
-
-class WorkerLost(Exception):
-    """A worker did not answer in time or at all: it is marked dead."""
-
-
-@dataclass
-class MissingOutput:
-    """A reduce attempt's outcome when some map output could not be fetched: those map tasks."""
-
-    tasks: set
 
 
 class Workers:
@@ -1696,18 +1938,22 @@ class Workers:
     workers we did not spawn again from time to time.
     """
 
-    def __init__(self, options, token, log_path, events):
+    def __init__(self, options, token, log_path, record):
         self.options = options
         self.token = token
         self.metadata = token_metadata(token)
         self.log_path = log_path
-        self.events = events
+        self.record = record   # the job record: losses and respawns are written there
         self.context = multiprocessing.get_context("spawn")
         import_main_by_name()
         self.pool = {"mapper": [], "reducer": []}
         self.returned = threading.Condition()   # notified when a lost worker answers again
         self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
         self.threads = None     # runs RPCs concurrently, made once the workers are up
+
+    def submit(self, call, attempt):
+        """Run call(attempt) on the master's call threads: its Future."""
+        return self.threads.submit(call, attempt)
 
     def every(self):
         """All workers, mappers first."""
@@ -1742,12 +1988,10 @@ class Workers:
         options = self.options
         crashes = {phase: iteration for r, i, phase, iteration in options.crashes
                    if first and (r, i) == (role, index)}
-        settings = WorkerSettings(
-            data_dir=options.data_dir, rpc_timeout=options.rpc_timeout, token=self.token,
+        settings = WorkerSettings.of(
+            options, token=self.token,
             input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
-            fail_prob=options.fail_prob,
-            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index,
-            crashes=crashes, heartbeat=options.heartbeat, tls=options.tls)
+            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index, crashes=crashes)
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
                                        args=(role, index, settings, self.log_path, sender), daemon=True)
@@ -1836,15 +2080,15 @@ class Workers:
             code = error.code()
             log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
                     what, elapsed, worker.name, code.name, error.details())
-            if code in REFUSALS:
+            if code.name in REFUSALS:
                 raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
-            if code in LOST:
+            if code.name in LOST:
                 raise WorkerLost(code.name) from None
-            raise TaskFailed(f"{code.name}: {error.details()}", None) from None
+            raise TaskFailed(f"{code.name}: {error.details()}", pb.RPC_ERROR) from None
         if not response.status.success:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
                     response.status.message)
-            raise TaskFailed(response.status.message, response.reply)
+            raise TaskFailed(response.status.message, response.status.kind, response.reply)
         log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
         return response.reply
 
@@ -1855,10 +2099,11 @@ class Workers:
         if not worker.alive or (process is not None and process is not worker.process):
             return
         worker.alive = False
-        self.events["workers lost"] += 1
+        lost_pid, noticed = worker.pid, self.record.now()
         log.info("%s marked dead (%s)", worker.name, why)
         if worker.process is None:
             worker.next_ping = time.monotonic() + REVIVE_EVERY
+            self.record.worker_lost(worker, lost_pid, noticed, why)
             return
         worker.channel.close()
         worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
@@ -1866,6 +2111,7 @@ class Workers:
         fresh = self.spawn(worker.role, worker.index)
         worker.process, worker.receiver = fresh.process, fresh.receiver
         log.info("replacing %s %d: PID %d starting", worker.role, worker.index, worker.process.pid)
+        self.record.worker_lost(worker, lost_pid, noticed, why)
         threading.Thread(target=self.rejoin, args=(worker,), name=f"respawn-{worker.role}-{worker.index}",
                          daemon=True).start()
 
@@ -1881,7 +2127,7 @@ class Workers:
         if self.stopping:   # the job ended meanwhile: stop() has closed the other channels
             worker.channel.close()
             return
-        self.events["respawns"] += 1
+        self.record.count("respawns")
         log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid, worker.address)
         with self.returned:
             self.returned.notify_all()
@@ -1930,8 +2176,249 @@ class Workers:
                 process.join()
 
 
+
+
 # ####################################################################################################
-# Master: one iteration as named stages, the run loop
+# Scheduling: one stage's tasks on a pool of workers (pick, re-assign, budget, backups)
+# ####################################################################################################
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass's tasks of one kind, as the timeline labels them: Sample, Map, Reduce or Weigh, on a
+    role's workers; `rerun`: map tasks run again because their output could not be fetched."""
+
+    role: str
+    name: str
+    iteration: int   # an iteration, or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS
+    rerun: bool = False
+
+
+@dataclass
+class Attempt:
+    """One try of one task on one worker (a backup copy is an attempt too)."""
+
+    worker: Worker
+    task: int
+    number: int
+    started: float
+    backup: bool = False
+    process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
+    relocated: bool = False    # another worker ran the task last: this one parses or recounts first
+    record: object = None      # its AttemptRecord in the job record
+
+
+@dataclass
+class MissingOutput:
+    """A reduce attempt's outcome when some map output could not be fetched: those map tasks."""
+
+    tasks: set
+
+
+@dataclass
+class StageRun:
+    """One TaskScheduler.run under way: its tasks' state."""
+
+    stage: Stage
+    call: object          # call(attempt) -> result; may raise TaskFailed or WorkerLost
+    attempts: dict        # task -> tries so far in this iteration (shared with re-runs of the stage)
+    pending: list
+    results: dict = field(default_factory=dict)    # task -> (worker, result of its first successful copy)
+    running: dict = field(default_factory=dict)    # future -> Attempt
+    durations: list = field(default_factory=list)  # seconds of each task's first successful copy
+    backed_up: set = field(default_factory=set)
+    reasons: dict = field(default_factory=lambda: collections.defaultdict(collections.Counter))
+
+    def unfinished(self):
+        """Whether a task still waits for a worker or for its first successful copy."""
+        return self.pending or any(attempt.task not in self.results for attempt in self.running.values())
+
+
+def first_done(futures, timeout):
+    """The futures done once the first is, or once `timeout` seconds passed."""
+    return concurrent.futures.wait(futures, timeout, return_when=concurrent.futures.FIRST_COMPLETED).done
+
+
+class TaskScheduler:
+    """Runs one stage's tasks on the live workers of a pool, mincemeat's way: an explicit state per
+    task, re-issued after FAILURE or a lost worker, duplicate results ignored.
+
+    The pool is anything with live(role), await_live(role), lose(worker, why, process) and
+    submit(call, attempt) -> Future; the clock and the wait are parameters, so tests drive a
+    scheduler with fake workers and fake time. Every attempt and its end go to the job record.
+    """
+
+    def __init__(self, pool, record, max_attempts, clock=time.monotonic, wait=first_done):
+        self.pool, self.record, self.max_attempts = pool, record, max_attempts
+        self.clock, self.wait = clock, wait
+        self.holders = {}      # (role, task) -> the worker that last finished it
+        self.leftovers = {}    # future -> Attempt: losers of backup races, still running
+        self.beaten = set()    # ids of workers whose last task a backup copy finished first
+
+    def run(self, stage, tasks, attempts, call):
+        """Run every task on some live worker of the stage's role; {task: (worker, result)}.
+
+        A task that failed is re-assigned; a worker that went silent is lost. Once no task is waiting,
+        a straggler gets a backup copy on an idle worker (MapReduce section 3.6, see `straggler`). The
+        first copy to succeed wins; the other is left to finish and ignored, and its worker gets no new
+        task until it has. `attempts` counts tries per task for the whole iteration.
+        """
+        state = StageRun(stage, call, attempts, list(tasks))
+        while state.unfinished():
+            self.settle_leftovers()
+            self.assign_idle(state)
+            if not state.running:
+                self.await_worker(state)
+                continue
+            for future in self.wait(state.running, BACKUP_MIN_SECONDS / 4):
+                self.settle(state, state.running.pop(future), future)
+        self.leftovers.update(state.running)   # losers of backup races: they finish (or go silent) on their own
+        return state.results
+
+    def assign_idle(self, state):
+        """Give every idle worker a pending task, or once none is pending, a straggler's backup copy."""
+        busy = {id(attempt.worker) for attempt in [*state.running.values(), *self.leftovers.values()]}
+        idle = [worker for worker in self.pool.live(state.stage.role) if id(worker) not in busy]
+        for worker in list(idle):
+            if state.pending:
+                if (task := self.pick(state.stage.role, state.pending, worker, idle)) is not None:
+                    self.launch(state, worker, task)
+                    idle.remove(worker)
+                continue
+            candidates = [attempt for attempt in state.running.values() if attempt.task not in state.results
+                          and attempt.task not in state.backed_up and state.attempts[attempt.task] < self.max_attempts]
+            if straggler := self.straggler(candidates, state.durations):
+                state.backed_up.add(straggler.task)   # one backup per task, and never past the budget
+                copy = self.launch(state, worker, straggler.task, backup=True)
+                self.record.count("backups")
+                log.log(DETAIL, "  %s task %d: backup copy (attempt %d) on %s: attempt %d on %s has run "
+                        "%.2f s, the median finished task %.2f s", state.stage.role, straggler.task, copy.number,
+                        worker.name, straggler.number, straggler.worker.name, self.clock() - straggler.started,
+                        statistics.median(state.durations))
+
+    def launch(self, state, worker, task, backup=False):
+        """Start an attempt of a task on a worker, within the attempt budget (else the job ends,
+        naming why the task's tries failed)."""
+        attempts = state.attempts
+        attempts[task] = attempts.get(task, 0) + 1
+        if attempts[task] > self.max_attempts:
+            why = state.reasons[task] or {"its map output was lost": 1}
+            raise JobError(f"{state.stage.role} task {task} failed {self.max_attempts} times: " + "; ".join(
+                f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
+        holder = self.holders.get((state.stage.role, task))
+        attempt = Attempt(worker, task, attempts[task], self.clock(), backup, worker.process,
+                          relocated=holder is not None and holder is not worker)
+        attempt.record = self.record.attempt_started(attempt, state.stage)
+        future = self.pool.submit(state.call, attempt)
+        future.add_done_callback(functools.partial(self.record.attempt_ended, attempt.record))
+        state.running[future] = attempt
+        return attempt
+
+    def settle(self, state, attempt, future):
+        """An attempt's call returned: keep the first result of a task, else put the task back."""
+        task, worker, role = attempt.task, attempt.worker, state.stage.role
+        try:
+            result = future.result()
+        except WorkerLost as error:
+            state.reasons[task][f"{worker.name} lost ({error})"] += 1
+            log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
+            self.pool.lose(worker, str(error), attempt.process)
+        except TaskFailed as error:
+            state.reasons[task][str(error)] += 1
+            self.record.count("failures")
+            log.log(DETAIL, "  %s task %d re-assigned after FAILURE", role, task)
+        else:
+            if task not in state.results:
+                state.results[task] = (worker, result)
+                attempt.record.won = True
+                self.holders[role, task] = worker
+                state.durations.append(self.clock() - attempt.started)
+                self.race_won(role, attempt, [a for a in state.running.values() if a.task == task])
+            return
+        if task not in state.results and all(other.task != task for other in state.running.values()):
+            state.pending.append(task)
+
+    def await_worker(self, state):
+        """Nothing runs: wait for a busy worker to finish a lost backup race, or for a worker to come
+        back (a respawn, a revived one); the job ends if none does."""
+        role = state.stage.role
+        if self.pool.live(role):
+            self.wait(self.leftovers, BACKUP_MIN_SECONDS / 4)
+        elif not self.pool.await_live(role):
+            raise JobError(f"no live {role} left for task {state.pending[0]}")
+
+    def pick(self, role, pending, worker, idle):
+        """The pending task to give an idle worker: one it ran last (its split is parsed and its last
+        assignment known, so Map does no extra pass), else one whose last worker is busy or gone;
+        None when every pending task's own worker is idle and will take it."""
+        idle_ids = {id(w) for w in idle}
+        mine = [task for task in pending if self.holders.get((role, task)) is worker]
+        orphans = [task for task in pending if id(self.holders.get((role, task))) not in idle_ids]
+        if not (mine or orphans):
+            return None
+        task = (mine or orphans)[0]
+        pending.remove(task)
+        return task
+
+    def race_won(self, role, winner, others):
+        """A task's first successful copy: the others lose, and their workers count as beaten."""
+        self.beaten.discard(id(winner.worker))
+        for other in others:
+            self.beaten.add(id(other.worker))
+            if winner.backup:
+                self.record.count("backups won")
+            log.log(DETAIL, "  %s task %d: %s copy (attempt %d on %s) finished first; attempt %d on %s is "
+                    "ignored", role, winner.task, "the backup" if winner.backup else "the original", winner.number,
+                    winner.worker.name, other.number, other.worker.name)
+
+    def settle_leftovers(self):
+        """Forget finished losers of backup races; one that went silent meanwhile is lost."""
+        for future in [f for f in self.leftovers if f.done()]:
+            attempt = self.leftovers.pop(future)
+            if isinstance(future.exception(), WorkerLost):
+                self.pool.lose(attempt.worker, str(future.exception()), attempt.process)
+
+    def straggler(self, attempts, durations):
+        """The running attempt to back up now, if any: the longest-running task with a single copy
+        that has run BACKUP_AFTER times the median finished task (twice that if it moved to a worker
+        that must first parse the split or recount its last assignment; the median alone if its worker
+        was beaten by a backup before), and at least BACKUP_MIN_SECONDS."""
+        if not durations:
+            return None
+        copies = collections.Counter(attempt.task for attempt in attempts)
+        now, median = self.clock(), statistics.median(durations)
+
+        def patience(attempt):
+            if id(attempt.worker) in self.beaten:
+                return median
+            return BACKUP_AFTER * median * (2 if attempt.relocated else 1)
+
+        due = [attempt for attempt in attempts if copies[attempt.task] == 1 and
+               now - attempt.started >= max(BACKUP_MIN_SECONDS, patience(attempt))]
+        return min(due, key=lambda attempt: attempt.started, default=None)
+
+
+def task_runs(options):
+    """How many tasks the job may run at most: M for the Sample pass, and per restart M + R per
+    iteration and M per Weigh pass (one per k-means++ round, one for the final SSE)."""
+    weigh_passes = (options.clusters - 1 if options.init == "k-means++" else 0) + 1
+    return options.mappers + options.restarts * (options.iterations * (options.mappers + options.reducers)
+                                                 + weigh_passes * options.mappers)
+
+
+def attempt_budget(fail_prob, runs):
+    """Tries per task and iteration: BASE_ATTEMPTS, or under a drill where each try fails with
+    probability P, the fewest A with runs * P^A < DRILL_RISK.  A task fails for good only after A
+    failures in a row, so by the union bound the whole job fails by bad luck with probability
+    below DRILL_RISK, while a failure that does not go away still ends the run after A tries."""
+    if fail_prob <= 0:
+        return BASE_ATTEMPTS
+    return max(BASE_ATTEMPTS, math.floor(math.log(DRILL_RISK / runs) / math.log(fail_prob)) + 1)
+
+
+
+# ####################################################################################################
+# Job record: what the job did (attempts, passes, losses, events), runs and iterations, checkpoints
 # ####################################################################################################
 
 
@@ -1999,19 +2486,29 @@ class AttemptRecord:
     won: bool = False       # its result is the one the master used
 
 
+
+
 @dataclass
 class RunResult:
     """One complete K-means run (one of --restarts)."""
 
     seed: int
-    initial: list
-    centroids: list
-    iterations: list
+    iterations: list      # IterationStats
     converged: bool
     sse: float            # of the final centroids
     counts: list          # points nearest to each final centroid
     history: list         # the centroids before the first and after every iteration
     events: dict          # failures and recoveries of the whole run, k-means++ and final SSE included
+
+    @property
+    def initial(self):
+        """The centroids the run started from."""
+        return self.history[0]
+
+    @property
+    def centroids(self):
+        """The run's final centroids."""
+        return self.history[-1]
 
 
 @dataclass
@@ -2020,28 +2517,31 @@ class Progress:
 
     number: int           # which of --restarts, from 1
     seed: int
-    initial: list
-    centroids: list
-    previous: list = None  # the centroids before the last iteration (mappers count moved points)
+    history: list         # the centroids before the first and after every iteration so far
     iterations: list = field(default_factory=list)   # IterationStats
-    history: list = field(default_factory=list)
     converged: bool = False
     events: dict = field(default_factory=dict)
 
+    @property
+    def initial(self):
+        """The centroids the run started from."""
+        return self.history[0]
 
-def as_points(rows):
-    """Coordinates read back from JSON, as the tuples the job works with."""
-    return None if rows is None else [tuple(row) for row in rows]
+    @property
+    def centroids(self):
+        """The centroids the next iteration starts from."""
+        return self.history[-1]
+
+    @property
+    def previous(self):
+        """The centroids before the last iteration (mappers count the points moved since); None at first."""
+        return self.history[-2] if len(self.history) > 1 else None
 
 
 def restored(kind, saved):
     """A Progress or RunResult read back from a checkpoint: JSON lists back to point tuples."""
-    fields = {**saved, "history": list(map(as_points, saved["history"])),
-              "iterations": [IterationStats(**stats) for stats in saved["iterations"]]}
-    for name in ("initial", "centroids", "previous"):
-        if name in saved:
-            fields[name] = as_points(saved[name])
-    return kind(**fields)
+    return kind(**{**saved, "history": [[tuple(point) for point in centroids] for centroids in saved["history"]],
+                   "iterations": [IterationStats(**stats) for stats in saved["iterations"]]})
 
 
 @dataclass
@@ -2062,544 +2562,98 @@ class JobResult:
         return self.best.centroids
 
 
-BACKUP_AFTER = 2.0          # a straggler is backed up once it ran this many times the median task
-BACKUP_MIN_SECONDS = 0.5    # ... and at least this long: short tasks are never worth a second copy
-DRILL_RISK = 1e-6   # the chance that a --fail-prob drill fails by bad luck under the default budget
-BASE_ATTEMPTS = 4   # tries per task and iteration when no failures are injected
 
 
-def task_runs(options):
-    """How many tasks the job may run at most: M for the Sample pass, and per restart M + R per
-    iteration and M per Weigh pass (one per k-means++ round, one for the final SSE)."""
-    weigh_passes = (options.clusters - 1 if options.init == "k-means++" else 0) + 1
-    return options.mappers + options.restarts * (options.iterations * (options.mappers + options.reducers)
-                                                 + weigh_passes * options.mappers)
+class JobRecord:
+    """The one place a job's story is written: every attempt and how it ended, when each pass ran,
+    every lost worker and the failures and recoveries of the run under way. The console, dump.txt's
+    iteration lines, --summary, --timeline and the checkpoint read it; nothing else appends to it.
+    Times are seconds since start()."""
 
-
-def attempt_budget(fail_prob, runs):
-    """Tries per task and iteration: BASE_ATTEMPTS, or under a drill where each try fails with
-    probability P, the fewest A with runs * P^A < DRILL_RISK.  A task fails for good only after A
-    failures in a row, so by the union bound the whole job fails by bad luck with probability
-    below DRILL_RISK, while a failure that does not go away still ends the run after A tries."""
-    if fail_prob <= 0:
-        return BASE_ATTEMPTS
-    return max(BASE_ATTEMPTS, math.floor(math.log(DRILL_RISK / runs) / math.log(fail_prob)) + 1)
-
-
-class Master:
-    """Owns the workers and runs the job, one named stage at a time."""
-
-    def __init__(self, options):
-        self.options = options
-        self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.job = self.job_base   # one job id per run of --restarts
-        self.events = collections.Counter()   # failures and recoveries, for the summary
-        self.leftovers = {}   # future -> Attempt: losers of backup races, still running
-        self.holders = {}     # (role, task) -> the worker that last finished it
-        self.finished = []    # RunResults of the runs done so far (for the checkpoint)
-        self.origin = None    # time.monotonic() when run() started the job: the timeline's zero
-        self.run_number = 1
-        self.records = []     # AttemptRecord of every attempt, in the order they started
-        self.spans = []       # when each iteration (k-means++: 0, final SSE: None) ran, for the timeline
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.origin = None    # clock() when the job started: the timeline's zero
+        self.run = 1          # the run under way (the Sample pass counts in run 1)
+        self.attempts = []    # AttemptRecord of every attempt, in the order they started
+        self.spans = []       # when each pass ran
         self.losses = []      # every worker lost: when, which process, its replacement
-        self.checkpoint_path = os.path.join(options.data_dir, CHECKPOINT)
-        # workers this master spawns always require a token: a fresh one per run unless --token is set
-        self.workers = Workers(options, options.token or secrets.token_hex(16),
-                               os.path.join(options.data_dir, "dump.txt"), self.events)
-        self.max_attempts = options.max_attempts or attempt_budget(options.fail_prob, task_runs(options))
+        self.events = collections.Counter()   # failures and recoveries of the run under way
+        self.lock = threading.Lock()          # workers' threads count and lose too
 
-    # -- running tasks -------------------------------------------------------------------------
+    def start(self):
+        """The job starts now."""
+        self.origin = self.clock()
 
-    def run_tasks(self, role, tasks, attempts, run_one, stage, iteration, rerun=False):
-        """Run every task on some live worker of a role; {task: (worker, result)}.
+    def now(self):
+        """Seconds since the job started."""
+        return self.clock() - self.origin
 
-        A task that failed is re-assigned; a worker that went silent is lost (see Workers.lose). Once
-        no task is waiting, a straggler gets a backup copy on an idle worker (MapReduce section 3.6):
-        when it has run BACKUP_AFTER times as long as the median finished task of this call (twice
-        that if it moved to a worker that must first parse the split or recount its last assignment),
-        and at least BACKUP_MIN_SECONDS; past the median alone if its worker was beaten by a backup
-        before.
-        The first copy to succeed wins; the other is left to finish and ignored, and its worker gets
-        no new task until it has. `attempts` counts tries per task for the whole iteration;
-        run_one(attempt) may raise TaskFailed or WorkerLost. `stage`, `iteration` and `rerun` (map
-        tasks run again) label the attempts on the timeline.
-        """
-        pending, results, running, durations, backed_up = list(tasks), {}, {}, [], set()
-        reasons = collections.defaultdict(collections.Counter)   # task -> why its tries failed
+    def begin_run(self, number, events):
+        """Run `number` starts (or resumes) with these failures and recoveries already counted."""
+        self.run = number
+        self.events = collections.Counter(events)
 
-        def launch(worker, task, backup=False):
-            attempts[task] = attempts.get(task, 0) + 1
-            if attempts[task] > self.max_attempts:
-                why = reasons[task] or {"its map output was lost": 1}
-                raise JobError(f"{role} task {task} failed {self.max_attempts} times: " + "; ".join(
-                    f"{count} x {reason}" for reason, count in sorted(why.items(), key=lambda r: -r[1])))
-            holder = self.holders.get((role, task))
-            attempt = Attempt(worker, task, attempts[task], backup, worker.process,
-                              relocated=holder is not None and holder is not worker)
-            attempt.record = AttemptRecord(self.run_number, f"{worker.role} {worker.index}", worker.address,
-                                           worker.pid, stage, task, iteration, attempt.number, backup, rerun,
-                                           attempt.started - self.origin)
-            self.records.append(attempt.record)
-            future = self.workers.threads.submit(run_one, attempt)
-            future.add_done_callback(functools.partial(self.attempt_ended, attempt.record))
-            running[future] = attempt
-            return attempt
+    def count(self, event, number=1):
+        """A failure or recovery happened: 'failures', 'workers lost', 'respawns', 'backups', ..."""
+        with self.lock:
+            self.events[event] += number
 
-        while pending or any(attempt.task not in results for attempt in running.values()):
-            self.settle_leftovers()
-            busy = {id(attempt.worker) for attempt in [*running.values(), *self.leftovers.values()]}
-            idle = [w for w in self.workers.live(role) if id(w) not in busy]
-            for worker in list(idle):
-                if pending:
-                    if (task := self.pick(role, pending, worker, idle)) is not None:
-                        launch(worker, task)
-                        idle.remove(worker)
-                elif straggler := self.straggler([a for a in running.values() if a.task not in results and
-                                                  a.task not in backed_up and
-                                                  attempts[a.task] < self.max_attempts], durations):
-                    backed_up.add(straggler.task)   # one backup per task, and never past the budget
-                    copy = launch(worker, straggler.task, backup=True)
-                    self.events["backups"] += 1
-                    log.log(DETAIL, "  %s task %d: backup copy (attempt %d) on %s: attempt %d on %s has run "
-                            "%.2f s, the median finished task %.2f s", role, straggler.task, copy.number,
-                            worker.name, straggler.number, straggler.worker.name,
-                            time.monotonic() - straggler.started, statistics.median(durations))
-            if not running:
-                if self.workers.live(role):   # all busy finishing lost backup races: wait for one
-                    concurrent.futures.wait(self.leftovers, timeout=BACKUP_MIN_SECONDS / 4,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
-                elif not self.workers.await_live(role):
-                    raise JobError(f"no live {role} left for task {pending[0]}")
-                continue
-            done, _ = concurrent.futures.wait(running, timeout=BACKUP_MIN_SECONDS / 4,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                attempt = running.pop(future)
-                task, worker = attempt.task, attempt.worker
-                try:
-                    result = future.result()
-                except WorkerLost as error:
-                    reasons[task][f"{worker.name} lost ({error})"] += 1
-                    log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
-                    self.lose(worker, str(error), attempt.process)
-                except TaskFailed as error:
-                    reasons[task][str(error)] += 1
-                    self.events["failures"] += 1
-                    log.log(DETAIL, "  %s task %d re-assigned after FAILURE", role, task)
-                else:
-                    if task not in results:
-                        results[task] = (worker, result)
-                        attempt.record.won = True
-                        self.holders[role, task] = worker
-                        durations.append(time.monotonic() - attempt.started)
-                        self.race_won(role, attempt, [a for a in running.values() if a.task == task])
-                    continue
-                if task not in results and all(other.task != task for other in running.values()):
-                    pending.append(task)
-        self.leftovers.update(running)   # losers of backup races: they finish (or go silent) on their own
-        return results
-
-    def pick(self, role, pending, worker, idle):
-        """The pending task to give an idle worker: one it ran last (its split is parsed and its last
-        assignment known, so Map does no extra pass), else one whose last worker is busy or gone;
-        None when every pending task's own worker is idle and will take it."""
-        idle_ids = {id(w) for w in idle}
-        mine = [task for task in pending if self.holders.get((role, task)) is worker]
-        orphans = [task for task in pending if id(self.holders.get((role, task))) not in idle_ids]
-        if not (mine or orphans):
-            return None
-        task = (mine or orphans)[0]
-        pending.remove(task)
-        return task
-
-    def race_won(self, role, winner, others):
-        """A task's first successful copy: the others lose, and their workers count as beaten."""
-        winner.worker.beaten = False
-        for other in others:
-            other.worker.beaten = True
-            if winner.backup:
-                self.events["backups won"] += 1
-            log.log(DETAIL, "  %s task %d: %s copy (attempt %d on %s) finished first; attempt %d on %s is "
-                    "ignored", role, winner.task, "the backup" if winner.backup else "the original", winner.number,
-                    winner.worker.name, other.number, other.worker.name)
-
-    def settle_leftovers(self):
-        """Forget finished losers of backup races; one that went silent meanwhile is lost."""
-        for future in [f for f in self.leftovers if f.done()]:
-            attempt = self.leftovers.pop(future)
-            if isinstance(future.exception(), WorkerLost):
-                self.lose(attempt.worker, str(future.exception()), attempt.process)
+    def attempt_started(self, attempt, stage):
+        """A new attempt of a stage's task; its AttemptRecord."""
+        worker = attempt.worker
+        record = AttemptRecord(self.run, f"{worker.role} {worker.index}", worker.address, worker.pid, stage.name,
+                               attempt.task, stage.iteration, attempt.number, attempt.backup, stage.rerun,
+                               attempt.started - self.origin)
+        with self.lock:
+            self.attempts.append(record)
+        return record
 
     def attempt_ended(self, record, future):
         """Stamp an attempt's end and outcome, in the thread that ran it, as its call returns: SUCCESS,
         FAILURE (the worker's reason), lost, or stale (the worker had seen a newer job or iteration)."""
-        end = time.monotonic() - self.origin
+        end = self.now()
+        error = None if future.cancelled() else future.exception()
         if future.cancelled():
             outcome, reason = "unfinished", "cancelled as the job ended"
-        elif isinstance(future.exception(), WorkerLost):
-            outcome, reason = "lost", str(future.exception())
-        elif future.exception() is not None:
-            reason = str(future.exception())
-            outcome = "stale" if reason.startswith("stale attempt") else "FAILURE"
+        elif isinstance(error, WorkerLost):
+            outcome, reason = "lost", str(error)
+        elif error is not None:
+            stale = isinstance(error, TaskFailed) and error.kind == pb.STALE_ATTEMPT
+            outcome, reason = "stale" if stale else "FAILURE", str(error)
         elif isinstance(future.result(), MissingOutput):
             outcome, reason = "FAILURE", f"map output missing for tasks {sorted(future.result().tasks)}"
         else:
             outcome, reason = "SUCCESS", ""
         record.ending = (end, outcome, reason)
 
-    def lose(self, worker, why, process=None):
-        """Workers.lose, and the loss on the timeline: when, which process, and the PID of its
-        replacement (None for a worker we did not spawn)."""
-        was_alive, pid, noticed = worker.alive, worker.pid, time.monotonic() - self.origin
-        self.workers.lose(worker, why, process)
-        if was_alive and not worker.alive:
-            self.losses.append({"run": self.run_number, "worker": f"{worker.role} {worker.index}", "pid": pid,
+    def collected(self, record):
+        """A Reduce attempt asks for its result now (GetResult)."""
+        record.collect = self.now()
+
+    @contextlib.contextmanager
+    def span(self, iteration):
+        """Note when a pass ran: an iteration, or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS."""
+        start = self.now()
+        yield
+        self.spans.append({"run": self.run, "iteration": iteration, "start": start, "end": self.now()})
+
+    def worker_lost(self, worker, pid, noticed, why):
+        """A worker was lost at `noticed`: which process, why, and its replacement's PID (None for a
+        worker we did not spawn)."""
+        with self.lock:
+            self.events["workers lost"] += 1
+            self.losses.append({"run": self.run, "worker": f"{worker.role} {worker.index}", "pid": pid,
                                 "time": noticed, "reason": why,
                                 "new_pid": worker.process.pid if worker.process is not None else None})
 
-    @contextlib.contextmanager
-    def timed(self, iteration):
-        """Note when a part of the run ran, for the timeline: an iteration, k-means++ (0), the final
-        SSE pass (None) or the Sample pass (SAMPLE_PASS)."""
-        start = time.monotonic() - self.origin
-        yield
-        self.spans.append({"run": self.run_number, "iteration": iteration, "start": start,
-                           "end": time.monotonic() - self.origin})
-
-    @staticmethod
-    def straggler(attempts, durations):
-        """The running attempt to back up now, if any: the longest-running task with a single copy
-        that has run long enough past the median of the finished ones."""
-        if not durations:
-            return None
-        copies = collections.Counter(attempt.task for attempt in attempts)
-        now, median = time.monotonic(), statistics.median(durations)
-        def patience(attempt):
-            if attempt.worker.beaten:
-                return median
-            return BACKUP_AFTER * median * (2 if attempt.relocated else 1)
-
-        due = [attempt for attempt in attempts if copies[attempt.task] == 1 and
-               now - attempt.started >= max(BACKUP_MIN_SECONDS, patience(attempt))]
-        return min(due, key=lambda attempt: attempt.started, default=None)
-
-
-    # -- one iteration -------------------------------------------------------------------------
-
-    def map_stage(self, iteration, tasks, centroids, previous, attempts, rerun=False):
-        """Map: run the given map tasks (again, when `rerun`: their output was lost); {task: (mapper, MapReply)}."""
-        def run_one(attempt):
-            task = attempt.task
-            start, end = self.ranges[task - 1]
-            request = pb.MapRequest(job=self.job, iteration=iteration, task=task, attempt=attempt.number,
-                                    input_path=self.input_path, start=start, end=end,
-                                    reducers=self.options.reducers, centroids=flatten(centroids),
-                                    combine=self.options.combine)
-            if previous is not None:
-                request.previous.CopyFrom(flatten(previous))
-            return self.workers.call(attempt, "Map", request, f"task {task}")
-
-        return self.run_tasks("mapper", tasks, attempts, run_one, "Map", iteration, rerun)
-
-    def reduce_stage(self, iteration, partitions, map_results, attempts):
-        """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
-        outputs = [pb.MapOutput(task=task, address=worker.address)
-                   for task, (worker, _) in sorted(map_results.items())]
-
-        def run_one(attempt):
-            partition = attempt.task
-            request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition,
-                                       attempt=attempt.number, outputs=outputs, dim=self.dim,
-                                       clusters=self.options.clusters)
-            try:
-                self.workers.call(attempt, "Reduce", request, f"partition {partition}")
-            except TaskFailed as failed:
-                if failed.reply is None or not failed.reply.missing_tasks:
-                    raise
-                return MissingOutput(set(failed.reply.missing_tasks))
-            attempt.record.collect = time.monotonic() - self.origin
-            return self.workers.call(attempt, "GetResult",
-                                     pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
-                                     f"partition {partition}")
-
-        done = self.run_tasks("reducer", partitions, attempts, run_one, "Reduce", iteration)
-        results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
-        lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
-        return results, lost
-
-    def iterate(self, iteration, centroids, previous):
-        """One MapReduce round: map, shuffle + reduce, compile and account.
-
-        Returns (new centroids, moved points, SSE, cluster sizes, {phase: wall seconds}).
-        """
-        self.workers.revive()
-        map_attempts, reduce_attempts = {}, {}
-        started = time.perf_counter()
-        map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids,
-                                     previous, map_attempts)
-        mapped = time.perf_counter()
-        results = {}
-        pending = list(range(1, self.options.reducers + 1))
-        while pending:
-            finished, lost = self.reduce_stage(iteration, pending, map_results, reduce_attempts)
-            results.update(finished)
-            pending = [p for p in pending if p not in results]
-            if lost:
-                for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
-                    if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):   # silent 2 s already
-                        self.lose(worker, "its map output could not be fetched")
-                log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
-                self.events["re-executions"] += len(lost)
-                map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous,
-                                                  map_attempts, rerun=True))
-        reduced = time.perf_counter()
-        outcome = self.compile(iteration, centroids, map_results, results)
-        phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
-        return (*outcome, phases)
-
-    def compile(self, iteration, centroids, map_results, results):
-        """New centroids from the reducers' means, after checking every point was counted once."""
-        replies = {task: reply for task, (_, reply) in map_results.items()}
-        problems = []
-        for task, (start, end) in enumerate(self.ranges, 1):
-            if replies[task].points != end - start:
-                problems.append(f"map task {task} mapped {replies[task].points} of {end - start} points")
-        means, sizes, counted = {}, [0] * len(centroids), 0
-        task_order = sorted(replies)
-        for partition, result in sorted(results.items()):
-            for task, received in zip(task_order, result.points_from_task):
-                sent = replies[task].partition_points[partition - 1]
-                if received != sent:
-                    problems.append(f"reducer {partition} got {received} of {sent} points of map task {task}")
-            for cluster in result.clusters:
-                if not 0 <= cluster.key < len(centroids) or cluster.key in means or \
-                        partition_of(cluster.key, self.options.reducers) != partition - 1:
-                    problems.append(f"cluster {cluster.key} reported by reducer {partition}")
-                    continue
-                means[cluster.key] = tuple(cluster.mean)
-                sizes[cluster.key] = cluster.count
-                counted += cluster.count
-        if counted != self.points:
-            problems.append(f"reducers counted {counted} points, the input has {self.points}")
-        if problems:
-            raise JobError(f"iteration {iteration}: points lost or counted twice: {'; '.join(problems)}")
-        log.log(DETAIL, "iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
-                 iteration, self.points, len(replies), len(results))
-        moved = sum(reply.moved for reply in replies.values())
-        sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
-        return next_centroids(centroids, means), moved, sse, sizes
-
-    # -- k-means++ and the final SSE ---------------------------------------------------------
-
-    def weigh(self, centroids, rng, count_clusters=False):
-        """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
-        seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
-
-        def run_one(attempt):
-            task = attempt.task
-            start, end = self.ranges[task - 1]
-            request = pb.WeighRequest(job=self.job, task=task, attempt=attempt.number, input_path=self.input_path,
-                                      start=start, end=end, centroids=flatten(centroids),
-                                      draw_seed=seeds[task], count_clusters=count_clusters)
-            return self.workers.call(attempt, "Weigh", request, f"task {task}")
-
-        done = self.run_tasks("mapper", list(seeds), {}, run_one, "Weigh", None if count_clusters else 0)
-        return {task: reply for task, (_, reply) in sorted(done.items())}
-
-    def kmeans_plus_plus(self, first, rng):
-        """k-means++ without moving points: each round every mapper reports its split's D^2 mass and
-        a candidate drawn in proportion to D^2 within it; the master picks a split in proportion
-        to the masses and takes its candidate, which is an exact D^2 draw over all points."""
-        chosen = [first]
-        while len(chosen) < self.options.clusters:
-            log.log(DETAIL, "=== k-means++ round %d: weigh every split ===", len(chosen) + 1)
-            replies = self.weigh(chosen, rng)
-            masses = [(task, math.fsum(reply.mass_terms)) for task, reply in replies.items()]
-            if not any(mass for _, mass in masses):
-                raise JobError("k-means++: every point is at squared distance 0 from the chosen centroids "
-                               "(coordinates too close to tell apart); use --init random")
-            task = masses[weighted_index([mass for _, mass in masses], rng.random())][0]
-            chosen.append(tuple(replies[task].candidate))
-            log.info("k-means++ round %d: centroid from split %d: %s", len(chosen), task,
-                     format_point(chosen[-1]))
-        return chosen
-
-    def final_clusters(self, run_stats, centroids, rng):
-        """The SSE and cluster sizes of the final centroids: what the last Map measured if they did
-        not move, else one counting Weigh pass."""
-        if run_stats and run_stats[-1].shift == 0.0:
-            return run_stats[-1].sse, run_stats[-1].counts
-        log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
-        with self.timed(None):
-            replies = self.weigh(centroids, rng, count_clusters=True).values()
-        sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
-        return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
-
-    # -- the run -------------------------------------------------------------------------------
-
-    def prepare(self):
-        """Count the input's points and decide the seeds, before any worker starts; returns the seeds."""
-        options = self.options
-        self.stamp = self.input_stamp()   # before the count: a later change makes the checkpoint refuse
-        self.saved = self.restore() if options.resume else None
-        seed = self.saved["seed"] if self.saved else \
-            options.seed if options.seed is not None else secrets.randbelow(2**32)
-        derive = random.Random(seed)
-        self.seeds = [seed] + [derive.randrange(2**32) for _ in range(1, options.restarts)]
-        self.points, self.dim = count_points(options.input_path)
-        if self.dim > MAX_DIM or options.clusters * self.dim * 8 > MAX_MESSAGE_BYTES // 4:
-            raise InputError(f"K={options.clusters} centroids of dimension {self.dim} are too many to send "
-                             f"(limits: D <= {MAX_DIM}, K x D x 8 bytes <= {MAX_MESSAGE_BYTES // 4})")
-        self.given_init = None
-        if options.init not in ("random", "k-means++"):
-            self.given_init = read_centroids(options.init, options.clusters, self.dim)
-        self.input_path = os.path.abspath(options.input_path)
-        self.ranges = split_ranges(self.points, options.mappers)
-        return self.seeds
-
-    def sample(self):
-        """The first read of every split (each mapper parses and checks its own, in parallel) and
-        each run's K distinct initial points drawn uniformly over the input's lines: per seed, the
-        K distinct points of lowest random priority. Returns (draws per seed, points to plot)."""
-        options = self.options
-        log.log(DETAIL, "=== read and check the input: one Sample per split ===")
-
-        def run_one(attempt):
-            start, end = self.ranges[attempt.task - 1]
-            request = pb.SampleRequest(job=self.job, task=attempt.task, attempt=attempt.number,
-                                       input_path=self.input_path, start=start, end=end, dim=self.dim,
-                                       clusters=options.clusters, seeds=self.seeds,
-                                       plot_points=options.plot_points, keep_text=not options.combine)
-            return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
-
-        with self.timed(SAMPLE_PASS):
-            replies = [reply for _, (_, reply) in sorted(self.run_tasks(
-                "mapper", range(1, options.mappers + 1), {}, run_one, "Sample", SAMPLE_PASS).items())]
-        bad = [reply.input_error for reply in replies if reply.input_error]
-        if bad:
-            raise InputError(bad[0])   # the first split's first bad line: the file's first
-        draws = [[point for _, _, point in merge_draws([draw_triples(reply.draws[number]) for reply in replies],
-                                                         options.clusters)] for number in range(len(self.seeds))]
-        if len(draws[0]) < options.clusters:
-            raise InputError(f"K={options.clusters} is larger than the number of distinct points "
-                             f"({len(draws[0])}) in {options.input_path}")
-        plotted = merge_draws([draw_triples(reply.plot) for reply in replies], options.plot_points, distinct=False)
-        return draws, [point for _, _, point in sorted(plotted, key=lambda drawn: drawn[1])]
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def identity(self):
-        """What a checkpoint must share with the command that resumes it: whatever decides the answer."""
-        options = self.options
-        init = options.init if options.init in ("random", "k-means++") else os.path.abspath(options.init)
-        return {"input": os.path.abspath(options.input_path), "M": options.mappers, "R": options.reducers,
-                "K": options.clusters, "n": options.iterations, "tol": options.tol, "init": init,
-                "restarts": options.restarts, "combiner": options.combine}
-
-    def input_stamp(self):
-        """The input's identity: size and modification time."""
-        try:
-            status = os.stat(self.options.input_path)
-        except OSError as error:
-            raise UnreadableInput(f"cannot read {self.options.input_path}: {error.strerror}") from None
-        return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
-
-    def save(self, progress):
-        """Write the checkpoint (atomically): the job, its input, the runs done and the one under way."""
-        state = {"kmr checkpoint": 1, "job": self.identity(), "input file": self.stamp,
-                 "seed": self.seeds[0], "runs": [dataclasses.asdict(run) for run in self.finished],
-                 "current": None if progress is None else dataclasses.asdict(progress)}
-        write_atomic(self.checkpoint_path, json.dumps(state) + "\n")
-
-    def restore(self):
-        """The checkpoint --resume continues from, after checking it belongs to this command and input."""
-        where = self.checkpoint_path
-        try:
-            with open(where, encoding="utf-8") as saved_file:
-                saved = json.load(saved_file)
-            if saved.get("kmr checkpoint") != 1:
-                raise ValueError
-        except FileNotFoundError:
-            raise InputError(f"--resume: there is no checkpoint in {self.options.data_dir} (no run of "
-                             f"this job got past its start there): run without --resume") from None
-        except (OSError, ValueError, AttributeError):
-            raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
-        here = self.identity()
-        for key, value in here.items():
-            if saved["job"].get(key) != value:
-                raise InputError(f"--resume: {where} is of another job ({key} {saved['job'].get(key)} "
-                                 f"there, {value} here): run without --resume or with the same flags")
-        if self.options.seed is not None and self.options.seed != saved["seed"]:
-            raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, "
-                             f"{self.options.seed} here)")
-        if saved["input file"] != self.stamp:
-            raise InputError(f"--resume: {self.options.input_path} changed since {where} was written "
-                             f"(size or modification time): run without --resume")
-        return saved
-
-    def run(self):
-        """Validate the input, start workers, run every restart; returns a JobResult."""
-        options = self.options
-        self.origin = time.monotonic()
-        seeds = self.prepare()   # input errors found without reading the points come before any log line
-        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
-                 options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
-                 options.tol, options.init, seeds[0], options.restarts)
-        if options.fail_prob or options.max_attempts:
-            log.info("up to %d tries per task%s", self.max_attempts, "" if options.max_attempts else
-                     f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
-                     f"chance of failing by bad luck < {DRILL_RISK:g})")
-        log.info("%d points of dimension %d; map task ranges %s", self.points, self.dim, self.ranges)
-        started = time.perf_counter()
-        self.workers.start()
-        startup = time.perf_counter() - started
-        log.info("workers ready in %.3f s", startup)
-        first_processes = [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
-                           for w in self.workers.every()]
-        samples, plot_sample = self.sample()
-        release_console()
-        self.sampling_events = dict(self.events)   # failures of the Sample pass count in run 1
-        if not options.resume:   # an earlier run's files would pass for this run's
-            for stale in ("Mappers", "Reducers"):
-                shutil.rmtree(os.path.join(options.data_dir, stale), ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.checkpoint_path)
-        resumed = None
-        if self.saved:
-            self.finished = [restored(RunResult, run) for run in self.saved["runs"]]
-            resumed = self.saved["current"] and restored(Progress, self.saved["current"])
-            log.info("resumed from %s: %d of %d runs done%s", self.checkpoint_path, len(self.finished),
-                     options.restarts, f"; run {resumed.number} continues after iteration "
-                     f"{len(resumed.iterations)}" if resumed else "")
-        runs = self.finished
-        earlier = None   # what an earlier master did, for the timeline
-        if self.saved:
-            earlier = {"runs": len(runs), "iterations": len(resumed.iterations) if resumed else 0}
-        for number, (seed, sample) in enumerate(zip(seeds, samples), 1):
-            if number <= len(runs):
-                continue
-            self.job, self.run_number = f"{self.job_base}-{number}", number
-            progress = resumed if resumed and resumed.number == number else None
-            runs.append(self.run_once(number, seed, sample, progress))
-            self.save(None)
-            if options.restarts > 1:
-                log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,
-                         len(runs[-1].iterations), runs[-1].sse)
-        best = min(runs, key=lambda run: run.sse)   # the first of equals
-        if options.restarts > 1:
-            log.info("best: run %d (seed %d), SSE %.10g", runs.index(best) + 1, best.seed, best.sse)
-        self.write_centroids(best.centroids)
-        return JobResult(best, runs, startup, self.dim, self.points, plot_sample,
-                         self.timeline(first_processes, earlier))
-
     def timeline(self, workers, earlier):
         """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
-        the workers as they started, every attempt, iteration span and lost worker, and what an earlier
-        master did (resumed from its checkpoint: {runs, iterations} done there, not recorded here).
-        An attempt still running (a copy that lost a backup race) ends with the job, `unfinished`."""
-        now = time.monotonic() - self.origin
+        the workers as they started, every attempt, pass and lost worker, and what an earlier master
+        did (resumed from its checkpoint: {runs, iterations} done there, not recorded here). An attempt
+        still running (a copy that lost a backup race) ends with the job, `unfinished`."""
+        now = self.now()
         attempts = []
-        for record in self.records:
+        for record in self.attempts:
             end, outcome, reason = record.ending or (now, "unfinished", "still running when the job ended")
             if outcome == "SUCCESS" and not record.won:
                 outcome, reason = "ignored", "another copy of the task finished first"
@@ -2614,62 +2668,420 @@ class Master:
         return {"workers": workers, "attempts": attempts, "iterations": spans, "losses": losses,
                 "resumed": earlier, "end": round(now, 6)}
 
-    def write_centroids(self, centroids):
-        """centroids.txt: the last complete iteration while running, the best run's at the end."""
-        write_atomic(os.path.join(self.options.data_dir, "centroids.txt"), format_centroids(centroids))
 
-    def run_once(self, number, seed, sample, progress=None):
+def job_identity(options):
+    """What a checkpoint must share with the command that resumes it: whatever decides the answer."""
+    init = options.init if options.init in ("random", "k-means++") else os.path.abspath(options.init)
+    return {"input": os.path.abspath(options.input_path), "M": options.mappers, "R": options.reducers,
+            "K": options.clusters, "n": options.iterations, "tol": options.tol, "init": init,
+            "restarts": options.restarts, "combiner": options.combine}
+
+
+class Checkpoint:
+    """Data/checkpoint.json: the job's identity, its input's stamp, the seed, the runs done and the one
+    under way. --resume continues from it, and refuses one of another command or a changed input."""
+
+    def __init__(self, data_dir, identity, stamp, input_name):
+        self.data_dir, self.input_name = data_dir, input_name
+        self.path = os.path.join(data_dir, CHECKPOINT)
+        self.identity, self.stamp = identity, stamp
+
+    def save(self, seed, finished, progress):
+        """Write the checkpoint (atomically): the runs done (RunResults) and the one under way (Progress)."""
+        state = {"kmr checkpoint": 1, "job": self.identity, "input file": self.stamp, "seed": seed,
+                 "runs": [dataclasses.asdict(run) for run in finished],
+                 "current": None if progress is None else dataclasses.asdict(progress)}
+        write_atomic(self.path, json.dumps(state) + "\n")
+
+    def remove(self):
+        """Forget an earlier job's checkpoint: this job starts from scratch."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def restore(self, seed):
+        """(seed, runs done, the run under way or None) to continue from, after checking that the
+        checkpoint belongs to this command (and `seed`, if one was given) and input."""
+        where = self.path
+        try:
+            with open(where, encoding="utf-8") as saved_file:
+                saved = json.load(saved_file)
+            if saved.get("kmr checkpoint") != 1:
+                raise ValueError
+        except FileNotFoundError:
+            raise InputError(f"--resume: there is no checkpoint in {self.data_dir} (no run of "
+                             f"this job got past its start there): run without --resume") from None
+        except (OSError, ValueError, AttributeError):
+            raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
+        for key, value in self.identity.items():
+            if saved["job"].get(key) != value:
+                raise InputError(f"--resume: {where} is of another job ({key} {saved['job'].get(key)} "
+                                 f"there, {value} here): run without --resume or with the same flags")
+        if seed is not None and seed != saved["seed"]:
+            raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, {seed} here)")
+        if saved["input file"] != self.stamp:
+            raise InputError(f"--resume: {self.input_name} changed since {where} was written "
+                             f"(size or modification time): run without --resume")
+        current = saved["current"] and restored(Progress, saved["current"])
+        return saved["seed"], [restored(RunResult, run) for run in saved["runs"]], current
+
+# ####################################################################################################
+# Master: prepare -> start workers -> sample -> each run -> the best -> write
+# ####################################################################################################
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the master decides before any worker starts, fixed for the whole job."""
+
+    input_path: str         # absolute: what every task request names
+    points: int
+    dim: int
+    ranges: tuple           # [start, end) of each map task
+    seeds: tuple            # one per run
+    given_init: list        # the centroids of --init FILE, else None
+    checkpoint: Checkpoint
+    resumed: tuple          # --resume: (runs done, the run under way or None); else None
+
+
+def prepare(options):
+    """The Plan: the input counted (not parsed: the mappers check it), the seeds decided, --init and
+    --resume read. Every input error found without reading the points is raised here."""
+    stamp = input_stamp(options.input_path)   # before the count: a later change makes the checkpoint refuse
+    checkpoint = Checkpoint(options.data_dir, job_identity(options), stamp, options.input_path)
+    resumed, seed = None, options.seed
+    if options.resume:
+        seed, *resumed = checkpoint.restore(options.seed)
+    if seed is None:
+        seed = secrets.randbelow(2**32)
+    derive = random.Random(seed)
+    seeds = (seed, *(derive.randrange(2**32) for _ in range(1, options.restarts)))
+    points, dim = count_points(options.input_path)
+    if dim > MAX_DIM or options.clusters * dim * 8 > MAX_MESSAGE_BYTES // 4:
+        raise InputError(f"K={options.clusters} centroids of dimension {dim} are too many to send "
+                         f"(limits: D <= {MAX_DIM}, K x D x 8 bytes <= {MAX_MESSAGE_BYTES // 4})")
+    given_init = None
+    if options.init not in ("random", "k-means++"):
+        given_init = read_centroids(options.init, options.clusters, dim)
+    return Plan(os.path.abspath(options.input_path), points, dim, tuple(split_ranges(points, options.mappers)),
+                seeds, given_init, checkpoint, None if resumed is None else tuple(resumed))
+
+
+def merge_samples(replies, options):
+    """The Sample pass's replies (in split order) merged: per run its K distinct initial points, and the
+    points to plot in input order. The input's first bad line, or a K above its distinct points, is an
+    InputError."""
+    bad = [reply.input_error for reply in replies if reply.input_error]
+    if bad:
+        raise InputError(bad[0])   # the first split's first bad line: the file's first
+    draws = [[point for _, _, point in merge_draws([draw_triples(reply.draws[number]) for reply in replies],
+                                                     options.clusters)] for number in range(options.restarts)]
+    if len(draws[0]) < options.clusters:
+        raise InputError(f"K={options.clusters} is larger than the number of distinct points "
+                         f"({len(draws[0])}) in {options.input_path}")
+    plotted = merge_draws([draw_triples(reply.plot) for reply in replies], options.plot_points, distinct=False)
+    return draws, [point for _, _, point in sorted(plotted, key=lambda drawn: drawn[1])]
+
+
+def account_for_points(iteration, plan, clusters, reducers, map_replies, results):
+    """Check that the reducers together counted every input point exactly once, against what each
+    map task mapped and sent to each partition, and gather their means: (means by cluster, cluster
+    sizes). A JobError names every discrepancy."""
+    problems = []
+    for task, (start, end) in enumerate(plan.ranges, 1):
+        if map_replies[task].points != end - start:
+            problems.append(f"map task {task} mapped {map_replies[task].points} of {end - start} points")
+    means, sizes, counted = {}, [0] * clusters, 0
+    task_order = sorted(map_replies)
+    for partition, result in sorted(results.items()):
+        for task, received in zip(task_order, result.points_from_task):
+            sent = map_replies[task].partition_points[partition - 1]
+            if received != sent:
+                problems.append(f"reducer {partition} got {received} of {sent} points of map task {task}")
+        for cluster in result.clusters:
+            if not 0 <= cluster.key < clusters or cluster.key in means or \
+                    partition_of(cluster.key, reducers) != partition - 1:
+                problems.append(f"cluster {cluster.key} reported by reducer {partition}")
+                continue
+            means[cluster.key] = tuple(cluster.mean)
+            sizes[cluster.key] = cluster.count
+            counted += cluster.count
+    if counted != plan.points:
+        problems.append(f"reducers counted {counted} points, the input has {plan.points}")
+    if problems:
+        raise JobError(f"iteration {iteration}: points lost or counted twice: {'; '.join(problems)}")
+    log.log(DETAIL, "iteration %d: all %d points accounted for exactly once (%d map tasks x %d partitions)",
+            iteration, plan.points, len(map_replies), len(results))
+    return means, sizes
+
+
+def kmeans_plus_plus(first, clusters, weigh, rng):
+    """k-means++ without moving points: each round every mapper reports its split's D^2 mass and a
+    candidate drawn in proportion to D^2 within it (`weigh(chosen)` -> {task: WeighReply}); picking a
+    split in proportion to the masses and taking its candidate is an exact D^2 draw over all points."""
+    chosen = [first]
+    while len(chosen) < clusters:
+        log.log(DETAIL, "=== k-means++ round %d: weigh every split ===", len(chosen) + 1)
+        replies = weigh(chosen)
+        masses = [(task, math.fsum(reply.mass_terms)) for task, reply in replies.items()]
+        if not any(mass for _, mass in masses):
+            raise JobError("k-means++: every point is at squared distance 0 from the chosen centroids "
+                           "(coordinates too close to tell apart); use --init random")
+        task = masses[weighted_index([mass for _, mass in masses], rng.random())][0]
+        chosen.append(tuple(replies[task].candidate))
+        log.info("k-means++ round %d: centroid from split %d: %s", len(chosen), task, format_point(chosen[-1]))
+    return chosen
+
+
+class Master:
+    """Owns the workers and runs the job, one named stage at a time. The Plan is made when the master
+    is, so every stage works from the start; what happens is written in the job record."""
+
+    def __init__(self, options):
+        self.options = options
+        self.record = JobRecord()
+        self.record.start()
+        self.plan = prepare(options)
+        self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.runs = list(self.plan.resumed[0]) if self.plan.resumed else []   # RunResults of the runs done
+        # workers this master spawns always require a token: a fresh one per run unless --token is set
+        self.workers = Workers(options, options.token or secrets.token_hex(16),
+                               os.path.join(options.data_dir, "dump.txt"), self.record)
+        self.max_attempts = options.max_attempts or attempt_budget(options.fail_prob, task_runs(options))
+        self.scheduler = TaskScheduler(self.workers, self.record, self.max_attempts)
+
+    @property
+    def job(self):
+        """The id of the run under way, as workers see it."""
+        return f"{self.job_base}-{self.record.run}"
+
+    def run(self):
+        """The job: start the workers, sample, each run, the best; returns a JobResult."""
+        self.announce()
+        started = time.perf_counter()
+        self.workers.start()
+        startup = time.perf_counter() - started
+        log.info("workers ready in %.3f s", startup)
+        first_processes = [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
+                           for w in self.workers.every()]
+        samples, plot_sample = self.sample()
+        sampling_events = dict(self.record.events)   # failures of the Sample pass count in run 1
+        current, earlier = self.resume_or_start_clean()
+        for number, (seed, sample) in enumerate(zip(self.plan.seeds, samples), 1):
+            if number > len(self.runs):
+                progress = current if current and current.number == number else None
+                self.runs.append(self.run_once(number, seed, sample, progress, sampling_events))
+        best = min(self.runs, key=lambda run: run.sse)   # the first of equals
+        if self.options.restarts > 1:
+            log.info("best: run %d (seed %d), SSE %.10g", self.runs.index(best) + 1, best.seed, best.sse)
+        self.write_centroids(best.centroids)
+        return JobResult(best, self.runs, startup, self.plan.dim, self.plan.points, plot_sample,
+                         self.record.timeline(first_processes, earlier))
+
+    def announce(self):
+        """The job's parameters, its attempt budget and its map task ranges, on the console."""
+        options, plan = self.options, self.plan
+        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
+                 options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
+                 options.tol, options.init, plan.seeds[0], options.restarts)
+        if options.fail_prob or options.max_attempts:
+            log.info("up to %d tries per task%s", self.max_attempts, "" if options.max_attempts else
+                     f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
+                     f"chance of failing by bad luck < {DRILL_RISK:g})")
+        log.info("%d points of dimension %d; map task ranges %s", plan.points, plan.dim, list(plan.ranges))
+
+    def sample(self):
+        """The first read of every split (each mapper parses and checks its own, in parallel) and
+        each run's K distinct initial points drawn uniformly over the input's lines: per seed, the
+        K distinct points of lowest random priority. Returns (draws per seed, points to plot)."""
+        options, plan = self.options, self.plan
+        log.log(DETAIL, "=== read and check the input: one Sample per split ===")
+
+        def call(attempt):
+            start, end = plan.ranges[attempt.task - 1]
+            request = pb.SampleRequest(job=self.job, task=attempt.task, attempt=attempt.number,
+                                       input_path=plan.input_path, start=start, end=end, dim=plan.dim,
+                                       clusters=options.clusters, seeds=plan.seeds,
+                                       plot_points=options.plot_points, keep_text=not options.combine)
+            return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
+
+        with self.record.span(SAMPLE_PASS):
+            done = self.scheduler.run(Stage("mapper", "Sample", SAMPLE_PASS), range(1, options.mappers + 1), {}, call)
+        return merge_samples([reply for _, (_, reply) in sorted(done.items())], options)
+
+    def resume_or_start_clean(self):
+        """Show the console's held lines (the input is checked); then either say where --resume goes
+        on, or remove an earlier job's files, which would pass for this one's. Returns (the run under
+        way or None, what an earlier master did for the timeline or None)."""
+        release_console()
+        if self.plan.resumed is None:
+            for stale in ("Mappers", "Reducers"):
+                shutil.rmtree(os.path.join(self.options.data_dir, stale), ignore_errors=True)
+            self.plan.checkpoint.remove()
+            return None, None
+        current = self.plan.resumed[1]
+        log.info("resumed from %s: %d of %d runs done%s", self.plan.checkpoint.path, len(self.runs),
+                 self.options.restarts, f"; run {current.number} continues after iteration "
+                 f"{len(current.iterations)}" if current else "")
+        return current, {"runs": len(self.runs), "iterations": len(current.iterations) if current else 0}
+
+    def run_once(self, number, seed, sample, progress, sampling_events):
         """One complete K-means run from the initial centroids of this seed, or from where a
         checkpoint left it (`progress`); a checkpoint is written after every iteration."""
-        options = self.options
-        rng = random.Random(seed)
-        self.events.clear()
+        options, rng = self.options, random.Random(seed)
         if progress is None:
-            if number == 1:
-                self.events.update(self.sampling_events)
-            if self.given_init is not None:
-                initial = self.given_init
+            self.record.begin_run(number, sampling_events if number == 1 else {})
+            if self.plan.given_init is not None:
+                initial = self.plan.given_init
             elif options.init == "k-means++":
-                with self.timed(0):
-                    initial = self.kmeans_plus_plus(sample[0], rng)
+                with self.record.span(SEEDING_PASS):
+                    initial = kmeans_plus_plus(sample[0], options.clusters, lambda chosen: self.weigh(chosen, rng), rng)
             else:
                 initial = sample
-            progress = Progress(number, seed, initial, initial, history=[initial], events=dict(self.events))
-            self.save(progress)
+            progress = Progress(number, seed, [initial], events=dict(self.record.events))
+            self.plan.checkpoint.save(self.plan.seeds[0], self.runs, progress)
         else:
-            self.events.update(progress.events)
-        log.info("initial centroids (%s, seed %d): %s", options.init, seed,
-                 "  ".join(map(format_point, progress.initial)))
+            self.record.begin_run(number, progress.events)
+        log.info("initial centroids (%s, seed %d): %s", options.init, seed, "  ".join(map(format_point, progress.initial)))
         if progress.iterations:
             log.info("resuming run %d after iteration %d: centroids %s", number, len(progress.iterations),
                      "  ".join(map(format_point, progress.centroids)))
         while not progress.converged and len(progress.iterations) < options.iterations:
-            iteration = len(progress.iterations) + 1
-            started = time.perf_counter()
-            before = collections.Counter(self.events)
-            log.log(DETAIL, "=== iteration %d ===", iteration)
-            with self.timed(iteration):
-                new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
-            shift = largest_shift(progress.centroids, new)
-            progress.previous, progress.centroids = progress.centroids, new
-            progress.history.append(new)
-            self.write_centroids(new)
-            seconds = time.perf_counter() - started
-            phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is compiling too
-            stats = IterationStats(iteration, shift, moved, sse, sizes, seconds, phases, dict(self.events - before))
-            progress.iterations.append(stats)
-            progress.converged = shift <= options.tol
-            progress.events = dict(self.events)
-            self.save(progress)
-            log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, new)))
-            log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s%s", iteration, shift,
-                     moved, sse, seconds, "".join(f"   {what} {count}" for what, count in sorted(stats.events.items())))
-            if progress.converged:
-                log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration,
-                         shift, options.tol)
-        sse, sizes = self.final_clusters(progress.iterations, progress.centroids, rng)
-        return RunResult(seed, progress.initial, progress.centroids, progress.iterations, progress.converged, sse,
-                         sizes, progress.history, dict(self.events))
+            self.step(progress)
+        sse, sizes = self.final_clusters(progress, rng)
+        run = RunResult(seed, progress.iterations, progress.converged, sse, sizes, progress.history,
+                        dict(self.record.events))
+        self.plan.checkpoint.save(self.plan.seeds[0], self.runs + [run], None)
+        if options.restarts > 1:
+            log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,
+                     len(run.iterations), run.sse)
+        return run
+
+    def step(self, progress):
+        """One iteration of a run, then its centroids.txt, checkpoint and console lines."""
+        iteration = len(progress.iterations) + 1
+        started = time.perf_counter()
+        before = collections.Counter(self.record.events)
+        log.log(DETAIL, "=== iteration %d ===", iteration)
+        with self.record.span(iteration):
+            new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
+        shift = largest_shift(progress.centroids, new)
+        progress.history.append(new)
+        self.write_centroids(new)
+        seconds = time.perf_counter() - started
+        phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is accounting too
+        stats = IterationStats(iteration, shift, moved, sse, sizes, seconds, phases,
+                               dict(self.record.events - before))
+        progress.iterations.append(stats)
+        progress.converged = shift <= self.options.tol
+        progress.events = dict(self.record.events)
+        self.plan.checkpoint.save(self.plan.seeds[0], self.runs, progress)
+        log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, new)))
+        log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s%s", iteration, shift, moved, sse,
+                 seconds, "".join(f"   {what} {count}" for what, count in sorted(stats.events.items())))
+        if progress.converged:
+            log.info("converged after %d iterations (largest shift %g <= tol %g)", iteration, shift,
+                     self.options.tol)
+
+    def iterate(self, iteration, centroids, previous):
+        """One MapReduce round: map, shuffle + reduce (map tasks whose output was lost run again),
+        then account for every point. Returns (new centroids, moved points, SSE, cluster sizes,
+        {phase: wall seconds})."""
+        self.workers.revive()
+        map_attempts, reduce_attempts = {}, {}
+        started = time.perf_counter()
+        map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids, previous, map_attempts)
+        mapped = time.perf_counter()
+        results, pending = {}, list(range(1, self.options.reducers + 1))
+        while pending:
+            finished, lost = self.reduce_stage(iteration, pending, map_results, reduce_attempts)
+            results.update(finished)
+            pending = [p for p in pending if p not in results]
+            if lost:
+                for worker in {id(map_results[t][0]): map_results[t][0] for t in lost}.values():
+                    if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):
+                        self.workers.lose(worker, "its map output could not be fetched")
+                log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
+                self.record.count("re-executions", len(lost))
+                map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous, map_attempts,
+                                                  rerun=True))
+        reduced = time.perf_counter()
+        replies = {task: reply for task, (_, reply) in map_results.items()}
+        means, sizes = account_for_points(iteration, self.plan, len(centroids), self.options.reducers, replies,
+                                          results)
+        moved = sum(reply.moved for reply in replies.values())
+        sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
+        phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
+        return next_centroids(centroids, means), moved, sse, sizes, phases
+
+    def map_stage(self, iteration, tasks, centroids, previous, attempts, rerun=False):
+        """Map: run the given map tasks (again, when `rerun`: their output was lost); {task: (mapper, MapReply)}."""
+        plan = self.plan
+
+        def call(attempt):
+            start, end = plan.ranges[attempt.task - 1]
+            request = pb.MapRequest(job=self.job, iteration=iteration, task=attempt.task, attempt=attempt.number,
+                                    input_path=plan.input_path, start=start, end=end,
+                                    reducers=self.options.reducers, centroids=flatten(centroids),
+                                    combine=self.options.combine)
+            if previous is not None:
+                request.previous.CopyFrom(flatten(previous))
+            return self.workers.call(attempt, "Map", request, f"task {attempt.task}")
+
+        return self.scheduler.run(Stage("mapper", "Map", iteration, rerun), tasks, attempts, call)
+
+    def reduce_stage(self, iteration, partitions, map_results, attempts):
+        """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
+        outputs = [pb.MapOutput(task=task, address=worker.address) for task, (worker, _) in sorted(map_results.items())]
+
+        def call(attempt):
+            partition = attempt.task
+            request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition, attempt=attempt.number,
+                                       outputs=outputs, dim=self.plan.dim, clusters=self.options.clusters)
+            try:
+                self.workers.call(attempt, "Reduce", request, f"partition {partition}")
+            except TaskFailed as failed:
+                if failed.kind != pb.MISSING_OUTPUT:
+                    raise
+                return MissingOutput(set(failed.reply.missing_tasks))
+            self.record.collected(attempt.record)
+            return self.workers.call(attempt, "GetResult",
+                                     pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
+                                     f"partition {partition}")
+
+        done = self.scheduler.run(Stage("reducer", "Reduce", iteration), partitions, attempts, call)
+        results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
+        lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
+        return results, lost
+
+    def weigh(self, centroids, rng, count_clusters=False):
+        """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
+        plan = self.plan
+        seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
+
+        def call(attempt):
+            start, end = plan.ranges[attempt.task - 1]
+            request = pb.WeighRequest(job=self.job, task=attempt.task, attempt=attempt.number,
+                                      input_path=plan.input_path, start=start, end=end, centroids=flatten(centroids),
+                                      draw_seed=seeds[attempt.task], count_clusters=count_clusters)
+            return self.workers.call(attempt, "Weigh", request, f"task {attempt.task}")
+
+        stage = Stage("mapper", "Weigh", FINAL_PASS if count_clusters else SEEDING_PASS)
+        return {task: reply for task, (_, reply) in sorted(self.scheduler.run(stage, list(seeds), {}, call).items())}
+
+    def final_clusters(self, progress, rng):
+        """The SSE and cluster sizes of a run's final centroids: what the last Map measured if they did
+        not move, else one counting Weigh pass."""
+        if progress.iterations and progress.iterations[-1].shift == 0.0:
+            return progress.iterations[-1].sse, progress.iterations[-1].counts
+        log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
+        with self.record.span(FINAL_PASS):
+            replies = self.weigh(progress.centroids, rng, count_clusters=True).values()
+        sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
+        return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
+
+    def write_centroids(self, centroids):
+        """centroids.txt: the last complete iteration while running, the best run's at the end."""
+        write_atomic(os.path.join(self.options.data_dir, "centroids.txt"), format_centroids(centroids))
 
 
 def run_job(options):
@@ -2680,12 +3092,9 @@ def run_job(options):
     finally:
         master.workers.stop()
 
-
 # ####################################################################################################
 # Reports: the summary (JSON), the plot and the timeline (SVG), built from a JobResult
 # ####################################################################################################
-
-PLOT_POINTS = 3000    # input points the master samples for --plot
 
 
 def summary(result, options):
@@ -2694,12 +3103,11 @@ def summary(result, options):
     totals = collections.Counter()
     for run in result.runs:
         totals.update(run.events)
+    identity = job_identity(options)
     return {
-        "parameters": {"input": os.path.abspath(options.input_path), "points": result.points, "dim": result.dim,
-                       "M": options.mappers, "R": options.reducers, "K": options.clusters,
-                       "n": options.iterations, "tol": options.tol, "init": options.init,
-                       "restarts": options.restarts, "combiner": options.combine, "seed": result.runs[0].seed,
-                       "mappers": options.mapper_addrs or "spawned", "reducers": options.reducer_addrs or "spawned"},
+        "parameters": {"input": identity.pop("input"), "points": result.points, "dim": result.dim, **identity,
+                       "seed": result.runs[0].seed, "mappers": options.mapper_addrs or "spawned",
+                       "reducers": options.reducer_addrs or "spawned"},
         "startup_seconds": result.startup_seconds,
         "runs": [{"seed": run.seed, "iterations": len(run.iterations), "converged": run.converged,
                   "sse": run.sse} for run in result.runs],
@@ -2732,9 +3140,11 @@ def cluster_colour(key, clusters):
     return f"hsl({round(360 * key / clusters)},70%,45%)"
 
 
+
+
 def plot_svg(result):
     """An SVG of the sample points coloured by final cluster, each centroid's path, axes and a legend."""
-    width, height, left, right, top, bottom = 900, 640, 70, 230, 50, 60
+    width, height, left, right, top, bottom = PLOT_FRAME
     best, clusters = result.best, len(result.centroids)
     flat = [(p[0], p[1] if len(p) > 1 else 0.0) for p in result.plot_sample]
     paths = [[(c[k][0], c[k][1] if len(c[k]) > 1 else 0.0) for c in best.history] for k in range(clusters)]
@@ -2758,20 +3168,8 @@ def plot_svg(result):
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text class="title" x="{left}" y="28" font-size="16">{html.escape(title)}</text>']
-    axis_y, axis_x = height - bottom, left
-    out.append(f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{width - right}" y2="{axis_y}" stroke="black"/>')
-    out.append(f'<line class="axis" x1="{axis_x}" y1="{top}" x2="{axis_x}" y2="{axis_y}" stroke="black"/>')
-    for tick in x_ticks:
-        out.append(f'<line x1="{sx(tick):.1f}" y1="{axis_y}" x2="{sx(tick):.1f}" y2="{axis_y + 5}" stroke="black"/>'
-                   f'<text class="tick" x="{sx(tick):.1f}" y="{axis_y + 18}" text-anchor="middle">{tick:g}</text>')
-    for tick in y_ticks:
-        out.append(f'<line x1="{axis_x - 5}" y1="{sy(tick):.1f}" x2="{axis_x}" y2="{sy(tick):.1f}" stroke="black"/>'
-                   f'<text class="tick" x="{axis_x - 8}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 20}" text-anchor="middle">coordinate 1</text>')
-    if result.dim > 1:
-        out.append(f'<text x="18" y="{(top + height - bottom) / 2}" text-anchor="middle" '
-                   f'transform="rotate(-90 18 {(top + height - bottom) / 2})">coordinate 2</text>')
+           f'<text class="title" x="{left}" y="28" font-size="16">{html.escape(title)}</text>',
+           *plot_axes(x_ticks, y_ticks, sx, sy, result.dim)]
     for point, (x, y) in zip(result.plot_sample, flat):
         colour = cluster_colour(nearest(point, result.centroids), clusters)
         out.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}" '
@@ -2785,31 +3183,44 @@ def plot_svg(result):
         x, y = path[-1]
         out.append(f'<circle class="centroid" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="7" fill="{colour}" '
                    f'stroke="black" stroke-width="2"/>')
-    legend_x = width - right + 20
-    out.append(f'<text x="{legend_x}" y="{top}" font-weight="bold">clusters (points)</text>')
-    for key in range(clusters):
-        y = top + 20 + 18 * key
-        size = best.counts[key]
-        out.append(f'<rect x="{legend_x}" y="{y - 10}" width="12" height="12" fill="{cluster_colour(key, clusters)}"/>'
-                   f'<text class="legend" x="{legend_x + 18}" y="{y}">cluster {key}: {size}</text>')
-    notes = ([f"{len(flat)} of {result.points} points shown", "(a seeded sample)"] if len(flat) < result.points
-             else [f"all {result.points} points shown"]) + ["lines: centroid paths,", "from the hollow start"]
-    for number, note in enumerate(notes):
-        out.append(f'<text class="note" x="{legend_x}" y="{top + 40 + 18 * (clusters + number)}">{note}</text>')
+    out += plot_legend(best.counts, len(flat), result.points)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-TIMELINE_WIDTH = 1600    # px: lane labels, the time axis and the legend fit a window this wide
-TIMELINE_FULL = 10       # spans (iterations, k-means++, final SSE) drawn at full scale at most ...
-TIMELINE_EDGE = 3        # ... always the first and the last few, then the earliest with trouble in them
-BAND_WIDTH = 110         # px of a band standing for consecutive collapsed spans ...
-BAND_SPANS = 3           # ... at least this many (fewer are drawn in full: a band would not save room)
-LANE_LABEL = 250         # px of the column of lane labels
-ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of the narrowest bar
-STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
-COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
-FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+def plot_axes(x_ticks, y_ticks, sx, sy, dim):
+    """The plot's axes, their ticks and labels (one axis for one-dimensional points)."""
+    width, height, left, right, top, bottom = PLOT_FRAME
+    axis_y, axis_x = height - bottom, left
+    out = [f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{width - right}" y2="{axis_y}" stroke="black"/>',
+           f'<line class="axis" x1="{axis_x}" y1="{top}" x2="{axis_x}" y2="{axis_y}" stroke="black"/>']
+    for tick in x_ticks:
+        out.append(f'<line x1="{sx(tick):.1f}" y1="{axis_y}" x2="{sx(tick):.1f}" y2="{axis_y + 5}" stroke="black"/>'
+                   f'<text class="tick" x="{sx(tick):.1f}" y="{axis_y + 18}" text-anchor="middle">{tick:g}</text>')
+    for tick in y_ticks:
+        out.append(f'<line x1="{axis_x - 5}" y1="{sy(tick):.1f}" x2="{axis_x}" y2="{sy(tick):.1f}" stroke="black"/>'
+                   f'<text class="tick" x="{axis_x - 8}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 20}" text-anchor="middle">coordinate 1</text>')
+    if dim > 1:
+        out.append(f'<text x="18" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 18 {(top + height - bottom) / 2})">coordinate 2</text>')
+    return out
+
+
+def plot_legend(counts, shown, points):
+    """The plot's legend: each cluster's colour and size, and how many points are drawn."""
+    width, _, _, right, top, _ = PLOT_FRAME
+    clusters, legend_x = len(counts), width - right + 20
+    out = [f'<text x="{legend_x}" y="{top}" font-weight="bold">clusters (points)</text>']
+    for key, size in enumerate(counts):
+        y = top + 20 + 18 * key
+        out.append(f'<rect x="{legend_x}" y="{y - 10}" width="12" height="12" fill="{cluster_colour(key, clusters)}"/>'
+                   f'<text class="legend" x="{legend_x + 18}" y="{y}">cluster {key}: {size}</text>')
+    notes = ([f"{shown} of {points} points shown", "(a seeded sample)"] if shown < points
+             else [f"all {points} points shown"]) + ["lines: centroid paths,", "from the hollow start"]
+    for number, note in enumerate(notes):
+        out.append(f'<text class="note" x="{legend_x}" y="{top + 40 + 18 * (clusters + number)}">{note}</text>')
+    return out
 
 
 def span_label(span, short=False):
@@ -3201,55 +3612,11 @@ def timeline_svg(result):
     return "\n".join(out) + "\n"
 
 
+
+
 # ####################################################################################################
 # Command line
 # ####################################################################################################
-
-
-class HeldConsole(logging.StreamHandler):
-    """The master's console, holding its lines until the mappers have checked the input: bad input
-    is then one line on stderr, as if it had been caught before the job began (dump.txt has all)."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-        self.held = []
-
-    def emit(self, record):
-        if self.held is None:
-            super().emit(record)
-        else:
-            self.held.append(record)
-
-    def let_go(self, show):
-        """Stop holding; show the held lines, or drop them."""
-        held, self.held = self.held or [], None
-        for record in held if show else []:
-            super().emit(record)
-
-
-def release_console(show=True):
-    """Let the console show (or drop) what it held and go on unheld (see HeldConsole)."""
-    for handler in log.handlers:
-        if isinstance(handler, HeldConsole):
-            handler.let_go(show)
-
-
-def setup_logging(role, log_path, console_level=logging.INFO):
-    """Log lines prefixed by role and PID to stderr (from console_level) and, all of them (every
-    RPC is a DEBUG line), appended to dump.txt."""
-    log.handlers.clear()
-    log.setLevel(logging.DEBUG)
-    log.propagate = False
-    formatter = logging.Formatter(f"%(asctime)s [{role} %(process)d] %(message)s")
-    console = HeldConsole() if role == "master" else logging.StreamHandler(sys.stderr)
-    console.setLevel(console_level)
-    console.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-    log.addHandler(console)
-    if log_path:
-        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        dump = logging.FileHandler(log_path, mode="a", encoding="utf-8")
-        dump.setFormatter(formatter)
-        log.addHandler(dump)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -3462,10 +3829,7 @@ def run_worker(args):
                       logging.DEBUG if args.verbose else logging.INFO)
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
-    settings = WorkerSettings(data_dir=args.data_dir, rpc_timeout=args.rpc_timeout, token=args.token,
-                              heartbeat=args.heartbeat, tls=args.tls,
-                              input_root=args.input_root or os.getcwd(), fail_prob=args.fail_prob,
-                              fail_seed=args.fail_seed)
+    settings = WorkerSettings.of(args, input_root=args.input_root or os.getcwd())
     server, port, handlers = start_server(args.role, args.host, args.port, settings)
     log.info("%s listening on %s:%d%s", args.role, args.host, port, "" if args.token else " (no token)")
     print(f"{args.host}:{port}", flush=True)
@@ -3478,6 +3842,9 @@ def main(argv=None):
     def on_sigterm(signum, frame):
         raise Terminated()
 
+    if MISSING_MODULE is not None:
+        return report("the gRPC stubs are missing: run sh gen_pb.sh first" if MISSING_MODULE.startswith("kmeans_pb2")
+                      else f"{MISSING_MODULE} is not installed: python3 -m pip install -r requirements.txt", EXIT_RUNTIME)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args = parse_args(argv)
@@ -3504,6 +3871,8 @@ def report(error, code):
                 handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
     print(message, file=sys.stderr)
     return code
+
+
 
 
 if __name__ == "__main__":

@@ -63,12 +63,14 @@ def test_restarts_log_every_run_and_name_the_winner(tmp_path):
 
 
 def test_kmeans_plus_plus_is_deterministic_under_a_seed(tmp_path):
+    """The same seed draws the same initial centroids and gives the same answer; another seed draws others."""
     runs = [run_kmr("--role", "master", "-M", 3, "-K", 5, "-n", 1, "--input", DATA / "case5_points.txt",
-                    "--init", "k-means++", "--seed", 77, "--data-dir", tmp_path / f"d{i}", cwd=tmp_path)
-            for i in (1, 2)]
+                    "--init", "k-means++", "--seed", seed, "--data-dir", tmp_path / f"d{i}", cwd=tmp_path)
+            for i, seed in ((1, 77), (2, 77), (3, 78))]
     initial = [next(line for line in r.stderr.splitlines() if "initial centroids" in line).split("): ")[1]
                for r in runs]
     assert runs[0].returncode == 0 and initial[0] == initial[1] and runs[0].stdout == runs[1].stdout
+    assert runs[2].returncode == 0 and initial[2] != initial[0]
 
 
 def test_kmeans_plus_plus_draws_in_proportion_to_squared_distance(worker_pool, tmp_path_factory):

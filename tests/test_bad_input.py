@@ -341,12 +341,20 @@ def test_failed_run_leaves_previous_centroids_byte_for_byte(tmp_path, bad_args, 
 
 
 def test_crlf_input_gives_the_published_answer(tmp_path):
-    """Windows line endings (case 1 as published with CRLF) parse like LF and reach the expected answer."""
+    """Windows line endings (case 1 as published with CRLF) parse like LF: the same seeded draw and run
+    as the LF copy, and from the published initial centroids the expected answer."""
     points, init = DATA / "case1_points_crlf.txt", DATA / "case1_init.txt"
-    assert b"\r\n" in points.read_bytes()
+    assert b"\r\n" in points.read_bytes() and b"\r" not in (DATA / "case1_points.txt").read_bytes()
     result = master(tmp_path, "--input", points, "-K", "2", "-M", "3", "-R", "2", "--init", init, "-n", "100")
     assert_success_matches_reference(tmp_path, result, points, init)
     assert centroid_lines(result.stdout) == centroid_lines((DATA / "case1_expected.txt").read_text())
+    seeded = [run_kmr("--role", "master", "-M", 2, "-R", 2, "-K", 2, "--seed", 7, "--input", DATA / name,
+                      "--data-dir", tmp_path / name, cwd=tmp_path)
+              for name in ("case1_points.txt", "case1_points_crlf.txt")]
+    assert [run.returncode for run in seeded] == [0, 0] and seeded[0].stdout == seeded[1].stdout
+    assert centroid_lines(seeded[1].stdout) == centroid_lines(result.stdout)   # the sample's optimum
+    initial = [re.search(r"initial centroids .*", run.stderr).group(0) for run in seeded]
+    assert initial[0] == initial[1]
 
 
 def test_spaces_after_commas_trailing_spaces_and_no_final_newline_parse(tmp_path):

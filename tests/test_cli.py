@@ -32,14 +32,6 @@ def test_published_case_reaches_its_expected_file_from_a_good_init(tmp_path, cas
     assert centroid_lines((tmp_path / "out" / "centroids.txt").read_text()) == expected
 
 
-def test_crlf_copy_of_the_sample_gives_the_same_centroids(tmp_path):
-    runs = [run_kmr("--role", "master", "-M", 2, "-R", 2, "-K", 2, "--seed", 7, "--input",
-                    DATA / name, "--data-dir", tmp_path / name, cwd=tmp_path)
-            for name in ("case1_points.txt", "case1_points_crlf.txt")]
-    assert [r.returncode for r in runs] == [0, 0]
-    assert runs[0].stdout == runs[1].stdout and centroid_lines(runs[0].stdout) == SAMPLE_OPTIMUM
-
-
 def test_every_step_leaves_a_file_to_read(tmp_path):
     shutil.copy(ROOT / "points.txt", tmp_path / "points.txt")
     result = run_kmr("--role", "master", "-M", 3, "-R", 2, "-K", 2, "-n", 20, "--seed", 3, cwd=tmp_path)
@@ -67,15 +59,22 @@ def test_every_step_leaves_a_file_to_read(tmp_path):
     assert re.search(r"-> Map +task 1 +attempt 1 +sent", result.stderr)
 
 
+def initial_centroids(stderr):
+    """The initial centroids a run logged."""
+    return re.search(r"initial centroids \(random, seed \d+\): (.*)", stderr).group(1)
+
+
 def test_same_seed_gives_the_same_run_and_the_seed_is_logged(tmp_path):
     shutil.copy(DATA / "case5_points.txt", tmp_path / "points.txt")
-    runs = [run_kmr("--role", "master", "-M", 2, "-R", 3, "-K", 5, "--seed", 11, "--data-dir", tmp_path / f"d{i}",
-                    cwd=tmp_path) for i in (1, 2)]
+    runs = [run_kmr("--role", "master", "-M", 2, "-R", 3, "-K", 5, "--seed", seed, "--data-dir", tmp_path / f"d{i}",
+                    cwd=tmp_path) for i, seed in ((1, 11), (2, 11), (5, 12))]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
+    assert initial_centroids(runs[0].stderr) == initial_centroids(runs[1].stderr)
+    assert runs[2].returncode == 0 and initial_centroids(runs[2].stderr) != initial_centroids(runs[0].stderr)
     unseeded = run_kmr("--role", "master", "-K", 5, "--data-dir", tmp_path / "d3", cwd=tmp_path)
     seed = re.search(r"seed=(\d+)", unseeded.stderr).group(1)
     again = run_kmr("--role", "master", "-K", 5, "--seed", seed, "--data-dir", tmp_path / "d4", cwd=tmp_path)
-    assert again.stdout == unseeded.stdout
+    assert again.stdout == unseeded.stdout and initial_centroids(again.stderr) == initial_centroids(unseeded.stderr)
 
 
 def test_tol_stops_early_and_n_caps_iterations(tmp_path):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import time
 
 import pytest
 
@@ -284,22 +283,3 @@ def test_straggler_is_backed_up_and_the_first_copy_wins_exactly(tmp_path):
     assert re.search(r"mapper task 2: the backup copy \(attempt 2 on mapper [13] .*\) finished first; attempt 1 on "
                      r"mapper 2 .* is ignored", log)
     assert "marked dead" not in log   # slow is not dead
-
-
-def attempt_at(started, task, beaten=False, relocated=False):
-    """An Attempt that started `started` seconds ago."""
-    worker = kmr.Worker("mapper", task, f"127.0.0.1:{6000 + task}", beaten=beaten)
-    return kmr.Attempt(worker, task, 1, relocated=relocated, started=time.monotonic() - started)
-
-
-def test_backup_rule_waits_for_a_finished_sibling_and_a_long_enough_run():
-    assert kmr.Master.straggler([attempt_at(9.0, 1)], []) is None   # nothing finished: no yardstick
-    slow, fresh = attempt_at(2.0, 1), attempt_at(0.2, 2)
-    assert kmr.Master.straggler([slow, fresh], [0.9, 1.0]) is slow   # 2.0 s >= 2 x median 0.95 s
-    assert kmr.Master.straggler([attempt_at(2.0, 1)], [1.0, 1.2]) is None   # < 2.2 s
-    assert kmr.Master.straggler([attempt_at(0.4, 1)], [0.01]) is None   # short tasks: never
-    assert kmr.Master.straggler([attempt_at(1.2, 1, beaten=True)], [1.0, 1.2]) is not None   # past the median
-    assert kmr.Master.straggler([attempt_at(3.0, 1, relocated=True)], [1.0]) is None   # relocated: 4 x median
-    assert kmr.Master.straggler([attempt_at(4.1, 1, relocated=True)], [1.0]) is not None
-    backed_up = [attempt_at(5.0, 1), attempt_at(0.1, 1)]   # two copies already
-    assert kmr.Master.straggler(backed_up, [1.0]) is None

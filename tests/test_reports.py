@@ -585,11 +585,12 @@ def test_help_lists_every_flag_and_examples(tmp_path):
     assert result.returncode == 0 and result.stderr == ""
     assert "examples:" in result.stdout
     flags = ["--role", "--data-dir", "--rpc-timeout", "-M", "-R", "-K", "-n", "--input", "--seed", "--init",
-             "--restarts", "--plot", "--summary", "-q", "--quiet", "--compact", "-v", "--verbose", "--tol",
+             "--restarts", "--plot", "--summary", "--timeline", "-q", "--quiet", "--compact", "-v", "--verbose", "--tol",
              "--mapper-addrs", "--reducer-addrs", "--combiner", "--max-attempts", "--crash", "--host",
              "--port", "--input-root", "--token", "--fail-prob", "--fail-seed", "-h", "--help"]
     shown = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
     assert [flag for flag in flags if flag not in shown] == []
+    assert "--timeline FILE.svg" in result.stdout
 
 
 @pytest.mark.parametrize("flags", [("-q", "-v"), ("-q", "--compact"), ("--compact", "-v")])

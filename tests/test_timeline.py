@@ -476,8 +476,3 @@ def test_a_bad_timeline_path_is_a_one_line_usage_error_before_anything_runs(tmp_
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"kmr: error: --timeline {path}: not a file in an existing folder\n"
     assert not (tmp_path / "Data").exists()
-
-
-def test_help_names_the_timeline_flag(tmp_path):
-    result = run_kmr("--help", cwd=tmp_path)
-    assert result.returncode == 0 and "--timeline FILE.svg" in result.stdout
