@@ -1010,9 +1010,9 @@ def format_combined_partition(records):
                    for key, count, sums in records)
 
 
-def format_reducer_output(clusters):
+def format_reducer_output(cluster_means):
     """A reducer file: one 'key<TAB>count<TAB>mean' line per cluster."""
-    return "".join(f"{key}\t{count}\t{format_point(mean)}\n" for key, count, mean in clusters)
+    return "".join(f"{key}\t{count}\t{format_point(mean)}\n" for key, count, mean in cluster_means)
 
 
 def open_text(path):
@@ -1529,7 +1529,7 @@ class ReducerTasks:
         self.fresh = Freshness()
         self.lock = threading.Lock()
         self.channels = {}   # mapper address -> (channel, Mapper stub): one channel each, reused
-        self.results = {}    # partition -> (job, iteration, clusters, points from each map task)
+        self.results = {}    # partition -> (job, iteration, cluster means, points from each map task)
         self.fetchers = concurrent.futures.ThreadPoolExecutor(FETCHERS)   # pulls from many mappers at once
 
     def mapper(self, address):
@@ -1601,18 +1601,19 @@ class ReducerTasks:
         """Reduce: shuffle-sort and average a partition's records; the reducer file is written and the
         result kept for GetResult."""
         per_task = [sum(count for _, count, _ in records) for records in fetched]
-        clusters = [(key, group.count, reduce_cluster(group)) for key, group in shuffle_sort(fetched, dim)]
+        cluster_means = [(key, group.count, reduce_cluster(group)) for key, group in shuffle_sort(fetched, dim)]
         with self.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
             if not self.fresh.admit(job, partition, iteration):
                 raise stale_attempt()
             write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
-                         format_reducer_output(clusters))
+                         format_reducer_output(cluster_means))
             with self.lock:
-                self.results[partition] = (job, iteration, clusters, per_task)
-        log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(clusters), sum(per_task))
+                self.results[partition] = (job, iteration, cluster_means, per_task)
+        log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(cluster_means),
+                  sum(per_task))
 
     def result(self, job, iteration, partition):
-        """(clusters, points from each map task) of a partition's reduce in this job and iteration."""
+        """(cluster means, points from each map task) of a partition's reduce in this job and iteration."""
         with self.lock:
             stored = self.results.get(partition)
         if stored is None or stored[:2] != (job, iteration):
@@ -1825,9 +1826,9 @@ class ReducerServicer:
     def GetResult(self, request, context):
         """The kept result of a partition's reduce in this job and iteration: each cluster's count and
         mean, and how many points came from each map task (the master's accounting)."""
-        clusters, per_task = self.tasks.result(request.job, request.iteration, request.partition)
+        cluster_means, per_task = self.tasks.result(request.job, request.iteration, request.partition)
         reply = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
-                                         for key, count, mean in clusters], points_from_task=per_task)
+                                         for key, count, mean in cluster_means], points_from_task=per_task)
         return pb.ResultResponse(status=success(), reply=reply)
 
 
@@ -1931,7 +1932,7 @@ class Worker:
 class Workers:
     """Every mapper and reducer of a job and whether it is alive.
 
-    The master's stages see a small interface: `start`, `live(role)`, `call`, `lose`,
+    The master and its scheduler see a small interface: `start`, `live(role)`, `submit`, `call`, `lose`,
     `await_live(role)`, `revive` and `stop`. Behind it: spawning (before the master touches gRPC),
     one channel per worker, heartbeats while a call runs (see `await_calls`), killing a lost
     spawned worker by PID and respawning it in its slot in the background, and asking lost
@@ -2462,7 +2463,7 @@ class IterationStats:
     sse: float            # of the centroids this iteration started from (what Map measured)
     counts: list          # points per cluster
     seconds: float
-    phases: dict          # wall seconds of map, reduce (with collect and re-execution), compile
+    phases: dict          # wall seconds of map, reduce (with collect and re-execution), "compile" (accounting)
     events: dict          # failures, workers lost, respawns, re-executions during the iteration
 
 
@@ -2554,7 +2555,7 @@ class JobResult:
     dim: int
     points: int
     plot_sample: list
-    timeline: dict = None   # every attempt, iteration span and lost worker (see Master.timeline)
+    timeline: dict = None   # every attempt, iteration span and lost worker (see JobRecord.timeline)
 
     @property
     def centroids(self):
@@ -2814,6 +2815,18 @@ def account_for_points(iteration, plan, clusters, reducers, map_replies, results
     return means, sizes
 
 
+def announce(options, plan, job_base, max_attempts):
+    """The job's parameters, its attempt budget and its map task ranges, on the console."""
+    log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", job_base, options.input_path,
+             options.mappers, options.reducers, options.clusters, options.iterations, options.tol, options.init,
+             plan.seeds[0], options.restarts)
+    if options.fail_prob or options.max_attempts:
+        log.info("up to %d tries per task%s", max_attempts, "" if options.max_attempts else
+                 f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
+                 f"chance of failing by bad luck < {DRILL_RISK:g})")
+    log.info("%d points of dimension %d; map task ranges %s", plan.points, plan.dim, list(plan.ranges))
+
+
 def kmeans_plus_plus(first, clusters, weigh, rng):
     """k-means++ without moving points: each round every mapper reports its split's D^2 mass and a
     candidate drawn in proportion to D^2 within it (`weigh(chosen)` -> {task: WeighReply}); picking a
@@ -2846,8 +2859,8 @@ class Master:
         # workers this master spawns always require a token: a fresh one per run unless --token is set
         self.workers = Workers(options, options.token or secrets.token_hex(16),
                                os.path.join(options.data_dir, "dump.txt"), self.record)
-        self.max_attempts = options.max_attempts or attempt_budget(options.fail_prob, task_runs(options))
-        self.scheduler = TaskScheduler(self.workers, self.record, self.max_attempts)
+        self.scheduler = TaskScheduler(self.workers, self.record,
+                                       options.max_attempts or attempt_budget(options.fail_prob, task_runs(options)))
 
     @property
     def job(self):
@@ -2856,13 +2869,8 @@ class Master:
 
     def run(self):
         """The job: start the workers, sample, each run, the best; returns a JobResult."""
-        self.announce()
-        started = time.perf_counter()
-        self.workers.start()
-        startup = time.perf_counter() - started
-        log.info("workers ready in %.3f s", startup)
-        first_processes = [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
-                           for w in self.workers.every()]
+        announce(self.options, self.plan, self.job_base, self.scheduler.max_attempts)
+        startup, first_processes = self.start_workers()
         samples, plot_sample = self.sample()
         sampling_events = dict(self.record.events)   # failures of the Sample pass count in run 1
         current, earlier = self.resume_or_start_clean()
@@ -2877,17 +2885,14 @@ class Master:
         return JobResult(best, self.runs, startup, self.plan.dim, self.plan.points, plot_sample,
                          self.record.timeline(first_processes, earlier))
 
-    def announce(self):
-        """The job's parameters, its attempt budget and its map task ranges, on the console."""
-        options, plan = self.options, self.plan
-        log.info("job %s: %s, M=%d R=%d K=%d n=%d tol=%g init=%s seed=%d restarts=%d", self.job_base,
-                 options.input_path, options.mappers, options.reducers, options.clusters, options.iterations,
-                 options.tol, options.init, plan.seeds[0], options.restarts)
-        if options.fail_prob or options.max_attempts:
-            log.info("up to %d tries per task%s", self.max_attempts, "" if options.max_attempts else
-                     f" (--fail-prob {options.fail_prob:g}: {task_runs(options)} task runs at most, "
-                     f"chance of failing by bad luck < {DRILL_RISK:g})")
-        log.info("%d points of dimension %d; map task ranges %s", plan.points, plan.dim, list(plan.ranges))
+    def start_workers(self):
+        """Spawn or connect every worker; (seconds it took, who answered: role, address, PID)."""
+        started = time.perf_counter()
+        self.workers.start()
+        startup = time.perf_counter() - started
+        log.info("workers ready in %.3f s", startup)
+        return startup, [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
+                         for w in self.workers.every()]
 
     def sample(self):
         """The first read of every split (each mapper parses and checks its own, in parallel) and
@@ -3560,7 +3565,7 @@ def axis_svg(axis, ticks, decimals, y, left, right):
 def timeline_svg(result):
     """An SVG of the job in time: a lane per worker (a respawned worker's new process in the same
     lane), a bar per attempt coloured by stage, marks where something went wrong, iteration
-    boundaries, a time axis and a legend (built from result.timeline, see Master.timeline)."""
+    boundaries, a time axis and a legend (built from result.timeline, see JobRecord.timeline)."""
     data = result.timeline
     spans = sorted(data["iterations"], key=lambda span: span["start"])
     attempts, losses = data["attempts"], data["losses"]
