@@ -53,15 +53,21 @@ from array import array
 from dataclasses import dataclass, field
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # gRPC's own C-core lines would break one-line errors
+MISSING = None   # what to do when gRPC or the stubs cannot be imported: main() says it in one line
 try:
     import grpc
+except ImportError:
+    grpc = None
+    MISSING = "grpcio is not installed: python3 -m pip install -r requirements.txt"
+try:
     import kmeans_pb2 as pb
     import kmeans_pb2_grpc as pb_grpc
-except ImportError as missing:   # main() says what to do in one line; the pure core still imports
-    grpc = pb = pb_grpc = None
-    MISSING_MODULE = missing.name
+except ImportError:
+    pb = pb_grpc = None
+    MISSING = MISSING or "the gRPC stubs are missing: run sh gen_pb.sh first"
 else:
-    MISSING_MODULE = None
+    if not hasattr(pb, "FailureKind"):
+        MISSING = MISSING or "the gRPC stubs are older than kmeans.proto: run sh gen_pb.sh again"
 
 
 # -- Constants ---------------------------------------------------------------------------------------
@@ -86,6 +92,7 @@ PRIORITY_BLOCK = 4096            # points whose random priorities come from one 
 
 # files
 CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
+CHECKPOINT_VERSION = 2           # 1: before runs kept only their centroid history
 PLOT_POINTS = 3000               # input points the master samples for --plot
 
 # the wire and the workers
@@ -141,9 +148,11 @@ FINAL_PASS = None   # the final SSE pass of a run
 #   n        iterations at most                     tol            stop when no centroid moved more
 #   terms    doubles whose exact sum is a cluster sum (what makes the combiner exact)
 #   record   (key, count, terms per dimension): what a partition carries, points or combined sums
+#            (what the job did is kept by the Recorder, an attempt's part of it in an AttemptEntry)
 #   split    a map task's points, parsed once and kept by its mapper
-#   run      one complete K-means from one seed (--restarts runs several); its job id names it to workers
-#   job      a run's id on the wire: workers refuse requests of a replaced job
+#   job      one invocation of the master: its runs (JobOptions, Recorder, JobResult); on the wire each
+#            run has its own job id, and workers refuse requests of a job a newer one replaced
+#   run      one complete K-means from one seed (--restarts runs several)
 #   pass     an iteration (1..n), or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS: the stages that are not
 #   stage    one pass's tasks of one kind (Sample, Map, Reduce, Weigh) on one role's workers
 #   attempt  one try of a task on a worker; a backup is a second attempt of a straggling task
@@ -171,17 +180,25 @@ class Terminated(BaseException):
 
 
 class TaskRefused(Exception):
-    """A worker will not do this task now: it answers FAILURE with this kind, and another attempt may
-    succeed (an injected failure, a stale attempt, input this host cannot read, missing map output)."""
+    """A worker will not do this task now: it answers FAILURE with this kind (kmeans.proto's
+    FailureKind), and another attempt may succeed."""
 
-    def __init__(self, kind, message, missing_tasks=()):
+    def __init__(self, kind, message):
         super().__init__(message)
         self.kind = kind
-        self.missing_tasks = list(missing_tasks)
+
+
+class OutputMissing(TaskRefused):
+    """A reducer could not fetch some map tasks' output: the master runs those map tasks again."""
+
+    def __init__(self, tasks):
+        super().__init__(pb.MISSING_OUTPUT, f"map output missing for tasks {tasks}")
+        self.tasks = tasks
 
 
 class TaskFailed(Exception):
-    """A worker answered FAILURE (of a FailureKind): the task is re-assigned, the worker stays."""
+    """A worker answered FAILURE (`kind`: a FailureKind), or a gRPC error that is neither a refusal nor
+    a lost worker (`kind` None): the task is re-assigned, the worker stays."""
 
     def __init__(self, message, kind, reply=None):
         super().__init__(message)
@@ -243,7 +260,6 @@ def setup_logging(role, log_path, console_level=logging.INFO):
         dump = logging.FileHandler(log_path, mode="a", encoding="utf-8")
         dump.setFormatter(formatter)
         log.addHandler(dump)
-
 
 
 # ####################################################################################################
@@ -325,8 +341,6 @@ def nearest(point, centroids):
     return best_key
 
 
-
-
 def map_points(points, centroids):
     """Map: each point to its nearest centroid, as records (key, count, the coordinates of its points
     per dimension), keys ascending."""
@@ -391,8 +405,6 @@ def next_centroids(centroids, means):
 def largest_shift(old, new):
     """The largest distance any centroid moved."""
     return max(math.sqrt(squared_distance(a, b)) for a, b in zip(old, new))
-
-
 
 
 def kmeans_reference(points, centroids, n, tol=0.0):
@@ -489,8 +501,6 @@ def fixed(value):
     return numerator * ((1 << 1074) // denominator)
 
 
-
-
 # ####################################################################################################
 # Initial centroids: a uniform distinct draw (priorities by index) and k-means++ weights
 # ####################################################################################################
@@ -558,8 +568,6 @@ def weighted_index(weights, fraction):
     while index >= len(weights) or weights[index] == 0:   # rounding at the very top end
         index -= 1
     return index
-
-
 
 
 # ####################################################################################################
@@ -680,15 +688,6 @@ def bounded_reassigner(clusters, dim, unrolled):
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance}
     exec(compile("\n".join(body), f"<bounded reassign K={clusters} D={dim}>", "exec"), namespace)
     return namespace["reassign_points"]
-
-
-def assign_clusters(columns, centroids):
-    """Map, all points at once (the sequential reference's): every point's nearest centroid (ties:
-    lowest index), its squared distance, and each cluster's points column by column."""
-    keys, distances, _ = two_nearest(columns, centroids)
-    members = [[[column[i] for i in indices] for column in columns]
-               for indices in indices_by_key(keys, len(centroids))]
-    return list(keys), list(distances), members
 
 
 def square_terms(columns, magnitudes):
@@ -965,7 +964,6 @@ def map_output(split, reducers, combine):
     return parts, [format_partition([(key, state.buckets[key].texts) for key, _, _ in part]) for part in parts]
 
 
-
 # ####################################################################################################
 # Files: the input (count, splits, identity), human-readable outputs, atomic writes
 # ####################################################################################################
@@ -976,7 +974,7 @@ def write_atomic(path, text):
     temporary file is created 0666 less the umask, like any file the user creates."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".tmp-{os.path.basename(path)}-{secrets.token_hex(6)}")
+    temporary = os.path.join(folder, f".tmp-{secrets.token_hex(8)}")
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -1109,8 +1107,6 @@ def read_centroids(path, clusters, dim):
     return centroids
 
 
-
-
 def input_stamp(path):
     """The input's identity as a checkpoint keeps it: size and modification time."""
     try:
@@ -1214,8 +1210,6 @@ def success():
     return pb.Status(success=True)
 
 
-
-
 def failure(refused):
     """A FAILURE status from a TaskRefused: its kind (what the master branches on) and its words."""
     return pb.Status(success=False, kind=refused.kind, message=str(refused))
@@ -1304,7 +1298,6 @@ def await_calls(calls, silence, metadata):
     return silent
 
 
-
 # ####################################################################################################
 # Tasks on a worker: what a mapper keeps and does, what a reducer pulls and reduces (no gRPC server)
 # ####################################################################################################
@@ -1328,10 +1321,8 @@ class WorkerSettings:
     def of(cls, flags, **given):
         """Settings from the master's JobOptions or a standalone worker's arguments (the same names),
         with some `given` otherwise."""
-        names = ("data_dir", "rpc_timeout", "token", "input_root", "fail_prob", "fail_seed", "heartbeat", "tls")
-        return cls(**{**{name: getattr(flags, name) for name in names}, **given})
-
-
+        shared = {f.name: getattr(flags, f.name) for f in dataclasses.fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**shared, **given})
 
 
 class FaultInjector:
@@ -1386,8 +1377,6 @@ class Freshness:
                 return False
             self.newest[task] = iteration
             return True
-
-
 
 
 @dataclass
@@ -1446,22 +1435,25 @@ class MapperTasks:
             log.info("task %d: FAILURE %s", task, error)
             raise TaskRefused(pb.UNREADABLE_INPUT, str(error)) from None
 
-    def map_task(self, job, task, iteration, span, reducers, combine, centroids, previous, still_wanted):
-        """Map: the split brought to `centroids` (counting the points moved since `previous`), its
-        partitions packed, written and kept for the reducers; a MapSummary. `still_wanted()` turns
-        False once the master no longer waits (a backup copy won, or it left)."""
+    def admit(self, job, task, iteration):
+        """TaskRefused unless this is the newest attempt of a map task this mapper has seen."""
         if not self.fresh.admit(job, task, iteration):
             raise stale_attempt()
+
+    def map_task(self, job, task, iteration, span, reducers, combine, centroids, previous, still_wanted):
+        """Map, for an admitted attempt: the split brought to `centroids` (from iteration 2 on, counting
+        the points moved since `previous`), its partitions packed, written and kept for the reducers; a
+        MapSummary. `still_wanted()` turns False once the master no longer waits (a backup won, or it left)."""
         split = self.load(task, span, len(centroids[0]), not combine)
         with split.lock:
-            moved = split.assign(centroids, previous, keep_buckets=not combine)
+            moved = split.assign(centroids, previous if iteration > 1 else None, keep_buckets=not combine)
             records, texts = map_output(split, reducers, combine)
             state = split.assignment
             # packed now: plain records are the kept buckets, which the next step of this split changes
             chunks = [list(record_chunks(part, len(split.columns), not combine)) for part in records]
             sizes = [sum(count for _, count, _ in part) for part in records]
         if not still_wanted():
-            raise TaskRefused(pb.CANCELLED, "cancelled")
+            raise TaskRefused(pb.ABANDONED, "cancelled")
         with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
             if not self.fresh.admit(job, task, iteration):
                 raise stale_attempt()
@@ -1564,9 +1556,15 @@ class ReducerTasks:
                   output.address, len(records), 1000 * (time.perf_counter() - started))
         return records
 
-    def pull(self, job, iteration, partition, outputs, dim, clusters, deadline):
-        """Every map task's records of a partition, FETCHERS streams at once, each heartbeating its
-        mapper; None for a map task whose output could not be had."""
+    def pull_partition(self, job, iteration, partition, outputs, dim, clusters, time_remaining):
+        """The shuffle's input of a reduce task: its partition of every map output, FETCHERS streams at
+        once, each heartbeating its mapper. TaskRefused when the attempt is stale; OutputMissing
+        (naming the map tasks) when some map outputs cannot be had, reported while the master still
+        waits (`time_remaining`: the call's seconds left, None for no deadline)."""
+        if not self.fresh.admit(job, partition, iteration):
+            raise stale_attempt()
+        limit = self.settings.rpc_timeout if time_remaining is None else time_remaining
+        deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * limit)
         metadata = token_metadata(self.settings.token)
         fetched = []
         for low in range(0, len(outputs), FETCHERS):
@@ -1583,18 +1581,10 @@ class ReducerTasks:
                      for output, stream in zip(outputs[low:low + FETCHERS], streams)]
             await_calls(streams, self.settings.heartbeat, metadata)
             fetched += [pull.result() for pull in pulls]
-        return fetched
-
-    def pull_partition(self, job, iteration, partition, outputs, dim, clusters, deadline):
-        """The shuffle's input of a reduce task: its partition of every map output. TaskRefused when
-        the attempt is stale, or (MISSING_OUTPUT, naming them) when some map outputs cannot be had."""
-        if not self.fresh.admit(job, partition, iteration):
-            raise stale_attempt()
-        fetched = self.pull(job, iteration, partition, outputs, dim, clusters, deadline)
         missing = [output.task for output, records in zip(outputs, fetched) if records is None]
         if missing:
             log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
-            raise TaskRefused(pb.MISSING_OUTPUT, f"map output missing for tasks {missing}", missing)
+            raise OutputMissing(missing)
         return fetched
 
     def reduce_partition(self, job, iteration, partition, fetched, dim):
@@ -1619,6 +1609,7 @@ class ReducerTasks:
         if stored is None or stored[:2] != (job, iteration):
             raise TaskRefused(pb.NO_RESULT, f"no result for partition {partition} iteration {iteration}")
         return stored[2:]
+
 
 # ####################################################################################################
 # gRPC services (thin): check the request, call the worker's tasks, convert the answer
@@ -1676,8 +1667,6 @@ def resolve_input(path, root):
     return real if os.path.commonpath([real, real_root]) == real_root else None
 
 
-
-
 def input_span(request, root, context):
     """(real path, start, end) of a request's split: a task and job given, the range upright and the
     file below the input root."""
@@ -1697,10 +1686,7 @@ def task_rpc(response):
             try:
                 return method(self, request, context)
             except TaskRefused as refused:
-                answer = getattr(pb, response)(status=failure(refused))
-                if refused.missing_tasks:
-                    answer.reply.missing_tasks.extend(refused.missing_tasks)
-                return answer
+                return getattr(pb, response)(status=failure(refused))
             except InputError as error:
                 require(context, False, str(error))
         return rpc
@@ -1711,7 +1697,7 @@ class MapperServicer:
     """The Mapper service (kmeans.proto): map tasks, their partitions for reducers, Sample and Weigh."""
 
     def __init__(self, settings):
-        self.tasks = MapperTasks(settings)
+        self.core = MapperTasks(settings)
         self.faults = FaultInjector(settings)
 
     def Ping(self, request, context):
@@ -1724,7 +1710,7 @@ class MapperServicer:
         task, iteration = request.task, request.iteration
         log.debug("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
                   request.attempt, request.start, request.end, request.input_path)
-        span = input_span(request, self.tasks.settings.input_root, context)
+        span = input_span(request, self.core.settings.input_root, context)
         require(context, iteration >= 1, "iterations start at 1")
         require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
         require_centroids(context, request.centroids, "centroids")
@@ -1733,11 +1719,12 @@ class MapperServicer:
             require_centroids(context, request.previous, "previous centroids")
             require(context, request.previous.dim == request.centroids.dim and
                     len(request.previous.values) == len(request.centroids.values), "previous: other shape")
-            previous = unflatten(request.previous) if iteration > 1 else None
+            previous = unflatten(request.previous)
         self.faults.refuse(f"Map task {task}")
+        self.core.admit(request.job, task, iteration)
         self.faults.crash_point("map", iteration, context)
-        done = self.tasks.map_task(request.job, task, iteration, span, request.reducers, request.combine,
-                                   unflatten(request.centroids), previous, context.is_active)
+        done = self.core.map_task(request.job, task, iteration, span, request.reducers, request.combine,
+                                  unflatten(request.centroids), previous, context.is_active)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=done.points, moved=done.moved, partition_points=done.partition_points,
                             sse_terms=done.sse_terms)
@@ -1749,12 +1736,12 @@ class MapperServicer:
         centroids (and points to plot)."""
         log.debug("Sample task %d attempt %d: points [%d, %d) of %s", request.task, request.attempt,
                   request.start, request.end, request.input_path)
-        span = input_span(request, self.tasks.settings.input_root, context)
+        span = input_span(request, self.core.settings.input_root, context)
         require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
                 f"dimension {request.dim} or K={request.clusters} out of range")
         require(context, len(request.seeds) <= MAX_RESTARTS, "too many seeds")
         self.faults.refuse(f"Sample task {request.task}")
-        draws, plot, input_error = self.tasks.sample_task(request.task, span, request.dim, request.clusters,
+        draws, plot, input_error = self.core.sample_task(request.task, span, request.dim, request.clusters,
                                                           request.seeds, request.plot_points, request.keep_text)
         reply = pb.SampleReply(draws=[draw_message(drawn, request.dim) for drawn in draws],
                                plot=draw_message(plot, request.dim), input_error=input_error)
@@ -1765,10 +1752,10 @@ class MapperServicer:
         """Weigh one split against centroids: a k-means++ round, or the final SSE and cluster sizes."""
         log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
                   len(request.centroids.values) // max(1, request.centroids.dim))
-        span = input_span(request, self.tasks.settings.input_root, context)
+        span = input_span(request, self.core.settings.input_root, context)
         require_centroids(context, request.centroids, "centroids")
         self.faults.refuse(f"Weigh task {request.task}")
-        mass, candidate, counts = self.tasks.weigh_task(request.job, request.task, span, unflatten(request.centroids),
+        mass, candidate, counts = self.core.weigh_task(request.job, request.task, span, unflatten(request.centroids),
                                                         request.draw_seed, request.count_clusters)
         reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts)
         return pb.WeighResponse(status=success(), reply=reply)
@@ -1776,7 +1763,7 @@ class MapperServicer:
     def GetPartition(self, request, context):
         """Stream one partition of a map task's kept output to a reducer, in bounded chunks."""
         require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
-        partitions = self.tasks.output_of(request.job, request.iteration, request.task)
+        partitions = self.core.output_of(request.job, request.iteration, request.task)
         if partitions is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"no output of map task {request.task} iteration {request.iteration}")
@@ -1788,7 +1775,7 @@ class ReducerServicer:
     """The Reducer service (kmeans.proto): reduce tasks and their results."""
 
     def __init__(self, settings):
-        self.tasks = ReducerTasks(settings)
+        self.core = ReducerTasks(settings)
         self.faults = FaultInjector(settings)
 
     def Ping(self, request, context):
@@ -1799,7 +1786,7 @@ class ReducerServicer:
     def Reduce(self, request, context):
         """Pull one partition from every map task's mapper, shuffle-sort and reduce it, and keep the
         result for GetResult; FAILURE naming the map tasks whose output could not be fetched."""
-        partition, iteration, settings = request.partition, request.iteration, self.tasks.settings
+        partition, iteration = request.partition, request.iteration
         log.debug("Reduce partition %d iteration %d attempt %d from %d map tasks", partition,
                   iteration, request.attempt, len(request.outputs))
         require(context, partition >= 1 and iteration >= 1 and request.job, "partition, iteration, job")
@@ -1808,17 +1795,15 @@ class ReducerServicer:
         require(context, 1 <= len(request.outputs) <= 4 * MAX_WORKERS, "number of map outputs out of range")
         require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
         self.faults.refuse(f"Reduce partition {partition}")
-        # leave time to report missing map output before the master's own deadline runs out
-        remaining = context.time_remaining()
-        remaining = settings.rpc_timeout if remaining is None else remaining
-        deadline = time.monotonic() + min(settings.rpc_timeout, 0.6 * remaining)
         try:
-            fetched = self.tasks.pull_partition(request.job, iteration, partition, request.outputs, request.dim,
-                                                request.clusters, deadline)
+            fetched = self.core.pull_partition(request.job, iteration, partition, request.outputs, request.dim,
+                                               request.clusters, context.time_remaining())
+        except OutputMissing as missing:
+            return pb.ReduceResponse(status=failure(missing), reply=pb.ReduceReply(missing_tasks=missing.tasks))
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         self.faults.crash_point("reduce", iteration, context)
-        self.tasks.reduce_partition(request.job, iteration, partition, fetched, request.dim)
+        self.core.reduce_partition(request.job, iteration, partition, fetched, request.dim)
         self.faults.crash_point("after-reduce", iteration, context)
         return pb.ReduceResponse(status=success())
 
@@ -1826,7 +1811,7 @@ class ReducerServicer:
     def GetResult(self, request, context):
         """The kept result of a partition's reduce in this job and iteration: each cluster's count and
         mean, and how many points came from each map task (the master's accounting)."""
-        cluster_means, per_task = self.tasks.result(request.job, request.iteration, request.partition)
+        cluster_means, per_task = self.core.result(request.job, request.iteration, request.partition)
         reply = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
                                          for key, count, mean in cluster_means], points_from_task=per_task)
         return pb.ResultResponse(status=success(), reply=reply)
@@ -1903,7 +1888,6 @@ def spawned_worker(role, index, settings, log_path, connection):
     os._exit(0)   # every call has finished and the log is flushed: skip tearing down the interpreter (~80 ms)
 
 
-
 # ####################################################################################################
 # Workers: spawning, connecting, heartbeats, losing, respawning and reviving (the master's side)
 # ####################################################################################################
@@ -1932,19 +1916,19 @@ class Worker:
 class Workers:
     """Every mapper and reducer of a job and whether it is alive.
 
-    The master and its scheduler see a small interface: `start`, `live(role)`, `submit`, `call`, `lose`,
-    `await_live(role)`, `revive` and `stop`. Behind it: spawning (before the master touches gRPC),
+    The master and its scheduler see a small interface: `start`, `live(role)`, `submit`, `call`,
+    `answers`, `lose`, `await_live(role)`, `revive` and `stop`. Behind it: spawning (before the master touches gRPC),
     one channel per worker, heartbeats while a call runs (see `await_calls`), killing a lost
     spawned worker by PID and respawning it in its slot in the background, and asking lost
     workers we did not spawn again from time to time.
     """
 
-    def __init__(self, options, token, log_path, record):
+    def __init__(self, options, token, log_path, recorder):
         self.options = options
         self.token = token
         self.metadata = token_metadata(token)
         self.log_path = log_path
-        self.record = record   # the job record: losses and respawns are written there
+        self.recorder = recorder   # losses and respawns are written there
         self.context = multiprocessing.get_context("spawn")
         import_main_by_name()
         self.pool = {"mapper": [], "reducer": []}
@@ -2085,7 +2069,7 @@ class Workers:
                 raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
             if code.name in LOST:
                 raise WorkerLost(code.name) from None
-            raise TaskFailed(f"{code.name}: {error.details()}", pb.RPC_ERROR) from None
+            raise TaskFailed(f"{code.name}: {error.details()}", None) from None
         if not response.status.success:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
                     response.status.message)
@@ -2100,19 +2084,18 @@ class Workers:
         if not worker.alive or (process is not None and process is not worker.process):
             return
         worker.alive = False
-        lost_pid, noticed = worker.pid, self.record.now()
+        loss = self.recorder.worker_lost(worker, why)
         log.info("%s marked dead (%s)", worker.name, why)
         if worker.process is None:
             worker.next_ping = time.monotonic() + REVIVE_EVERY
-            self.record.worker_lost(worker, lost_pid, noticed, why)
             return
         worker.channel.close()
         worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
         worker.process.join(5)
         fresh = self.spawn(worker.role, worker.index)
         worker.process, worker.receiver = fresh.process, fresh.receiver
+        loss["new_pid"] = worker.process.pid
         log.info("replacing %s %d: PID %d starting", worker.role, worker.index, worker.process.pid)
-        self.record.worker_lost(worker, lost_pid, noticed, why)
         threading.Thread(target=self.rejoin, args=(worker,), name=f"respawn-{worker.role}-{worker.index}",
                          daemon=True).start()
 
@@ -2128,7 +2111,7 @@ class Workers:
         if self.stopping:   # the job ended meanwhile: stop() has closed the other channels
             worker.channel.close()
             return
-        self.record.count("respawns")
+        self.recorder.count("respawns")
         log.info("respawned %s %d: PID %d at %s", worker.role, worker.index, worker.process.pid, worker.address)
         with self.returned:
             self.returned.notify_all()
@@ -2177,8 +2160,6 @@ class Workers:
                 process.join()
 
 
-
-
 # ####################################################################################################
 # Scheduling: one stage's tasks on a pool of workers (pick, re-assign, budget, backups)
 # ####################################################################################################
@@ -2206,7 +2187,7 @@ class Attempt:
     backup: bool = False
     process: object = None     # the worker's process when the attempt started (a replaced one is not lost again)
     relocated: bool = False    # another worker ran the task last: this one parses or recounts first
-    record: object = None      # its AttemptRecord in the job record
+    entry: object = None       # its AttemptEntry in the recorder
 
 
 @dataclass
@@ -2245,13 +2226,13 @@ class TaskScheduler:
     task, re-issued after FAILURE or a lost worker, duplicate results ignored.
 
     The pool is anything with live(role), await_live(role), lose(worker, why, process) and
-    submit(call, attempt) -> Future; the clock and the wait are parameters, so tests drive a
-    scheduler with fake workers and fake time. Every attempt and its end go to the job record.
+    submit(call, attempt) -> Future; the clock is the recorder's and the wait a parameter, so tests
+    drive a scheduler with fake workers and fake time. Every attempt and its end go to the recorder.
     """
 
-    def __init__(self, pool, record, max_attempts, clock=time.monotonic, wait=first_done):
-        self.pool, self.record, self.max_attempts = pool, record, max_attempts
-        self.clock, self.wait = clock, wait
+    def __init__(self, pool, recorder, max_attempts, wait=first_done):
+        self.pool, self.recorder, self.max_attempts = pool, recorder, max_attempts
+        self.clock, self.wait = recorder.clock, wait
         self.holders = {}      # (role, task) -> the worker that last finished it
         self.leftovers = {}    # future -> Attempt: losers of backup races, still running
         self.beaten = set()    # ids of workers whose last task a backup copy finished first
@@ -2291,7 +2272,7 @@ class TaskScheduler:
             if straggler := self.straggler(candidates, state.durations):
                 state.backed_up.add(straggler.task)   # one backup per task, and never past the budget
                 copy = self.launch(state, worker, straggler.task, backup=True)
-                self.record.count("backups")
+                self.recorder.count("backups")
                 log.log(DETAIL, "  %s task %d: backup copy (attempt %d) on %s: attempt %d on %s has run "
                         "%.2f s, the median finished task %.2f s", state.stage.role, straggler.task, copy.number,
                         worker.name, straggler.number, straggler.worker.name, self.clock() - straggler.started,
@@ -2309,9 +2290,9 @@ class TaskScheduler:
         holder = self.holders.get((state.stage.role, task))
         attempt = Attempt(worker, task, attempts[task], self.clock(), backup, worker.process,
                           relocated=holder is not None and holder is not worker)
-        attempt.record = self.record.attempt_started(attempt, state.stage)
+        attempt.entry = self.recorder.attempt_started(attempt, state.stage)
         future = self.pool.submit(state.call, attempt)
-        future.add_done_callback(functools.partial(self.record.attempt_ended, attempt.record))
+        future.add_done_callback(functools.partial(self.recorder.attempt_ended, attempt.entry))
         state.running[future] = attempt
         return attempt
 
@@ -2326,12 +2307,12 @@ class TaskScheduler:
             self.pool.lose(worker, str(error), attempt.process)
         except TaskFailed as error:
             state.reasons[task][str(error)] += 1
-            self.record.count("failures")
+            self.recorder.count("failures")
             log.log(DETAIL, "  %s task %d re-assigned after FAILURE", role, task)
         else:
             if task not in state.results:
                 state.results[task] = (worker, result)
-                attempt.record.won = True
+                attempt.entry.won = True
                 self.holders[role, task] = worker
                 state.durations.append(self.clock() - attempt.started)
                 self.race_won(role, attempt, [a for a in state.running.values() if a.task == task])
@@ -2367,7 +2348,7 @@ class TaskScheduler:
         for other in others:
             self.beaten.add(id(other.worker))
             if winner.backup:
-                self.record.count("backups won")
+                self.recorder.count("backups won")
             log.log(DETAIL, "  %s task %d: %s copy (attempt %d on %s) finished first; attempt %d on %s is "
                     "ignored", role, winner.task, "the backup" if winner.backup else "the original", winner.number,
                     winner.worker.name, other.number, other.worker.name)
@@ -2415,7 +2396,6 @@ def attempt_budget(fail_prob, runs):
     if fail_prob <= 0:
         return BASE_ATTEMPTS
     return max(BASE_ATTEMPTS, math.floor(math.log(DRILL_RISK / runs) / math.log(fail_prob)) + 1)
-
 
 
 # ####################################################################################################
@@ -2468,16 +2448,16 @@ class IterationStats:
 
 
 @dataclass
-class AttemptRecord:
+class AttemptEntry:
     """One attempt as the timeline and the summary show it (times in seconds since the job started)."""
 
     run: int
     worker: str           # role and index ("mapper 1"): the worker's lane
     address: str
     pid: int
-    stage: str            # Map, Reduce (its fetches, then GetResult) or Weigh
-    task: int             # the map task, partition or split weighed
-    iteration: int        # 0: a k-means++ round; None: the final SSE pass
+    stage: str            # Sample, Map, Reduce (its fetches, then GetResult) or Weigh
+    task: int             # the map task, partition, or split sampled or weighed
+    iteration: int        # an iteration, or SAMPLE_PASS, SEEDING_PASS (k-means++), FINAL_PASS (final SSE)
     attempt: int
     backup: bool
     rerun: bool           # a map task run again because its output could not be fetched
@@ -2485,8 +2465,6 @@ class AttemptRecord:
     collect: float = None   # a Reduce attempt: when it asked for the result (GetResult)
     ending: tuple = None    # (end, outcome, reason), set in one step by the thread that ran it
     won: bool = False       # its result is the one the master used
-
-
 
 
 @dataclass
@@ -2555,7 +2533,7 @@ class JobResult:
     dim: int
     points: int
     plot_sample: list
-    timeline: dict = None   # every attempt, iteration span and lost worker (see JobRecord.timeline)
+    timeline: dict = None   # every attempt, iteration span and lost worker (see Recorder.timeline)
 
     @property
     def centroids(self):
@@ -2563,9 +2541,7 @@ class JobResult:
         return self.best.centroids
 
 
-
-
-class JobRecord:
+class Recorder:
     """The one place a job's story is written: every attempt and how it ended, when each pass ran,
     every lost worker and the failures and recoveries of the run under way. The console, dump.txt's
     iteration lines, --summary, --timeline and the checkpoint read it; nothing else appends to it.
@@ -2575,7 +2551,7 @@ class JobRecord:
         self.clock = clock
         self.origin = None    # clock() when the job started: the timeline's zero
         self.run = 1          # the run under way (the Sample pass counts in run 1)
-        self.attempts = []    # AttemptRecord of every attempt, in the order they started
+        self.attempts = []    # AttemptEntry of every attempt, in the order they started
         self.spans = []       # when each pass ran
         self.losses = []      # every worker lost: when, which process, its replacement
         self.events = collections.Counter()   # failures and recoveries of the run under way
@@ -2591,8 +2567,14 @@ class JobRecord:
 
     def begin_run(self, number, events):
         """Run `number` starts (or resumes) with these failures and recoveries already counted."""
-        self.run = number
-        self.events = collections.Counter(events)
+        with self.lock:
+            self.run = number
+            self.events = collections.Counter(events)
+
+    def counted(self):
+        """The failures and recoveries of the run under way so far, as a Counter of its own."""
+        with self.lock:
+            return collections.Counter(self.events)
 
     def count(self, event, number=1):
         """A failure or recovery happened: 'failures', 'workers lost', 'respawns', 'backups', ..."""
@@ -2600,16 +2582,16 @@ class JobRecord:
             self.events[event] += number
 
     def attempt_started(self, attempt, stage):
-        """A new attempt of a stage's task; its AttemptRecord."""
+        """A new attempt of a stage's task; its AttemptEntry."""
         worker = attempt.worker
-        record = AttemptRecord(self.run, f"{worker.role} {worker.index}", worker.address, worker.pid, stage.name,
-                               attempt.task, stage.iteration, attempt.number, attempt.backup, stage.rerun,
-                               attempt.started - self.origin)
+        entry = AttemptEntry(self.run, f"{worker.role} {worker.index}", worker.address, worker.pid, stage.name,
+                             attempt.task, stage.iteration, attempt.number, attempt.backup, stage.rerun,
+                             attempt.started - self.origin)
         with self.lock:
-            self.attempts.append(record)
-        return record
+            self.attempts.append(entry)
+        return entry
 
-    def attempt_ended(self, record, future):
+    def attempt_ended(self, entry, future):
         """Stamp an attempt's end and outcome, in the thread that ran it, as its call returns: SUCCESS,
         FAILURE (the worker's reason), lost, or stale (the worker had seen a newer job or iteration)."""
         end = self.now()
@@ -2625,11 +2607,11 @@ class JobRecord:
             outcome, reason = "FAILURE", f"map output missing for tasks {sorted(future.result().tasks)}"
         else:
             outcome, reason = "SUCCESS", ""
-        record.ending = (end, outcome, reason)
+        entry.ending = (end, outcome, reason)
 
-    def collected(self, record):
+    def collected(self, entry):
         """A Reduce attempt asks for its result now (GetResult)."""
-        record.collect = self.now()
+        entry.collect = self.now()
 
     @contextlib.contextmanager
     def span(self, iteration):
@@ -2638,14 +2620,15 @@ class JobRecord:
         yield
         self.spans.append({"run": self.run, "iteration": iteration, "start": start, "end": self.now()})
 
-    def worker_lost(self, worker, pid, noticed, why):
-        """A worker was lost at `noticed`: which process, why, and its replacement's PID (None for a
-        worker we did not spawn)."""
+    def worker_lost(self, worker, why):
+        """A worker is lost now: which process and why. Returns the entry, whose `new_pid` the
+        replacement's PID fills in (it stays None for a worker we did not spawn)."""
+        loss = {"run": self.run, "worker": f"{worker.role} {worker.index}", "pid": worker.pid, "time": self.now(),
+                "reason": why, "new_pid": None}
         with self.lock:
             self.events["workers lost"] += 1
-            self.losses.append({"run": self.run, "worker": f"{worker.role} {worker.index}", "pid": pid,
-                                "time": noticed, "reason": why,
-                                "new_pid": worker.process.pid if worker.process is not None else None})
+            self.losses.append(loss)
+        return loss
 
     def timeline(self, workers, earlier):
         """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
@@ -2654,15 +2637,15 @@ class JobRecord:
         still running (a copy that lost a backup race) ends with the job, `unfinished`."""
         now = self.now()
         attempts = []
-        for record in self.attempts:
-            end, outcome, reason = record.ending or (now, "unfinished", "still running when the job ended")
-            if outcome == "SUCCESS" and not record.won:
+        for entry in self.attempts:
+            end, outcome, reason = entry.ending or (now, "unfinished", "still running when the job ended")
+            if outcome == "SUCCESS" and not entry.won:
                 outcome, reason = "ignored", "another copy of the task finished first"
-            attempts.append({"run": record.run, "worker": record.worker, "address": record.address,
-                             "pid": record.pid, "stage": record.stage, "task": record.task,
-                             "iteration": record.iteration, "attempt": record.attempt, "backup": record.backup,
-                             "rerun": record.rerun, "start": round(record.start, 6),
-                             "collect": None if record.collect is None else round(record.collect, 6),
+            attempts.append({"run": entry.run, "worker": entry.worker, "address": entry.address,
+                             "pid": entry.pid, "stage": entry.stage, "task": entry.task,
+                             "iteration": entry.iteration, "attempt": entry.attempt, "backup": entry.backup,
+                             "rerun": entry.rerun, "start": round(entry.start, 6),
+                             "collect": None if entry.collect is None else round(entry.collect, 6),
                              "end": round(end, 6), "outcome": outcome, "reason": reason})
         spans = [{**span, "start": round(span["start"], 6), "end": round(span["end"], 6)} for span in self.spans]
         losses = [{**loss, "time": round(loss["time"], 6)} for loss in self.losses]
@@ -2689,7 +2672,7 @@ class Checkpoint:
 
     def save(self, seed, finished, progress):
         """Write the checkpoint (atomically): the runs done (RunResults) and the one under way (Progress)."""
-        state = {"kmr checkpoint": 1, "job": self.identity, "input file": self.stamp, "seed": seed,
+        state = {"kmr checkpoint": CHECKPOINT_VERSION, "job": self.identity, "input file": self.stamp, "seed": seed,
                  "runs": [dataclasses.asdict(run) for run in finished],
                  "current": None if progress is None else dataclasses.asdict(progress)}
         write_atomic(self.path, json.dumps(state) + "\n")
@@ -2706,13 +2689,15 @@ class Checkpoint:
         try:
             with open(where, encoding="utf-8") as saved_file:
                 saved = json.load(saved_file)
-            if saved.get("kmr checkpoint") != 1:
-                raise ValueError
+            version = saved.get("kmr checkpoint")
         except FileNotFoundError:
             raise InputError(f"--resume: there is no checkpoint in {self.data_dir} (no run of "
                              f"this job got past its start there): run without --resume") from None
         except (OSError, ValueError, AttributeError):
             raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
+        if version != CHECKPOINT_VERSION:
+            raise InputError(f"--resume: {where} is not a kmr checkpoint" if not isinstance(version, int) else
+                             f"--resume: {where} was written by another version of kmr: run without --resume")
         for key, value in self.identity.items():
             if saved["job"].get(key) != value:
                 raise InputError(f"--resume: {where} is of another job ({key} {saved['job'].get(key)} "
@@ -2722,8 +2707,12 @@ class Checkpoint:
         if saved["input file"] != self.stamp:
             raise InputError(f"--resume: {self.input_name} changed since {where} was written "
                              f"(size or modification time): run without --resume")
-        current = saved["current"] and restored(Progress, saved["current"])
-        return saved["seed"], [restored(RunResult, run) for run in saved["runs"]], current
+        try:
+            current = saved["current"] and restored(Progress, saved["current"])
+            return saved["seed"], [restored(RunResult, run) for run in saved["runs"]], current
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
+
 
 # ####################################################################################################
 # Master: prepare -> start workers -> sample -> each run -> the best -> write
@@ -2741,17 +2730,17 @@ class Plan:
     seeds: tuple            # one per run
     given_init: list        # the centroids of --init FILE, else None
     checkpoint: Checkpoint
-    resumed: tuple          # --resume: (runs done, the run under way or None); else None
 
 
 def prepare(options):
-    """The Plan: the input counted (not parsed: the mappers check it), the seeds decided, --init and
-    --resume read. Every input error found without reading the points is raised here."""
+    """(the Plan, the runs done, the run under way or None): the input counted (not parsed: the mappers
+    check it), the seeds decided, --init and --resume read. Every input error found without reading the
+    points is raised here."""
     stamp = input_stamp(options.input_path)   # before the count: a later change makes the checkpoint refuse
     checkpoint = Checkpoint(options.data_dir, job_identity(options), stamp, options.input_path)
-    resumed, seed = None, options.seed
+    seed, done, current = options.seed, [], None
     if options.resume:
-        seed, *resumed = checkpoint.restore(options.seed)
+        seed, done, current = checkpoint.restore(options.seed)
     if seed is None:
         seed = secrets.randbelow(2**32)
     derive = random.Random(seed)
@@ -2763,8 +2752,9 @@ def prepare(options):
     given_init = None
     if options.init not in ("random", "k-means++"):
         given_init = read_centroids(options.init, options.clusters, dim)
-    return Plan(os.path.abspath(options.input_path), points, dim, tuple(split_ranges(points, options.mappers)),
-                seeds, given_init, checkpoint, None if resumed is None else tuple(resumed))
+    plan = Plan(os.path.abspath(options.input_path), points, dim, tuple(split_ranges(points, options.mappers)),
+                seeds, given_init, checkpoint)
+    return plan, done, current
 
 
 def merge_samples(replies, options):
@@ -2851,39 +2841,39 @@ class Master:
 
     def __init__(self, options):
         self.options = options
-        self.record = JobRecord()
-        self.record.start()
-        self.plan = prepare(options)
+        self.recorder = Recorder()
+        self.recorder.start()
+        self.plan, self.runs, self.resumed_run = prepare(options)   # runs done, and one under way: --resume
         self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.runs = list(self.plan.resumed[0]) if self.plan.resumed else []   # RunResults of the runs done
         # workers this master spawns always require a token: a fresh one per run unless --token is set
         self.workers = Workers(options, options.token or secrets.token_hex(16),
-                               os.path.join(options.data_dir, "dump.txt"), self.record)
-        self.scheduler = TaskScheduler(self.workers, self.record,
+                               os.path.join(options.data_dir, "dump.txt"), self.recorder)
+        self.scheduler = TaskScheduler(self.workers, self.recorder,
                                        options.max_attempts or attempt_budget(options.fail_prob, task_runs(options)))
 
     @property
     def job(self):
         """The id of the run under way, as workers see it."""
-        return f"{self.job_base}-{self.record.run}"
+        return f"{self.job_base}-{self.recorder.run}"
 
     def run(self):
         """The job: start the workers, sample, each run, the best; returns a JobResult."""
         announce(self.options, self.plan, self.job_base, self.scheduler.max_attempts)
         startup, first_processes = self.start_workers()
         samples, plot_sample = self.sample()
-        sampling_events = dict(self.record.events)   # failures of the Sample pass count in run 1
-        current, earlier = self.resume_or_start_clean()
+        sampling_events = dict(self.recorder.counted())   # failures of the Sample pass count in run 1
+        earlier = self.resume_or_start_clean()
         for number, (seed, sample) in enumerate(zip(self.plan.seeds, samples), 1):
             if number > len(self.runs):
-                progress = current if current and current.number == number else None
+                resumed = self.resumed_run
+                progress = resumed if resumed and resumed.number == number else None
                 self.runs.append(self.run_once(number, seed, sample, progress, sampling_events))
         best = min(self.runs, key=lambda run: run.sse)   # the first of equals
         if self.options.restarts > 1:
             log.info("best: run %d (seed %d), SSE %.10g", self.runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
         return JobResult(best, self.runs, startup, self.plan.dim, self.plan.points, plot_sample,
-                         self.record.timeline(first_processes, earlier))
+                         self.recorder.timeline(first_processes, earlier))
 
     def start_workers(self):
         """Spawn or connect every worker; (seconds it took, who answered: role, address, PID)."""
@@ -2901,7 +2891,7 @@ class Master:
         options, plan = self.options, self.plan
         log.log(DETAIL, "=== read and check the input: one Sample per split ===")
 
-        def call(attempt):
+        def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
             request = pb.SampleRequest(job=self.job, task=attempt.task, attempt=attempt.number,
                                        input_path=plan.input_path, start=start, end=end, dim=plan.dim,
@@ -2909,43 +2899,43 @@ class Master:
                                        plot_points=options.plot_points, keep_text=not options.combine)
             return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
 
-        with self.record.span(SAMPLE_PASS):
-            done = self.scheduler.run(Stage("mapper", "Sample", SAMPLE_PASS), range(1, options.mappers + 1), {}, call)
+        with self.recorder.span(SAMPLE_PASS):
+            done = self.scheduler.run(Stage("mapper", "Sample", SAMPLE_PASS), range(1, options.mappers + 1), {}, send)
         return merge_samples([reply for _, (_, reply) in sorted(done.items())], options)
 
     def resume_or_start_clean(self):
         """Show the console's held lines (the input is checked); then either say where --resume goes
-        on, or remove an earlier job's files, which would pass for this one's. Returns (the run under
-        way or None, what an earlier master did for the timeline or None)."""
+        on, or remove an earlier job's files, which would pass for this one's. Returns what an earlier
+        master did, for the timeline (None when starting clean)."""
         release_console()
-        if self.plan.resumed is None:
+        if not self.options.resume:
             for stale in ("Mappers", "Reducers"):
                 shutil.rmtree(os.path.join(self.options.data_dir, stale), ignore_errors=True)
             self.plan.checkpoint.remove()
-            return None, None
-        current = self.plan.resumed[1]
+            return None
+        current = self.resumed_run
         log.info("resumed from %s: %d of %d runs done%s", self.plan.checkpoint.path, len(self.runs),
                  self.options.restarts, f"; run {current.number} continues after iteration "
                  f"{len(current.iterations)}" if current else "")
-        return current, {"runs": len(self.runs), "iterations": len(current.iterations) if current else 0}
+        return {"runs": len(self.runs), "iterations": len(current.iterations) if current else 0}
 
     def run_once(self, number, seed, sample, progress, sampling_events):
         """One complete K-means run from the initial centroids of this seed, or from where a
         checkpoint left it (`progress`); a checkpoint is written after every iteration."""
         options, rng = self.options, random.Random(seed)
         if progress is None:
-            self.record.begin_run(number, sampling_events if number == 1 else {})
+            self.recorder.begin_run(number, sampling_events if number == 1 else {})
             if self.plan.given_init is not None:
                 initial = self.plan.given_init
             elif options.init == "k-means++":
-                with self.record.span(SEEDING_PASS):
+                with self.recorder.span(SEEDING_PASS):
                     initial = kmeans_plus_plus(sample[0], options.clusters, lambda chosen: self.weigh(chosen, rng), rng)
             else:
                 initial = sample
-            progress = Progress(number, seed, [initial], events=dict(self.record.events))
+            progress = Progress(number, seed, [initial], events=dict(self.recorder.counted()))
             self.plan.checkpoint.save(self.plan.seeds[0], self.runs, progress)
         else:
-            self.record.begin_run(number, progress.events)
+            self.recorder.begin_run(number, progress.events)
         log.info("initial centroids (%s, seed %d): %s", options.init, seed, "  ".join(map(format_point, progress.initial)))
         if progress.iterations:
             log.info("resuming run %d after iteration %d: centroids %s", number, len(progress.iterations),
@@ -2954,7 +2944,7 @@ class Master:
             self.step(progress)
         sse, sizes = self.final_clusters(progress, rng)
         run = RunResult(seed, progress.iterations, progress.converged, sse, sizes, progress.history,
-                        dict(self.record.events))
+                        dict(self.recorder.counted()))
         self.plan.checkpoint.save(self.plan.seeds[0], self.runs + [run], None)
         if options.restarts > 1:
             log.info("run %d of %d: seed %d, %d iterations, SSE %.10g", number, options.restarts, seed,
@@ -2965,9 +2955,9 @@ class Master:
         """One iteration of a run, then its centroids.txt, checkpoint and console lines."""
         iteration = len(progress.iterations) + 1
         started = time.perf_counter()
-        before = collections.Counter(self.record.events)
+        before = self.recorder.counted()
         log.log(DETAIL, "=== iteration %d ===", iteration)
-        with self.record.span(iteration):
+        with self.recorder.span(iteration):
             new, moved, sse, sizes, phases = self.iterate(iteration, progress.centroids, progress.previous)
         shift = largest_shift(progress.centroids, new)
         progress.history.append(new)
@@ -2975,10 +2965,10 @@ class Master:
         seconds = time.perf_counter() - started
         phases["compile"] += seconds - sum(phases.values())   # writing centroids.txt is accounting too
         stats = IterationStats(iteration, shift, moved, sse, sizes, seconds, phases,
-                               dict(self.record.events - before))
+                               dict(self.recorder.counted() - before))
         progress.iterations.append(stats)
         progress.converged = shift <= self.options.tol
-        progress.events = dict(self.record.events)
+        progress.events = dict(self.recorder.counted())
         self.plan.checkpoint.save(self.plan.seeds[0], self.runs, progress)
         log.log(DETAIL, "iteration %d: centroids %s", iteration, "  ".join(map(format_point, new)))
         log.info("iteration %3d   shift %-11.6g moved %-9d SSE %-17.10g %7.3f s%s", iteration, shift, moved, sse,
@@ -3006,7 +2996,7 @@ class Master:
                     if worker.alive and not self.workers.answers(worker, self.options.heartbeat / 4):
                         self.workers.lose(worker, "its map output could not be fetched")
                 log.info("iteration %d: re-executing map tasks %s (output lost)", iteration, sorted(lost))
-                self.record.count("re-executions", len(lost))
+                self.recorder.count("re-executions", len(lost))
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous, map_attempts,
                                                   rerun=True))
         reduced = time.perf_counter()
@@ -3022,7 +3012,7 @@ class Master:
         """Map: run the given map tasks (again, when `rerun`: their output was lost); {task: (mapper, MapReply)}."""
         plan = self.plan
 
-        def call(attempt):
+        def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
             request = pb.MapRequest(job=self.job, iteration=iteration, task=attempt.task, attempt=attempt.number,
                                     input_path=plan.input_path, start=start, end=end,
@@ -3032,13 +3022,13 @@ class Master:
                 request.previous.CopyFrom(flatten(previous))
             return self.workers.call(attempt, "Map", request, f"task {attempt.task}")
 
-        return self.scheduler.run(Stage("mapper", "Map", iteration, rerun), tasks, attempts, call)
+        return self.scheduler.run(Stage("mapper", "Map", iteration, rerun), tasks, attempts, send)
 
     def reduce_stage(self, iteration, partitions, map_results, attempts):
         """Reduce + collect: {partition: ResultReply}, and the map tasks whose output was lost."""
         outputs = [pb.MapOutput(task=task, address=worker.address) for task, (worker, _) in sorted(map_results.items())]
 
-        def call(attempt):
+        def send(attempt):
             partition = attempt.task
             request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition, attempt=attempt.number,
                                        outputs=outputs, dim=self.plan.dim, clusters=self.options.clusters)
@@ -3048,12 +3038,12 @@ class Master:
                 if failed.kind != pb.MISSING_OUTPUT:
                     raise
                 return MissingOutput(set(failed.reply.missing_tasks))
-            self.record.collected(attempt.record)
+            self.recorder.collected(attempt.entry)
             return self.workers.call(attempt, "GetResult",
                                      pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
                                      f"partition {partition}")
 
-        done = self.scheduler.run(Stage("reducer", "Reduce", iteration), partitions, attempts, call)
+        done = self.scheduler.run(Stage("reducer", "Reduce", iteration), partitions, attempts, send)
         results = {p: reply for p, (_, reply) in done.items() if not isinstance(reply, MissingOutput)}
         lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
@@ -3063,7 +3053,7 @@ class Master:
         plan = self.plan
         seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
 
-        def call(attempt):
+        def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
             request = pb.WeighRequest(job=self.job, task=attempt.task, attempt=attempt.number,
                                       input_path=plan.input_path, start=start, end=end, centroids=flatten(centroids),
@@ -3071,7 +3061,7 @@ class Master:
             return self.workers.call(attempt, "Weigh", request, f"task {attempt.task}")
 
         stage = Stage("mapper", "Weigh", FINAL_PASS if count_clusters else SEEDING_PASS)
-        return {task: reply for task, (_, reply) in sorted(self.scheduler.run(stage, list(seeds), {}, call).items())}
+        return {task: reply for task, (_, reply) in sorted(self.scheduler.run(stage, list(seeds), {}, send).items())}
 
     def final_clusters(self, progress, rng):
         """The SSE and cluster sizes of a run's final centroids: what the last Map measured if they did
@@ -3079,7 +3069,7 @@ class Master:
         if progress.iterations and progress.iterations[-1].shift == 0.0:
             return progress.iterations[-1].sse, progress.iterations[-1].counts
         log.log(DETAIL, "=== final SSE and cluster sizes: weigh every split ===")
-        with self.record.span(FINAL_PASS):
+        with self.recorder.span(FINAL_PASS):
             replies = self.weigh(progress.centroids, rng, count_clusters=True).values()
         sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
         return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
@@ -3097,6 +3087,7 @@ def run_job(options):
     finally:
         master.workers.stop()
 
+
 # ####################################################################################################
 # Reports: the summary (JSON), the plot and the timeline (SVG), built from a JobResult
 # ####################################################################################################
@@ -3111,7 +3102,7 @@ def summary(result, options):
     identity = job_identity(options)
     return {
         "parameters": {"input": identity.pop("input"), "points": result.points, "dim": result.dim, **identity,
-                       "seed": result.runs[0].seed, "mappers": options.mapper_addrs or "spawned",
+                       "init": options.init, "seed": result.runs[0].seed, "mappers": options.mapper_addrs or "spawned",
                        "reducers": options.reducer_addrs or "spawned"},
         "startup_seconds": result.startup_seconds,
         "runs": [{"seed": run.seed, "iterations": len(run.iterations), "converged": run.converged,
@@ -3143,8 +3134,6 @@ def nice_ticks(low, high, count=6):
 def cluster_colour(key, clusters):
     """A colour per cluster, spread around the hue circle."""
     return f"hsl({round(360 * key / clusters)},70%,45%)"
-
-
 
 
 def plot_svg(result):
@@ -3232,9 +3221,9 @@ def span_label(span, short=False):
     """What the timeline calls a span: an iteration, the k-means++ rounds or the final SSE pass."""
     if span["iteration"] == SAMPLE_PASS:
         return "input" if short else "input check"
-    if span["iteration"] == 0:
+    if span["iteration"] == SEEDING_PASS:
         return "k-means++"
-    if span["iteration"] is None:
+    if span["iteration"] is FINAL_PASS:
         return "SSE" if short else "final SSE"
     return str(span["iteration"]) if short else f"iteration {span['iteration']}"
 
@@ -3565,7 +3554,7 @@ def axis_svg(axis, ticks, decimals, y, left, right):
 def timeline_svg(result):
     """An SVG of the job in time: a lane per worker (a respawned worker's new process in the same
     lane), a bar per attempt coloured by stage, marks where something went wrong, iteration
-    boundaries, a time axis and a legend (built from result.timeline, see JobRecord.timeline)."""
+    boundaries, a time axis and a legend (built from result.timeline, see Recorder.timeline)."""
     data = result.timeline
     spans = sorted(data["iterations"], key=lambda span: span["start"])
     attempts, losses = data["attempts"], data["losses"]
@@ -3615,8 +3604,6 @@ def timeline_svg(result):
     out += timeline_legend(bottom + 68)
     out.append("</svg>")
     return "\n".join(out) + "\n"
-
-
 
 
 # ####################################################################################################
@@ -3847,9 +3834,8 @@ def main(argv=None):
     def on_sigterm(signum, frame):
         raise Terminated()
 
-    if MISSING_MODULE is not None:
-        return report("the gRPC stubs are missing: run sh gen_pb.sh first" if MISSING_MODULE.startswith("kmeans_pb2")
-                      else f"{MISSING_MODULE} is not installed: python3 -m pip install -r requirements.txt", EXIT_RUNTIME)
+    if MISSING:
+        return report(MISSING, EXIT_RUNTIME)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args = parse_args(argv)
@@ -3876,8 +3862,6 @@ def report(error, code):
                 handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.ERROR}))
     print(message, file=sys.stderr)
     return code
-
-
 
 
 if __name__ == "__main__":

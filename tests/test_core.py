@@ -69,10 +69,18 @@ def test_split_ranges_cover_every_index_once_with_sizes_within_one(n_points, n_t
 
 # -- map --------------------------------------------------------------------------------------------
 
+def assign_clusters(columns, centroids):
+    """The compiled map, all points at once: keys, squared distances and each cluster's points by column."""
+    keys, distances, _ = kmr.two_nearest(columns, centroids)
+    members = [[[column[i] for i in indices] for column in columns]
+               for indices in kmr.indices_by_key(keys, len(centroids))]
+    return list(keys), list(distances), members
+
+
 @given(st.integers(1, 4).flatmap(lambda d: st.tuples(points_of(d), points_of(d, 8))))
-def test_assign_clusters_equals_nearest_point_by_point(data):
+def test_compiled_assignment_equals_nearest_point_by_point(data):
     points, centroids = data
-    keys, distances, members = kmr.assign_clusters(kmr.to_columns(points, len(points[0])), centroids)
+    keys, distances, members = assign_clusters(kmr.to_columns(points, len(points[0])), centroids)
     assert keys == [kmr.nearest(p, centroids) for p in points]
     assert distances == [kmr.squared_distance(p, centroids[k]) for p, k in zip(points, keys)]
     assert [[list(column) for column in member] for member in members] == \
@@ -81,17 +89,26 @@ def test_assign_clusters_equals_nearest_point_by_point(data):
 
 def test_ties_go_to_the_lowest_centroid_index():
     centroids = [(2.0, 0.0), (0.0, 0.0), (-2.0, 0.0), (0.0, 0.0)]
-    keys, _, _ = kmr.assign_clusters([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], centroids)
+    keys, _, _ = assign_clusters([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], centroids)
     assert keys == [0, 1, 1]   # (1,0) is as near to 0 as to 1; (-1,0) to 1, 2 and 3
+    assert [key for key, _, _ in kmr.map_points([(1.0, 0.0), (-1.0, 0.0), (0.0, 0.0)], centroids)] == [0, 1]
+
+
+@given(st.integers(1, 4).flatmap(lambda d: st.tuples(points_of(d), points_of(d, 8))))
+def test_textbook_map_groups_each_point_under_its_nearest_centroid(data):
+    points, centroids = data
+    expected = [(key, [p for p in points if kmr.nearest(p, centroids) == key]) for key in range(len(centroids))]
+    assert [(key, count, columns) for key, count, columns in kmr.map_points(points, centroids)] == \
+        [(key, len(group), kmr.to_columns(group, len(points[0]))) for key, group in expected if group]
 
 
 # -- partition, combine, shuffle-sort, reduce ------------------------------------------------------
 
-def test_assign_clusters_without_unrolling_equals_nearest(monkeypatch):
+def test_compiled_assignment_without_unrolling_equals_nearest(monkeypatch):
     monkeypatch.setattr(kmr, "MAX_UNROLLED", 0)   # the path for K*D too large to unroll
     points = [(0.0, 0.0), (1.0, 1.0), (5.0, 5.0), (2.5, 2.5)]
     centroids = [(0.0, 0.0), (5.0, 5.0), (0.0, 0.0)]
-    keys, distances, members = kmr.assign_clusters(kmr.to_columns(points, 2), centroids)
+    keys, distances, members = assign_clusters(kmr.to_columns(points, 2), centroids)
     assert keys == [kmr.nearest(p, centroids) for p in points] == [0, 0, 1, 0]
     assert distances == [0.0, 2.0, 0.0, 12.5]
     assert [[list(c) for c in m] for m in members] == [[[0.0, 1.0, 2.5], [0.0, 1.0, 2.5]], [[5.0], [5.0]], [[], []]]

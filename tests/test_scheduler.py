@@ -74,9 +74,9 @@ class ScriptedPool:
 def scheduler_for(script, workers=2, max_attempts=4):
     clock = FakeClock()
     pool = ScriptedPool(clock, script, workers)
-    record = kmr.JobRecord(clock)
+    record = kmr.Recorder(clock)
     record.start()
-    scheduler = kmr.TaskScheduler(pool, record, max_attempts, clock=clock, wait=pool.wait)
+    scheduler = kmr.TaskScheduler(pool, record, max_attempts, wait=pool.wait)
     return scheduler, pool, record
 
 

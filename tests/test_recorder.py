@@ -1,6 +1,6 @@
-"""The job record, the checkpoint and the master's accounting on their own: no processes, no gRPC calls.
+"""The recorder, the checkpoint and the master's accounting on their own: no processes, no gRPC calls.
 
-The JobRecord is the one place attempts, passes, losses and events are written; the timeline, the summary and
+The Recorder is the one place attempts, passes, losses and events are written; the timeline, the summary and
 the checkpoint read it. Here it is fed by hand with a fake clock and read back. The checkpoint is saved and
 restored through a real file, and refuses another job's. account_for_points is the iteration's invariant
 check, fed replies that lose or double-count points.
@@ -28,7 +28,7 @@ class FakeClock:
 
 def recorder():
     clock = FakeClock()
-    record = kmr.JobRecord(clock)
+    record = kmr.Recorder(clock)
     record.start()
     return record, clock
 
@@ -55,6 +55,7 @@ def test_every_way_an_attempt_ends_is_recorded_with_its_reason():
     cases = [
         (ended("reply"), "SUCCESS", ""),
         (ended(error=kmr.TaskFailed("injected failure", kmr.pb.INJECTED)), "FAILURE", "injected failure"),
+        (ended(error=kmr.TaskFailed("UNKNOWN: boom", None)), "FAILURE", "UNKNOWN: boom"),
         (ended(error=kmr.TaskFailed("stale attempt: a newer job or iteration ran", kmr.pb.STALE_ATTEMPT)),
          "stale", "stale attempt: a newer job or iteration ran"),
         (ended(error=kmr.WorkerLost("no heartbeat for 2 s")), "lost", "no heartbeat for 2 s"),
@@ -74,7 +75,7 @@ def test_every_way_an_attempt_ends_is_recorded_with_its_reason():
     assert attempts[0] == {"run": 1, "worker": "mapper 2", "address": "127.0.0.1:7002", "pid": 4242, "stage": "Map",
                            "task": 1, "iteration": 3, "attempt": 1, "backup": False, "rerun": False, "start": 0.0,
                            "collect": None, "end": 0.5, "outcome": "SUCCESS", "reason": ""}
-    assert attempts[-1]["end"] == 5.0 and still_running.ending is None
+    assert attempts[-1]["end"] == 0.5 * len(cases) + 2.0 and still_running.ending is None
 
 
 def test_a_successful_copy_that_did_not_win_is_shown_ignored():
@@ -102,7 +103,7 @@ def test_passes_losses_and_events_belong_to_the_run_under_way():
     with record.span(kmr.SEEDING_PASS):
         clock.now += 0.25
     lost = kmr.Worker("mapper", 1, "127.0.0.1:7001", pid=11)
-    record.worker_lost(lost, 11, record.now(), "no heartbeat for 2 s")
+    record.worker_lost(lost, "no heartbeat for 2 s")["new_pid"] = 12
     with record.span(1):
         clock.now += 2.0
     with record.span(kmr.FINAL_PASS):
@@ -112,7 +113,7 @@ def test_passes_losses_and_events_belong_to_the_run_under_way():
         {"run": 1, "iteration": -1, "start": 0.0, "end": 1.0}, {"run": 2, "iteration": 0, "start": 1.0, "end": 1.25},
         {"run": 2, "iteration": 1, "start": 1.25, "end": 3.25}, {"run": 2, "iteration": None, "start": 3.25, "end": 3.75}]
     assert timeline["losses"] == [{"run": 2, "worker": "mapper 1", "pid": 11, "time": 1.25,
-                                   "reason": "no heartbeat for 2 s", "new_pid": None}]
+                                   "reason": "no heartbeat for 2 s", "new_pid": 12}]
     assert timeline["resumed"] == {"runs": 1, "iterations": 0} and timeline["end"] == 3.75
     assert record.events == {"failures": 3, "workers lost": 1}   # run 1's own failure is not run 2's
 
@@ -163,17 +164,18 @@ def options_for(tmp_path, **given):
 
 
 def test_prepare_counts_the_input_and_fixes_the_plan(tmp_path):
-    plan = kmr.prepare(options_for(tmp_path, restarts=3))
+    plan, done, current = kmr.prepare(options_for(tmp_path, restarts=3))
+    assert done == [] and current is None
     assert (plan.points, plan.dim, plan.ranges, plan.input_path) == (3, 2, ((0, 2), (2, 3)), str(tmp_path / "points.txt"))
-    assert plan.seeds[0] == 9 and len(set(plan.seeds)) == 3 and plan.seeds == kmr.prepare(options_for(tmp_path, restarts=3)).seeds
-    assert plan.given_init is None and plan.resumed is None
+    assert plan.seeds[0] == 9 and len(set(plan.seeds)) == 3 and plan.seeds == kmr.prepare(options_for(tmp_path, restarts=3))[0].seeds
+    assert plan.given_init is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.points = 4
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     options = options_for(tmp_path)
-    plan = kmr.prepare(options)
+    plan, _, _ = kmr.prepare(options)
     history = [[(1.0, 2.0), (5.0, 6.0)], [(2.0, 3.0), (5.0, 6.0)]]
     stats = kmr.IterationStats(1, 1.4142135623730951, 1, 10.0, [2, 1], 0.01, {"map": 0.005}, {"failures": 1})
     done = kmr.RunResult(9, [stats], False, 8.0, [2, 1], history, {"failures": 1})
@@ -196,4 +198,10 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         changed.restore(None)
     plan.checkpoint.remove()
     with pytest.raises(kmr.InputError, match="there is no checkpoint"):
+        plan.checkpoint.restore(None)
+    (tmp_path / "Data" / kmr.CHECKPOINT).write_text(json.dumps({**saved, "kmr checkpoint": 1}))
+    with pytest.raises(kmr.InputError, match="was written by another version of kmr"):
+        plan.checkpoint.restore(None)
+    (tmp_path / "Data" / kmr.CHECKPOINT).write_text(json.dumps({**saved, "runs": [{"seed": 9}]}))
+    with pytest.raises(kmr.InputError, match="is not a kmr checkpoint"):
         plan.checkpoint.restore(None)
