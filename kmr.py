@@ -2467,8 +2467,27 @@ class AttemptEntry:
     won: bool = False       # its result is the one the master used
 
 
+class CentroidHistory:
+    """Named places in a run's `history` (the centroids before the first and after every iteration)."""
+
+    @property
+    def initial(self):
+        """The centroids the run started from."""
+        return self.history[0]
+
+    @property
+    def centroids(self):
+        """The latest centroids: where the run ended, or where its next iteration starts."""
+        return self.history[-1]
+
+    @property
+    def previous(self):
+        """The centroids before the last iteration (mappers count the points moved since); None at first."""
+        return self.history[-2] if len(self.history) > 1 else None
+
+
 @dataclass
-class RunResult:
+class RunResult(CentroidHistory):
     """One complete K-means run (one of --restarts)."""
 
     seed: int
@@ -2479,19 +2498,9 @@ class RunResult:
     history: list         # the centroids before the first and after every iteration
     events: dict          # failures and recoveries of the whole run, k-means++ and final SSE included
 
-    @property
-    def initial(self):
-        """The centroids the run started from."""
-        return self.history[0]
-
-    @property
-    def centroids(self):
-        """The run's final centroids."""
-        return self.history[-1]
-
 
 @dataclass
-class Progress:
+class Progress(CentroidHistory):
     """A run under way: all its next iteration and the reports need (what a checkpoint keeps)."""
 
     number: int           # which of --restarts, from 1
@@ -2500,21 +2509,6 @@ class Progress:
     iterations: list = field(default_factory=list)   # IterationStats
     converged: bool = False
     events: dict = field(default_factory=dict)
-
-    @property
-    def initial(self):
-        """The centroids the run started from."""
-        return self.history[0]
-
-    @property
-    def centroids(self):
-        """The centroids the next iteration starts from."""
-        return self.history[-1]
-
-    @property
-    def previous(self):
-        """The centroids before the last iteration (mappers count the points moved since); None at first."""
-        return self.history[-2] if len(self.history) > 1 else None
 
 
 def restored(kind, saved):

@@ -274,3 +274,13 @@ class Throttle:
             os.kill(self.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+class FakeClock:
+    """Time that moves only when a test moves it (the scheduler's and the recorder's clock in unit tests)."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now

@@ -13,17 +13,11 @@ import types
 
 import pytest
 
+from conftest import FakeClock
+
 import kmr
 
 MAP = kmr.Stage("mapper", "Map", 3)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 50.0
-
-    def __call__(self):
-        return self.now
 
 
 def recorder():

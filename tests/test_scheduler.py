@@ -12,19 +12,11 @@ import concurrent.futures
 
 import pytest
 
+from conftest import FakeClock
+
 import kmr
 
 MAP = kmr.Stage("mapper", "Map", 1)
-
-
-class FakeClock:
-    """Time that moves only when the scheduler waits."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 class ScriptedPool:
