@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import heapq
 import hmac
 import html
@@ -82,6 +83,7 @@ MAX_CLUSTERS = 100_000        # bound on K
 MAX_DIM = 4096                # bound on D
 MAX_RESTARTS = 1000
 BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
+IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins its content for a job
 
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
@@ -106,13 +108,21 @@ GRPC_OPTIONS = [
 ]
 # a worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task
 LOST = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
-REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED"})
-CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")
-MAX_SPLITS = 64          # parsed splits a mapper keeps (its own tasks, and tasks it took over)
+REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED",
+                      "RESOURCE_EXHAUSTED"})
+CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")   # where a --crash drill kills a worker mid-job
+START_CRASH = "start"    # ... or before it listens (the job then ends: a worker that cannot start is reported)
+MAX_SPLITS = 64          # parsed splits a mapper keeps per job (its own tasks, and tasks it took over)
+MAX_JOBS = 8             # default: jobs a standalone worker serves at once (--max-jobs)
+JOB_EXPIRY = 60.0        # default: seconds of silence after which a worker drops a job's state (--job-expiry)
+KEEP_ALIVE = 10.0        # seconds between the master's pings that keep its job's state on every worker
 MAX_CHANNELS = 256       # mapper channels a reducer keeps
 FETCHERS = 16            # partition streams a reducer reads at once
 REVIVE_EVERY = 10.0      # seconds between pings of a dead worker we did not spawn
-CONNECT_SECONDS = 30.0   # longest wait for a worker to answer at all (at start, after a respawn)
+CONNECT_SECONDS = 30.0   # longest wait for a worker we did not spawn to answer at all
+START_TIMEOUT = 300.0    # default: longest wait for a spawned worker that is alive to listen (--start-timeout)
+START_NOTICE = 3.0       # seconds after which the console says it is waiting for a spawned worker
+END_JOB_SECONDS = 2.0    # deadline of the EndJob calls that tell workers a job is over
 RPC_TIMEOUT = 300.0      # default deadline of a task RPC: a last resort, heartbeats act first
 HEARTBEAT = 2.0          # default seconds without a ping answer before a worker holding a task is lost
 
@@ -196,6 +206,18 @@ class OutputMissing(TaskRefused):
         self.tasks = tasks
 
 
+class InputChanged(Exception):
+    """The input is not the file its job pinned when it started: the job cannot go on."""
+
+
+class WorkerBusy(Exception):
+    """A worker serves as many jobs, or holds as much, as its bounds allow: a new job is refused."""
+
+
+class WriteFailed(OSError):
+    """A file could not be written (a full disk, say); `filename` is the file, not its temporary copy."""
+
+
 class TaskFailed(Exception):
     """A worker answered FAILURE (`kind`: a FailureKind), or a gRPC error that is neither a refusal nor
     a lost worker (`kind` None): the task is re-assigned, the worker stays."""
@@ -224,7 +246,8 @@ class HeldConsole(logging.StreamHandler):
         self.held = []
 
     def emit(self, record):
-        if self.held is None:
+        """Show a line, or hold it until let_go; a line marked urgent (the master is waiting) shows now."""
+        if self.held is None or getattr(record, "urgent", False):
             super().emit(record)
         else:
             self.held.append(record)
@@ -243,6 +266,21 @@ def release_console(show=True):
             handler.let_go(show)
 
 
+class DumpFile(logging.FileHandler):
+    """dump.txt: a line that cannot be written (a full disk) is said once on stderr, in one line, and
+    the job goes on (logging's default is a traceback per line)."""
+
+    warned = False
+
+    def handleError(self, record):
+        """One warning for the first line lost."""
+        if not self.warned:
+            self.warned = True
+            error = sys.exc_info()[1]
+            print(f"kmr: warning: cannot write {self.baseFilename}: {getattr(error, 'strerror', None) or error}: "
+                  "it misses lines from here on", file=sys.stderr)
+
+
 def setup_logging(role, log_path, console_level=logging.INFO):
     """Log lines prefixed by role and PID to stderr (from console_level) and, all of them (every
     RPC is a DEBUG line), appended to dump.txt."""
@@ -257,7 +295,7 @@ def setup_logging(role, log_path, console_level=logging.INFO):
     log.addHandler(console)
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        dump = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+        dump = DumpFile(log_path, mode="a", encoding="utf-8")
         dump.setFormatter(formatter)
         log.addHandler(dump)
 
@@ -914,16 +952,29 @@ def indices_by_key(keys, clusters, first=0):
 
 @dataclass
 class Split:
-    """A mapper's parsed split, kept across iterations and jobs while the file is unchanged."""
+    """A mapper's parsed split of one job's (pinned) input, kept across its iterations and runs."""
 
-    stamp: tuple
     columns: list           # array('d') per dimension: 8 bytes a coordinate
     texts: list = None      # each point's text, for the plain partition files
     magnitudes: tuple = None   # smallest nonzero and largest |coordinate| (see PRUNE_LIMITS)
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
     weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
-    weights_for: tuple = ()  # (job, how many centroids they were weighed against)
+    weights_for: tuple = ()  # (run, how many centroids they were weighed against)
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
+
+    def nbytes(self):
+        """About how much memory the split holds: coordinates, texts and its kept assignment."""
+        points, dim = len(self.columns[0]), len(self.columns)
+        size = 8 * dim * points + (self.text_bytes if self.texts is not None else 0)
+        state = self.assignment
+        if state is not None:
+            size += points * (state.keys.itemsize + 16) + (points * (8 * dim + 24) if state.buckets else 0)
+        return size
+
+    @functools.cached_property
+    def text_bytes(self):
+        """What the points' texts take (Python strings), once."""
+        return sum(map(len, self.texts)) + 49 * len(self.texts)
 
     @functools.cached_property
     def squares(self):
@@ -970,18 +1021,24 @@ def map_output(split, reducers, combine):
 
 
 def write_atomic(path, text):
-    """Write a whole file or nothing: a temporary file in the same folder, then rename over. The
-    temporary file is created 0666 less the umask, like any file the user creates."""
+    """Write a whole file or nothing: a temporary file in the same folder, then rename over, so the
+    previous file stays whole if anything fails (WriteFailed, naming `path`). The temporary file is
+    created 0666 less the umask, like any file the user creates."""
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".tmp-{secrets.token_hex(8)}")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise WriteFailed(error.errno, error.strerror, path) from None
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise WriteFailed(error.errno, error.strerror, path) from None
         raise
 
 
@@ -1021,13 +1078,12 @@ def open_text(path):
         raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
 
 
-def line_blocks(path):
-    """The file as blocks of about 1 MiB of lines, each with the line number of its first line."""
-    with open_text(path) as lines:
-        first = 1
-        while block := lines.readlines(BLOCK_BYTES):
-            yield first, block
-            first += len(block)
+def line_blocks(lines):
+    """An open text file as blocks of about 1 MiB of lines, each with the line number of its first line."""
+    first = 1
+    while block := lines.readlines(BLOCK_BYTES):
+        yield first, block
+        first += len(block)
 
 
 def parse_block(block, first_line, name, dim):
@@ -1060,37 +1116,42 @@ def count_points(path):
     only the first point is parsed, for D. Each mapper checks every line of its split when it first
     reads it (see Sample), so the whole file is still checked, once and in parallel."""
     count, dim = 0, None
-    for first_line, block in line_blocks(path):
-        if dim is None:
-            for number, line in enumerate(block, first_line):
-                if not line.isspace():
-                    dim = len(parse_point(line, f"{path}:{number}"))
-                    break
-        count += len(block) - sum(map(str.isspace, block))
+    with open_text(path) as lines:
+        for first_line, block in line_blocks(lines):
+            if dim is None:
+                for number, line in enumerate(block, first_line):
+                    if not line.isspace():
+                        dim = len(parse_point(line, f"{path}:{number}"))
+                        break
+            count += len(block) - sum(map(str.isspace, block))
     if count == 0:
         raise InputError(f"{path}: no points")
     return count, dim
 
 
-def read_split(path, start, end, dim, keep_text):
-    """Points [start, end) as D columns (and, if asked, each point's text), parsed and validated.
+def read_split(path, start, end, dim, keep_text, pinned):
+    """Points [start, end) as D columns (and, if asked, each point's text), parsed and validated,
+    from the file the job pinned (InputChanged if it is another one, before or after the read).
 
     Blocks before the split are only counted, so memory follows the split, not the file.
     """
     columns, texts = [array("d") for _ in range(dim)], []
     index = 0
-    for first_line, block in line_blocks(path):
-        if index >= end:
-            break
-        in_block = sum(1 for line in block if not line.isspace())
-        if in_block and index + in_block > start:
-            block_columns, _, lines = parse_block(block, first_line, path, dim)
-            low, high = max(0, start - index), min(in_block, end - index)
-            for column, values in zip(columns, block_columns):
-                column.extend(values[low:high])
-            if keep_text:
-                texts.extend("".join(line.split()) for line in lines[low:high])
-        index += in_block
+    with open_text(path) as lines:
+        check_identity(path, pinned, identity_of(lines.fileno()))
+        for first_line, block in line_blocks(lines):
+            if index >= end:
+                break
+            in_block = sum(1 for line in block if not line.isspace())
+            if in_block and index + in_block > start:
+                block_columns, _, kept = parse_block(block, first_line, path, dim)
+                low, high = max(0, start - index), min(in_block, end - index)
+                for column, values in zip(columns, block_columns):
+                    column.extend(values[low:high])
+                if keep_text:
+                    texts.extend("".join(line.split()) for line in kept[low:high])
+            index += in_block
+        check_identity(path, pinned, identity_of(lines.fileno()))   # not rewritten while we read
     if index < end:
         raise UnreadableInput(f"{path}: has {index} points, fewer than {end}")
     return columns, texts if keep_text else None
@@ -1107,13 +1168,54 @@ def read_centroids(path, clusters, dim):
     return centroids
 
 
-def input_stamp(path):
-    """The input's identity as a checkpoint keeps it: size and modification time."""
+def input_identity(path):
+    """The input's identity, pinned when a job starts: size, modification time (ns), device, inode
+    and a digest of its first and last IDENTITY_BLOCK bytes (a cheap check of the content)."""
     try:
-        status = os.stat(path)
+        with open(path, "rb") as raw:
+            return identity_of(raw.fileno())
     except OSError as error:
         raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
-    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def identity_of(descriptor):
+    """The identity of an open file (see input_identity)."""
+    status = os.fstat(descriptor)
+    ends = os.pread(descriptor, IDENTITY_BLOCK, 0) + \
+        os.pread(descriptor, IDENTITY_BLOCK, max(0, status.st_size - IDENTITY_BLOCK))
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "device": status.st_dev,
+            "inode": status.st_ino, "digest": hashlib.blake2b(ends, digest_size=16).hexdigest()}
+
+
+def identity_change(pinned, found, strict=False):
+    """How a file differs from its pinned identity ('size 120 -> 96'), or None. The same file (device
+    and inode) must not have changed at all; another file (a copy on another host, or one renamed over
+    it) must have the same size and the same first and last blocks, and with `strict` (a checkpoint's
+    input) the same modification time too."""
+    same_file = strict or (found["device"], found["inode"]) == (pinned["device"], pinned["inode"])
+    for key in ("size", "mtime_ns", "digest") if same_file else ("size", "digest"):
+        if key in found and found[key] != pinned[key]:
+            what = {"size": "size", "mtime_ns": "modified: mtime_ns",
+                    "digest": "content: its first or last 64 KiB differ"}[key]
+            return f"{what} {pinned[key]} -> {found[key]}" if key != "digest" else what
+    return None
+
+
+def check_identity(path, pinned, found=None):
+    """InputChanged unless the file at `path` is the pinned one: by its metadata while it is the same
+    file, by its content (size and digest) once it is another file. `found`: an identity already taken."""
+    if found is None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return   # gone from this host: reading it fails in its own words
+        found = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "device": status.st_dev,
+                 "inode": status.st_ino}
+        if (found["device"], found["inode"]) != (pinned["device"], pinned["inode"]):
+            found = input_identity(path)
+    change = identity_change(pinned, found)
+    if change:
+        raise InputChanged(f"{path} changed during the job ({change})")
 
 
 # ####################################################################################################
@@ -1210,6 +1312,17 @@ def success():
     return pb.Status(success=True)
 
 
+def identity_message(pinned):
+    """The input's pinned identity as a pb.InputIdentity."""
+    return pb.InputIdentity(**pinned)
+
+
+def identity_from(message):
+    """A pb.InputIdentity back as the dict input_identity gives."""
+    return {"size": message.size, "mtime_ns": message.mtime_ns, "device": message.device, "inode": message.inode,
+            "digest": message.digest}
+
+
 def failure(refused):
     """A FAILURE status from a TaskRefused: its kind (what the master branches on) and its words."""
     return pb.Status(success=False, kind=refused.kind, message=str(refused))
@@ -1260,14 +1373,15 @@ def connection_problem(error, tls):
     return None
 
 
-def await_calls(calls, silence, metadata):
+def await_calls(calls, silence, metadata, ping_request):
     """Wait until every call has ended, pinging each call's server meanwhile (heartbeats), and
     cancel the calls of a server that answered no ping for `silence` seconds.
 
     `calls` maps each call in flight (a gRPC future or response stream) to (its server's stub, its
     name). Pings start once a call has run silence/8 seconds, so quick calls cost none, and go one at
-    a time with a deadline of `silence`. A worker busy computing still answers: its gRPC threads
-    get the GIL between the bytecodes of the computing one. Returns the calls cancelled.
+    a time with a deadline of `silence`, each the `ping_request` (it names the job, which keeps the
+    job's state on the worker). A worker busy computing still answers: its gRPC threads get the GIL
+    between the bytecodes of the computing one. Returns the calls cancelled.
     """
     interval = silence / 8
     ended = threading.Event()
@@ -1292,7 +1406,7 @@ def await_calls(calls, silence, metadata):
                 silent.add(call)
             elif call not in pings and now - heard[call] >= interval:
                 log.debug("-> Ping (heartbeat) to %s", name)
-                pings[call] = stub.Ping.future(pb.PingRequest(), timeout=silence, metadata=metadata)
+                pings[call] = stub.Ping.future(ping_request, timeout=silence, metadata=metadata)
         ended.wait(interval)
         ended.clear()
     return silent
@@ -1316,6 +1430,10 @@ class WorkerSettings:
     crashes: dict = field(default_factory=dict)   # phase -> iteration in which to die by SIGKILL
     heartbeat: float = HEARTBEAT   # a mapper that answers no ping for this long while we fetch is lost
     tls: TlsFiles = None
+    max_jobs: int = MAX_JOBS       # jobs served at once; past it (or max_bytes held) a new job is refused
+    max_bytes: int = None          # memory of parsed splits and map outputs held (None: half the machine's)
+    job_expiry: float = JOB_EXPIRY  # a job whose master was silent this long is dropped
+    start_delay: float = 0.0       # a drill: seconds a spawned worker waits before it listens (a slow start)
 
     @classmethod
     def of(cls, flags, **given):
@@ -1354,28 +1472,19 @@ class FaultInjector:
 
 
 class Freshness:
-    """Tells a current attempt from a stale one: requests of an older job (one this worker has seen
-    replaced by a newer job) and of an older iteration of a task than one already seen are refused.
-    A worker therefore serves one master at a time."""
+    """Tells a job's current attempt from a stale one: an attempt of an older run, or of an older
+    iteration of a task than one already seen, is refused. Other jobs never make one stale."""
 
     def __init__(self):
-        self.job = None
-        self.superseded = set()
-        self.newest = {}   # task -> newest iteration seen in the current job
+        self.newest = {}   # task -> newest (run, iteration) seen
         self.lock = threading.RLock()   # held around "admit, then store", so the two stay together
 
-    def admit(self, job, task, iteration):
+    def admit(self, run, task, iteration):
         """Record the attempt; False when it is stale."""
         with self.lock:
-            if job in self.superseded:
+            if self.newest.get(task, (0, 0)) > (run, iteration):
                 return False
-            if job != self.job:
-                if self.job is not None:
-                    self.superseded.add(self.job)
-                self.job, self.newest = job, {}
-            if self.newest.get(task, 0) > iteration:
-                return False
-            self.newest[task] = iteration
+            self.newest[task] = (run, iteration)
             return True
 
 
@@ -1383,9 +1492,85 @@ class Freshness:
 class MapTaskOutput:
     """The partitions of one map task, kept in memory for the reducers to fetch."""
 
-    job: str
+    run: int
     iteration: int
     partitions: list   # per partition: list of PartitionChunk
+    nbytes: int        # what they take on the wire (and about what they hold)
+
+
+@dataclass
+class JobState:
+    """What a worker keeps for one master's job, apart from every other job's."""
+
+    fresh: Freshness = field(default_factory=Freshness)
+    splits: dict = field(default_factory=dict)    # mapper: (path, start, end, dim) -> Split, least recently used first
+    outputs: dict = field(default_factory=dict)   # mapper: map task -> MapTaskOutput
+    results: dict = field(default_factory=dict)   # reducer: partition -> (run, iteration, cluster means, per task)
+    heard: float = 0.0                            # when its master was last heard from (time.monotonic)
+    local_input: dict = None                      # mapper: this host's input file as first found to match the pin
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def held_bytes(self):
+        """About how much memory its parsed splits and map outputs take."""
+        with self.lock:
+            return sum(split.nbytes() for split in self.splits.values()) + \
+                sum(output.nbytes for output in self.outputs.values())
+
+
+class Jobs:
+    """The jobs one worker serves at once, each one's state apart, so no job's request is ever stale
+    because of another's. Workers share their cores between the jobs. A new job is refused (WorkerBusy)
+    once `max_jobs` are served or `max_bytes` are held; a job's state is dropped when its master ends it
+    or has been silent for `expiry` seconds, never to make room."""
+
+    def __init__(self, max_jobs, max_bytes, expiry, clock=time.monotonic):
+        if max_bytes is None:
+            max_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        self.max_jobs, self.max_bytes, self.expiry, self.clock = max_jobs, max_bytes, expiry, clock
+        self.states = {}   # job id -> JobState
+        self.lock = threading.Lock()
+
+    def state(self, job):
+        """The state of a job, a new one for a job new here unless the worker is full (WorkerBusy)."""
+        with self.lock:
+            now = self.clock()
+            self.expire(now)
+            state = self.states.get(job)
+            if state is None:
+                held = sum(other.held_bytes() for other in self.states.values())
+                if len(self.states) >= self.max_jobs or held >= self.max_bytes:
+                    raise WorkerBusy(f"busy: {counted(len(self.states), 'job')}, {held / 2**30:.1f} GiB of splits "
+                                     "held; try later or add workers")
+                state = self.states[job] = JobState()
+                log.info("job %s: served here (%s)", job, counted(len(self.states), "job"))
+            state.heard = now
+            return state
+
+    def find(self, job):
+        """The state of a job served here, or None; its master (or a reducer on its behalf) was heard."""
+        with self.lock:
+            state = self.states.get(job)
+            if state is not None:
+                state.heard = self.clock()
+            return state
+
+    def end(self, job):
+        """Drop a job's state: its master is done."""
+        with self.lock:
+            if self.states.pop(job, None) is not None:
+                log.info("job %s: ended by its master, its state dropped (%s left)", job,
+                         counted(len(self.states), "job"))
+
+    def expire(self, now):
+        """Drop the state of jobs whose master has been silent too long. Call with `lock` held."""
+        for job in [job for job, state in self.states.items() if now - state.heard > self.expiry]:
+            del self.states[job]
+            log.info("job %s: its master was silent for %g s, its state dropped", job, self.expiry)
+
+
+def file_error(error, verb):
+    """A FAILURE naming the file a worker could not read or write, and why, in kmr's words."""
+    return TaskRefused(pb.FILE_ERROR, f"cannot {verb} {error.filename}: {error.strerror}")
 
 
 @dataclass
@@ -1399,89 +1584,101 @@ class MapSummary:
 
 
 class MapperTasks:
-    """A mapper's tasks apart from gRPC: parsed splits and their kept assignments (Split), and the
-    map outputs reducers fetch. A split's first read checks every line of it."""
+    """A mapper's tasks apart from gRPC, for every job it serves: parsed splits and their kept
+    assignments (Split), and the map outputs reducers fetch. A split's first read checks every line
+    of it; every task checks that the input is still the file the job pinned."""
 
     def __init__(self, settings):
         self.settings = settings
-        self.fresh = Freshness()
-        self.lock = threading.Lock()
-        self.splits = {}    # (path, start, end, dim) -> Split, least recently used first
-        self.outputs = {}   # map task -> MapTaskOutput
+        self.jobs = Jobs(settings.max_jobs, settings.max_bytes, settings.job_expiry)
 
-    def split(self, path, start, end, dim, keep_text):
-        """A task's points: parsed on first use, then kept while the file's size and mtime hold
-        (for MAX_SPLITS splits at most: restarts and re-executed tasks reuse them)."""
-        status = os.stat(path)
-        stamp = (status.st_size, status.st_mtime_ns)
+    def load(self, state, task, span, pinned, dim, keep_text):
+        """The split of `span` (path, start, end) in a job's state: parsed on first use, then kept (for
+        MAX_SPLITS splits at most: restarts and re-executed tasks reuse them). This host's input must
+        match the job's `pinned` identity when first read, and stay that file. TaskRefused when this host
+        cannot read it (another mapper may) or the input changed; a bad line is an InputError."""
+        path, start, end = span
         key = (path, start, end, dim)
-        with self.lock:
-            split = self.splits.pop(key, None)
-        if split is None or split.stamp != stamp or (keep_text and split.texts is None):
-            columns, texts = read_split(path, start, end, dim, keep_text)
-            split = Split(stamp, columns, texts, coordinate_range(columns))
-        with self.lock:
-            self.splits[key] = split
-            while len(self.splits) > MAX_SPLITS:
-                del self.splits[next(iter(self.splits))]
-        return split
-
-    def load(self, task, span, dim, keep_text):
-        """The split of `span` (path, start, end); TaskRefused when this host cannot read it (another
-        mapper may). A bad line is an InputError: no mapper will do better."""
         try:
-            return self.split(*span, dim, keep_text)
-        except (OSError, UnreadableInput) as error:
+            if state.local_input is None:   # first read here: this host's file must be the pinned one
+                state.local_input = input_identity(path)
+                check_identity(path, pinned, state.local_input)
+            check_identity(path, state.local_input)
+            with state.lock:
+                split = state.splits.pop(key, None)
+            if split is None or (keep_text and split.texts is None):
+                columns, texts = read_split(path, start, end, dim, keep_text, state.local_input)
+                split = Split(columns, texts, coordinate_range(columns))
+        except InputChanged as error:
+            log.info("task %d: FAILURE %s", task, error)
+            raise TaskRefused(pb.INPUT_CHANGED, str(error)) from None
+        except UnreadableInput as error:
             log.info("task %d: FAILURE %s", task, error)
             raise TaskRefused(pb.UNREADABLE_INPUT, str(error)) from None
+        except OSError as error:
+            log.info("task %d: FAILURE cannot read %s: %s", task, path, error.strerror)
+            raise TaskRefused(pb.UNREADABLE_INPUT, f"cannot read {path}: {error.strerror}") from None
+        with state.lock:
+            state.splits[key] = split
+            while len(state.splits) > MAX_SPLITS:
+                del state.splits[next(iter(state.splits))]
+        return split
 
-    def admit(self, job, task, iteration):
-        """TaskRefused unless this is the newest attempt of a map task this mapper has seen."""
-        if not self.fresh.admit(job, task, iteration):
+    def admit(self, job, run, task, iteration):
+        """TaskRefused unless this is the newest attempt of a map task of its job seen here."""
+        if not self.jobs.state(job).fresh.admit(run, task, iteration):
             raise stale_attempt()
 
-    def map_task(self, job, task, iteration, span, reducers, combine, centroids, previous, still_wanted):
+    def map_task(self, job, run, task, iteration, span, pinned, reducers, combine, centroids, previous, still_wanted):
         """Map, for an admitted attempt: the split brought to `centroids` (from iteration 2 on, counting
         the points moved since `previous`), its partitions packed, written and kept for the reducers; a
         MapSummary. `still_wanted()` turns False once the master no longer waits (a backup won, or it left)."""
-        split = self.load(task, span, len(centroids[0]), not combine)
+        state = self.jobs.state(job)
+        split = self.load(state, task, span, pinned, len(centroids[0]), not combine)
         with split.lock:
             moved = split.assign(centroids, previous if iteration > 1 else None, keep_buckets=not combine)
             records, texts = map_output(split, reducers, combine)
-            state = split.assignment
+            assignment = split.assignment
             # packed now: plain records are the kept buckets, which the next step of this split changes
             chunks = [list(record_chunks(part, len(split.columns), not combine)) for part in records]
             sizes = [sum(count for _, count, _ in part) for part in records]
         if not still_wanted():
             raise TaskRefused(pb.ABANDONED, "cancelled")
-        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
-            if not self.fresh.admit(job, task, iteration):
+        with state.fresh.lock:   # a stale attempt must not overwrite a newer one's files or output
+            if not state.fresh.admit(run, task, iteration):
                 raise stale_attempt()
             folder = os.path.join(self.settings.data_dir, "Mappers", f"M{task}")
-            for number, text in enumerate(texts, 1):
-                write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
-            with self.lock:
-                self.outputs[task] = MapTaskOutput(job, iteration, chunks)
+            try:
+                for number, text in enumerate(texts, 1):
+                    write_atomic(os.path.join(folder, f"partition_{number}.txt"), text)
+            except OSError as error:
+                raise file_error(error, "write") from None
+            nbytes = sum(chunk.ByteSize() for part in chunks for chunk in part)
+            with state.lock:
+                state.outputs[task] = MapTaskOutput(run, iteration, chunks, nbytes)
         points = len(split.columns[0])
         log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved (%d examined, %d of them measured "
-                  "against other centroids)", task, points, sizes, moved, state.examined, state.rechecked)
-        return MapSummary(points, moved, sizes, state.sse_terms)
+                  "against other centroids)", task, points, sizes, moved, assignment.examined, assignment.rechecked)
+        return MapSummary(points, moved, sizes, assignment.sse_terms)
 
-    def output_of(self, job, iteration, task):
-        """The kept partitions of a map task's attempt in this job and iteration (None if not kept)."""
-        with self.lock:
-            output = self.outputs.get(task)
-        if output is None or (output.job, output.iteration) != (job, iteration):
+    def output_of(self, job, run, iteration, task):
+        """The kept partitions of a map task's attempt in this job, run and iteration (None if not kept)."""
+        state = self.jobs.find(job)
+        if state is None:
+            return None
+        with state.lock:
+            output = state.outputs.get(task)
+        if output is None or (output.run, output.iteration) != (run, iteration):
             return None
         return output.partitions
 
-    def sample_task(self, task, span, dim, clusters, seeds, plot_points, keep_text):
+    def sample_task(self, job, task, span, pinned, dim, clusters, seeds, plot_points, keep_text):
         """Sample: the split's first read and check, then per seed its K distinct points of lowest
         priority, and for the first seed `plot_points` points to plot; (draws, plot, the first bad
         line's error or "")."""
         path, start, end = span
         try:
-            split = self.load(task, span, dim, keep_text)
+            split = self.load(self.jobs.state(job), task, span, pinned, dim, keep_text)
         except InputError as error:   # a bad line: the job cannot run
             return [], [], str(error)
         draws, plot = [], []
@@ -1493,18 +1690,18 @@ class MapperTasks:
                 plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
         return draws, plot, ""
 
-    def weigh_task(self, job, task, span, centroids, draw_seed, count_clusters):
+    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters):
         """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
         D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead;
         (mass terms, candidate, counts)."""
-        split = self.load(task, span, len(centroids[0]), False)
+        split = self.load(self.jobs.state(job), task, span, pinned, len(centroids[0]), False)
         if count_clusters:
             with split.lock:
                 split.assign(centroids)
                 return split.assignment.sse_terms, [], split.assignment.counts
-        known = split.weights if split.weights_for == (job, len(centroids) - 1) else None
+        known = split.weights if split.weights_for == (run, len(centroids) - 1) else None
         weights = nearest_distances(split.columns, centroids, known)
-        split.weights, split.weights_for = weights, (job, len(centroids))
+        split.weights, split.weights_for = weights, (run, len(centroids))
         mass = exact_terms(weights)
         if not mass:
             return mass, [], []
@@ -1518,10 +1715,9 @@ class ReducerTasks:
 
     def __init__(self, settings):
         self.settings = settings
-        self.fresh = Freshness()
+        self.jobs = Jobs(settings.max_jobs, settings.max_bytes, settings.job_expiry)
         self.lock = threading.Lock()
-        self.channels = {}   # mapper address -> (channel, Mapper stub): one channel each, reused
-        self.results = {}    # partition -> (job, iteration, cluster means, points from each map task)
+        self.channels = {}   # mapper address -> (channel, Mapper stub): one channel each, reused, for every job
         self.fetchers = concurrent.futures.ThreadPoolExecutor(FETCHERS)   # pulls from many mappers at once
 
     def mapper(self, address):
@@ -1556,12 +1752,12 @@ class ReducerTasks:
                   output.address, len(records), 1000 * (time.perf_counter() - started))
         return records
 
-    def pull_partition(self, job, iteration, partition, outputs, dim, clusters, time_remaining):
+    def pull_partition(self, job, run, iteration, partition, outputs, dim, clusters, time_remaining):
         """The shuffle's input of a reduce task: its partition of every map output, FETCHERS streams at
         once, each heartbeating its mapper. TaskRefused when the attempt is stale; OutputMissing
         (naming the map tasks) when some map outputs cannot be had, reported while the master still
         waits (`time_remaining`: the call's seconds left, None for no deadline)."""
-        if not self.fresh.admit(job, partition, iteration):
+        if not self.jobs.state(job).fresh.admit(run, partition, iteration):
             raise stale_attempt()
         limit = self.settings.rpc_timeout if time_remaining is None else time_remaining
         deadline = time.monotonic() + min(self.settings.rpc_timeout, 0.6 * limit)
@@ -1573,13 +1769,14 @@ class ReducerTasks:
                 log.debug("-> GetPartition(task %d, partition %d) to mapper %s", output.task, partition,
                           output.address)
                 stub = self.mapper(output.address)
-                request = pb.PartitionRequest(job=job, iteration=iteration, task=output.task, partition=partition)
+                request = pb.PartitionRequest(job=job, run=run, iteration=iteration, task=output.task,
+                                              partition=partition)
                 stream = stub.GetPartition(request, timeout=max(0.05, deadline - time.monotonic()),
                                            metadata=metadata)
                 streams[stream] = (stub, f"mapper {output.address}")
             pulls = [self.fetchers.submit(self.fetch, output, stream, dim, clusters)
                      for output, stream in zip(outputs[low:low + FETCHERS], streams)]
-            await_calls(streams, self.settings.heartbeat, metadata)
+            await_calls(streams, self.settings.heartbeat, metadata, pb.PingRequest(job=job))
             fetched += [pull.result() for pull in pulls]
         missing = [output.task for output, records in zip(outputs, fetched) if records is None]
         if missing:
@@ -1587,26 +1784,33 @@ class ReducerTasks:
             raise OutputMissing(missing)
         return fetched
 
-    def reduce_partition(self, job, iteration, partition, fetched, dim):
+    def reduce_partition(self, job, run, iteration, partition, fetched, dim):
         """Reduce: shuffle-sort and average a partition's records; the reducer file is written and the
         result kept for GetResult."""
         per_task = [sum(count for _, count, _ in records) for records in fetched]
         cluster_means = [(key, group.count, reduce_cluster(group)) for key, group in shuffle_sort(fetched, dim)]
-        with self.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
-            if not self.fresh.admit(job, partition, iteration):
+        state = self.jobs.state(job)
+        with state.fresh.lock:   # a stale attempt must not overwrite a newer one's file or result
+            if not state.fresh.admit(run, partition, iteration):
                 raise stale_attempt()
-            write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
-                         format_reducer_output(cluster_means))
-            with self.lock:
-                self.results[partition] = (job, iteration, cluster_means, per_task)
+            try:
+                write_atomic(os.path.join(self.settings.data_dir, "Reducers", f"R{partition}.txt"),
+                             format_reducer_output(cluster_means))
+            except OSError as error:
+                raise file_error(error, "write") from None
+            with state.lock:
+                state.results[partition] = (run, iteration, cluster_means, per_task)
         log.debug("Reduce partition %d: SUCCESS %d clusters, %d points", partition, len(cluster_means),
                   sum(per_task))
 
-    def result(self, job, iteration, partition):
-        """(cluster means, points from each map task) of a partition's reduce in this job and iteration."""
-        with self.lock:
-            stored = self.results.get(partition)
-        if stored is None or stored[:2] != (job, iteration):
+    def result(self, job, run, iteration, partition):
+        """(cluster means, points from each map task) of a partition's reduce in this job, run and iteration."""
+        state = self.jobs.find(job)
+        stored = None
+        if state is not None:
+            with state.lock:
+                stored = state.results.get(partition)
+        if stored is None or stored[:2] != (run, iteration):
             raise TaskRefused(pb.NO_RESULT, f"no result for partition {partition} iteration {iteration}")
         return stored[2:]
 
@@ -1668,18 +1872,21 @@ def resolve_input(path, root):
 
 
 def input_span(request, root, context):
-    """(real path, start, end) of a request's split: a task and job given, the range upright and the
-    file below the input root."""
+    """((real path, start, end), pinned identity) of a request's split: a task and job given, the range
+    upright, the file below the input root and its identity given."""
     require(context, request.task >= 1 and request.job, "task and job are required")
     require(context, request.start <= request.end, f"inverted range [{request.start}, {request.end})")
+    require(context, request.HasField("input"), "the input's identity is required")
     path = resolve_input(request.input_path, root)
     require(context, path is not None, f"{request.input_path} is outside the input root", "PERMISSION_DENIED")
-    return path, request.start, request.end
+    return (path, request.start, request.end), identity_from(request.input)
 
 
 def task_rpc(response):
     """An RPC method whose TaskRefused is answered FAILURE with its kind (in the `response` message
-    type, by name) and whose InputError (the file is unlike what the master checked) refuses the call."""
+    type, by name); a file it cannot read or write is such a FAILURE, in kmr's words; a worker too busy
+    for a new job refuses the call (RESOURCE_EXHAUSTED), and so does an InputError (the file is unlike
+    what the master checked)."""
     def decorate(method):
         @functools.wraps(method)
         def rpc(self, request, context):
@@ -1687,10 +1894,28 @@ def task_rpc(response):
                 return method(self, request, context)
             except TaskRefused as refused:
                 return getattr(pb, response)(status=failure(refused))
+            except OSError as error:
+                log.info("%s: FAILURE %s: %s", method.__name__, error.filename, error.strerror)
+                return getattr(pb, response)(status=failure(file_error(error, "read or write")))
+            except WorkerBusy as busy:
+                require(context, False, str(busy), "RESOURCE_EXHAUSTED")
             except InputError as error:
                 require(context, False, str(error))
         return rpc
     return decorate
+
+
+def end_job(jobs, request):
+    """EndJob: the master is done with a job; its state here goes."""
+    jobs.end(request.job)
+    return pb.EndJobReply()
+
+
+def heard(jobs, request, role):
+    """Ping: this worker's role and PID; a ping that names a job (a heartbeat) keeps its state."""
+    if request.job:
+        jobs.find(request.job)
+    return pb.PingReply(role=role, pid=os.getpid())
 
 
 class MapperServicer:
@@ -1702,7 +1927,11 @@ class MapperServicer:
 
     def Ping(self, request, context):
         """This is a mapper, and its PID: what connects and heartbeats ask."""
-        return pb.PingReply(role="mapper", pid=os.getpid())
+        return heard(self.core.jobs, request, "mapper")
+
+    def EndJob(self, request, context):
+        """The master is done with a job: drop its splits and outputs."""
+        return end_job(self.core.jobs, request)
 
     @task_rpc("MapResponse")
     def Map(self, request, context):
@@ -1710,7 +1939,7 @@ class MapperServicer:
         task, iteration = request.task, request.iteration
         log.debug("Map task %d iteration %d attempt %d: points [%d, %d) of %s", task, iteration,
                   request.attempt, request.start, request.end, request.input_path)
-        span = input_span(request, self.core.settings.input_root, context)
+        span, pinned = input_span(request, self.core.settings.input_root, context)
         require(context, iteration >= 1, "iterations start at 1")
         require(context, 1 <= request.reducers <= MAX_WORKERS, f"R={request.reducers} out of range")
         require_centroids(context, request.centroids, "centroids")
@@ -1721,10 +1950,10 @@ class MapperServicer:
                     len(request.previous.values) == len(request.centroids.values), "previous: other shape")
             previous = unflatten(request.previous)
         self.faults.refuse(f"Map task {task}")
-        self.core.admit(request.job, task, iteration)
+        self.core.admit(request.job, request.run, task, iteration)
         self.faults.crash_point("map", iteration, context)
-        done = self.core.map_task(request.job, task, iteration, span, request.reducers, request.combine,
-                                  unflatten(request.centroids), previous, context.is_active)
+        done = self.core.map_task(request.job, request.run, task, iteration, span, pinned, request.reducers,
+                                  request.combine, unflatten(request.centroids), previous, context.is_active)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=done.points, moved=done.moved, partition_points=done.partition_points,
                             sse_terms=done.sse_terms)
@@ -1736,13 +1965,14 @@ class MapperServicer:
         centroids (and points to plot)."""
         log.debug("Sample task %d attempt %d: points [%d, %d) of %s", request.task, request.attempt,
                   request.start, request.end, request.input_path)
-        span = input_span(request, self.core.settings.input_root, context)
+        span, pinned = input_span(request, self.core.settings.input_root, context)
         require(context, 1 <= request.dim <= MAX_DIM and 1 <= request.clusters <= MAX_CLUSTERS,
                 f"dimension {request.dim} or K={request.clusters} out of range")
         require(context, len(request.seeds) <= MAX_RESTARTS, "too many seeds")
         self.faults.refuse(f"Sample task {request.task}")
-        draws, plot, input_error = self.core.sample_task(request.task, span, request.dim, request.clusters,
-                                                          request.seeds, request.plot_points, request.keep_text)
+        draws, plot, input_error = self.core.sample_task(request.job, request.task, span, pinned, request.dim,
+                                                         request.clusters, request.seeds, request.plot_points,
+                                                         request.keep_text)
         reply = pb.SampleReply(draws=[draw_message(drawn, request.dim) for drawn in draws],
                                plot=draw_message(plot, request.dim), input_error=input_error)
         return pb.SampleResponse(status=success(), reply=reply)
@@ -1752,18 +1982,19 @@ class MapperServicer:
         """Weigh one split against centroids: a k-means++ round, or the final SSE and cluster sizes."""
         log.debug("Weigh task %d attempt %d against %d centroids", request.task, request.attempt,
                   len(request.centroids.values) // max(1, request.centroids.dim))
-        span = input_span(request, self.core.settings.input_root, context)
+        span, pinned = input_span(request, self.core.settings.input_root, context)
         require_centroids(context, request.centroids, "centroids")
         self.faults.refuse(f"Weigh task {request.task}")
-        mass, candidate, counts = self.core.weigh_task(request.job, request.task, span, unflatten(request.centroids),
-                                                        request.draw_seed, request.count_clusters)
+        mass, candidate, counts = self.core.weigh_task(request.job, request.run, request.task, span, pinned,
+                                                       unflatten(request.centroids), request.draw_seed,
+                                                       request.count_clusters)
         reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts)
         return pb.WeighResponse(status=success(), reply=reply)
 
     def GetPartition(self, request, context):
         """Stream one partition of a map task's kept output to a reducer, in bounded chunks."""
         require(context, request.task >= 1 and request.partition >= 1, "task and partition start at 1")
-        partitions = self.core.output_of(request.job, request.iteration, request.task)
+        partitions = self.core.output_of(request.job, request.run, request.iteration, request.task)
         if partitions is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"no output of map task {request.task} iteration {request.iteration}")
@@ -1780,7 +2011,11 @@ class ReducerServicer:
 
     def Ping(self, request, context):
         """This is a reducer, and its PID: what connects and heartbeats ask."""
-        return pb.PingReply(role="reducer", pid=os.getpid())
+        return heard(self.core.jobs, request, "reducer")
+
+    def EndJob(self, request, context):
+        """The master is done with a job: drop its results."""
+        return end_job(self.core.jobs, request)
 
     @task_rpc("ReduceResponse")
     def Reduce(self, request, context):
@@ -1796,14 +2031,14 @@ class ReducerServicer:
         require(context, all(output.task >= 1 for output in request.outputs), "map tasks start at 1")
         self.faults.refuse(f"Reduce partition {partition}")
         try:
-            fetched = self.core.pull_partition(request.job, iteration, partition, request.outputs, request.dim,
-                                               request.clusters, context.time_remaining())
+            fetched = self.core.pull_partition(request.job, request.run, iteration, partition, request.outputs,
+                                               request.dim, request.clusters, context.time_remaining())
         except OutputMissing as missing:
             return pb.ReduceResponse(status=failure(missing), reply=pb.ReduceReply(missing_tasks=missing.tasks))
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
         self.faults.crash_point("reduce", iteration, context)
-        self.core.reduce_partition(request.job, iteration, partition, fetched, request.dim)
+        self.core.reduce_partition(request.job, request.run, iteration, partition, fetched, request.dim)
         self.faults.crash_point("after-reduce", iteration, context)
         return pb.ReduceResponse(status=success())
 
@@ -1811,7 +2046,7 @@ class ReducerServicer:
     def GetResult(self, request, context):
         """The kept result of a partition's reduce in this job and iteration: each cluster's count and
         mean, and how many points came from each map task (the master's accounting)."""
-        cluster_means, per_task = self.core.result(request.job, request.iteration, request.partition)
+        cluster_means, per_task = self.core.result(request.job, request.run, request.iteration, request.partition)
         reply = pb.ResultReply(clusters=[pb.ClusterMean(key=key, count=count, mean=mean)
                                          for key, count, mean in cluster_means], points_from_task=per_task)
         return pb.ResultResponse(status=success(), reply=reply)
@@ -1858,6 +2093,13 @@ def serve_until_stopped(server, handlers, should_stop, signals=(signal.SIGTERM, 
     log.info("stopped")
 
 
+def exit_status(code):
+    """How a process ended, in words: its exit code, or the signal that killed it."""
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def import_main_by_name():
     """Let spawned workers import this script as the module `kmr`, from its cached bytecode:
     multiprocessing imports the main module again in every child, by name if it has a spec, else by
@@ -1873,6 +2115,10 @@ def spawned_worker(role, index, settings, log_path, connection):
     """Entry point of a worker process the master spawns: serve, report the port, obey the master."""
     setup_logging(f"{role} {index}", log_path, console_level=logging.WARNING)
     parent = os.getppid()
+    if START_CRASH in settings.crashes:   # the drills: die before listening, or be slow to start
+        log.info("injected crash: SIGKILL at start")
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(settings.start_delay)
     try:
         server, port, handlers = start_server(role, "127.0.0.1", 0, settings)
     except InputError as error:
@@ -1923,8 +2169,9 @@ class Workers:
     workers we did not spawn again from time to time.
     """
 
-    def __init__(self, options, token, log_path, recorder):
+    def __init__(self, options, token, log_path, recorder, job):
         self.options = options
+        self.job = job   # the job's id: heartbeats name it, and EndJob ends it on workers we did not spawn
         self.token = token
         self.metadata = token_metadata(token)
         self.log_path = log_path
@@ -1934,6 +2181,7 @@ class Workers:
         self.pool = {"mapper": [], "reducer": []}
         self.returned = threading.Condition()   # notified when a lost worker answers again
         self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
+        self.stopped = threading.Event()   # set once the job is over: the keep-alive pings stop
         self.threads = None     # runs RPCs concurrently, made once the workers are up
 
     def submit(self, call, attempt):
@@ -1964,6 +2212,19 @@ class Workers:
         self.threads = concurrent.futures.ThreadPoolExecutor(len(self.every()) * 2)   # backups too
         for connected in [self.threads.submit(self.connect, worker) for worker in self.every()]:
             connected.result()   # all at once; the first problem, in worker order, is the one reported
+        threading.Thread(target=self.keep_alive, name="keep-alive", daemon=True).start()
+
+    def keep_alive(self):
+        """Ping every live worker, naming the job, every KEEP_ALIVE seconds until the job ends: a worker
+        keeps a job's state while its master is heard from, however long it waits for its next task
+        (a master that died stops pinging, and the job's state expires after the worker's --job-expiry)."""
+        while not self.stopped.wait(KEEP_ALIVE):
+            pings = [(worker, worker.stub.Ping.future(pb.PingRequest(job=self.job), timeout=KEEP_ALIVE / 2,
+                                                      metadata=self.metadata))
+                     for worker in self.every() if worker.alive and worker.stub is not None]
+            for worker, ping in pings:
+                log.debug("<- Ping (keep-alive) %s from %s", "SUCCESS" if ping.code() == grpc.StatusCode.OK
+                          else f"FAILURE {ping.code().name}", worker.name)
 
     def spawn(self, role, index, first=False):
         """Start one worker process; it reports its port through a pipe (see await_port).
@@ -1973,10 +2234,12 @@ class Workers:
         options = self.options
         crashes = {phase: iteration for r, i, phase, iteration in options.crashes
                    if first and (r, i) == (role, index)}
+        start_delay = sum(seconds for r, i, seconds in options.slow_starts if first and (r, i) == (role, index))
         settings = WorkerSettings.of(
             options, token=self.token,
             input_root=options.input_root or os.path.dirname(os.path.abspath(options.input_path)),
-            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index, crashes=crashes)
+            fail_seed=None if options.fail_seed is None else options.fail_seed * 1000 + index, crashes=crashes,
+            start_delay=start_delay)
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=spawned_worker, name=f"kmr-{role}-{index}",
                                        args=(role, index, settings, self.log_path, sender), daemon=True)
@@ -1989,14 +2252,26 @@ class Workers:
         return Worker(role, index, "", process, receiver=receiver)
 
     def await_port(self, worker):
-        """The address a spawned worker reports once it listens."""
+        """The address a spawned worker reports once it listens. Slow is not dead: a worker whose process
+        is alive is waited for (up to --start-timeout), and the console says so after a few seconds; one
+        that exited is reported at once, with how it ended."""
         receiver, worker.receiver = worker.receiver, None
+        process, started, told = worker.process, time.monotonic(), False
         try:
-            if not receiver.poll(CONNECT_SECONDS):
-                raise JobError(f"{worker.role} {worker.index} did not start in time")
+            while not receiver.poll(0.25):
+                waited = time.monotonic() - started
+                if self.stopping or waited >= self.options.start_timeout:
+                    raise JobError(f"{worker.role} {worker.index} (PID {process.pid}) did not start in {waited:.0f} s "
+                                   "although it is alive (see --start-timeout)")
+                if waited >= START_NOTICE and not told:
+                    told = True
+                    log.info("waiting for %s %d (PID %d) to start: alive, %.0f s so far", worker.role, worker.index,
+                             process.pid, waited, extra={"urgent": True})
             state, detail = receiver.recv()
         except EOFError:
-            raise JobError(f"{worker.role} {worker.index} exited while starting") from None
+            process.join(1.0)
+            raise JobError(f"{worker.role} {worker.index} (PID {process.pid}) exited while starting "
+                           f"({exit_status(process.exitcode)})") from None
         finally:
             receiver.close()
         if state != "ready":
@@ -2053,7 +2328,8 @@ class Workers:
         started = time.perf_counter()
         future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
                                                      metadata=self.metadata)
-        silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata)
+        silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata,
+                             pb.PingRequest(job=self.job))
         elapsed = 1000 * (time.perf_counter() - started)
         if silent:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: no heartbeat for %g s", what, elapsed, worker.name,
@@ -2065,6 +2341,8 @@ class Workers:
             code = error.code()
             log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
                     what, elapsed, worker.name, code.name, error.details())
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise JobError(f"{worker.name} is {error.details()}") from None
             if code.name in REFUSALS:
                 raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
             if code.name in LOST:
@@ -2073,6 +2351,8 @@ class Workers:
         if not response.status.success:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s", what, elapsed, worker.name,
                     response.status.message)
+            if response.status.kind == pb.INPUT_CHANGED:
+                raise JobError(f"{response.status.message}: start it again")
             raise TaskFailed(response.status.message, response.status.kind, response.reply)
         log.log(DETAIL, "  <- %s SUCCESS %9.1f ms   %s", what, elapsed, worker.name)
         return response.reply
@@ -2140,8 +2420,27 @@ class Workers:
                 self.returned.wait_for(lambda: self.live(role), timeout=0.5)
         return bool(self.live(role))
 
+    def end_job(self):
+        """Tell the live workers this master did not spawn that the job is over, so they drop its state
+        (each call bounded; one that does not hear it drops the job once its master has been silent
+        for its --job-expiry)."""
+        calls = []
+        for worker in self.every():
+            if worker.process is None and worker.alive and worker.stub is not None:
+                log.debug("-> EndJob to %s", worker.name)
+                calls.append((worker, worker.stub.EndJob.future(pb.EndJobRequest(job=self.job), timeout=END_JOB_SECONDS,
+                                                                metadata=self.metadata)))
+        for worker, call in calls:
+            try:
+                call.result()
+                log.debug("<- EndJob SUCCESS from %s", worker.name)
+            except grpc.RpcError as error:
+                log.debug("<- EndJob FAILURE from %s: %s", worker.name, error.code().name)
+
     def stop(self):
         """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
+        self.stopped.set()
+        self.end_job()
         self.stopping = True
         for worker in self.every():
             if worker.channel is not None:
@@ -2430,6 +2729,8 @@ class JobOptions:
     fail_prob: float = 0.0
     fail_seed: int = None
     crashes: list = field(default_factory=list)   # (role, index, phase, iteration) for spawned workers
+    slow_starts: list = field(default_factory=list)   # (role, index, seconds) a spawned worker waits before it listens
+    start_timeout: float = START_TIMEOUT   # longest wait for a spawned worker that is alive to listen
     resume: bool = False          # continue after the last complete iteration of the data dir's checkpoint
 
 
@@ -2656,17 +2957,17 @@ def job_identity(options):
 
 
 class Checkpoint:
-    """Data/checkpoint.json: the job's identity, its input's stamp, the seed, the runs done and the one
+    """Data/checkpoint.json: the job's identity, its input's pinned identity, the seed, the runs done and the one
     under way. --resume continues from it, and refuses one of another command or a changed input."""
 
-    def __init__(self, data_dir, identity, stamp, input_name):
+    def __init__(self, data_dir, identity, pinned, input_name):
         self.data_dir, self.input_name = data_dir, input_name
         self.path = os.path.join(data_dir, CHECKPOINT)
-        self.identity, self.stamp = identity, stamp
+        self.identity, self.pinned = identity, pinned
 
     def save(self, seed, finished, progress):
         """Write the checkpoint (atomically): the runs done (RunResults) and the one under way (Progress)."""
-        state = {"kmr checkpoint": CHECKPOINT_VERSION, "job": self.identity, "input file": self.stamp, "seed": seed,
+        state = {"kmr checkpoint": CHECKPOINT_VERSION, "job": self.identity, "input file": self.pinned, "seed": seed,
                  "runs": [dataclasses.asdict(run) for run in finished],
                  "current": None if progress is None else dataclasses.asdict(progress)}
         write_atomic(self.path, json.dumps(state) + "\n")
@@ -2698,9 +2999,13 @@ class Checkpoint:
                                  f"there, {value} here): run without --resume or with the same flags")
         if seed is not None and seed != saved["seed"]:
             raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, {seed} here)")
-        if saved["input file"] != self.stamp:
-            raise InputError(f"--resume: {self.input_name} changed since {where} was written "
-                             f"(size or modification time): run without --resume")
+        try:
+            change = identity_change(saved["input file"], self.pinned, strict=True)
+        except (KeyError, TypeError):
+            raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
+        if change:
+            raise InputError(f"--resume: {self.input_name} changed since {where} was written ({change}): "
+                             "run without --resume")
         try:
             current = saved["current"] and restored(Progress, saved["current"])
             return saved["seed"], [restored(RunResult, run) for run in saved["runs"]], current
@@ -2723,6 +3028,7 @@ class Plan:
     ranges: tuple           # [start, end) of each map task
     seeds: tuple            # one per run
     given_init: list        # the centroids of --init FILE, else None
+    pinned: dict            # the input's identity (input_identity) when the job started: every task checks it
     checkpoint: Checkpoint
 
 
@@ -2730,8 +3036,8 @@ def prepare(options):
     """(the Plan, the runs done, the run under way or None): the input counted (not parsed: the mappers
     check it), the seeds decided, --init and --resume read. Every input error found without reading the
     points is raised here."""
-    stamp = input_stamp(options.input_path)   # before the count: a later change makes the checkpoint refuse
-    checkpoint = Checkpoint(options.data_dir, job_identity(options), stamp, options.input_path)
+    pinned = input_identity(options.input_path)   # before the count: a later change is found by every task
+    checkpoint = Checkpoint(options.data_dir, job_identity(options), pinned, options.input_path)
     seed, done, current = options.seed, [], None
     if options.resume:
         seed, done, current = checkpoint.restore(options.seed)
@@ -2747,7 +3053,7 @@ def prepare(options):
     if options.init not in ("random", "k-means++"):
         given_init = read_centroids(options.init, options.clusters, dim)
     plan = Plan(os.path.abspath(options.input_path), points, dim, tuple(split_ranges(points, options.mappers)),
-                seeds, given_init, checkpoint)
+                seeds, given_init, pinned, checkpoint)
     return plan, done, current
 
 
@@ -2838,21 +3144,16 @@ class Master:
         self.recorder = Recorder()
         self.recorder.start()
         self.plan, self.runs, self.resumed_run = prepare(options)   # runs done, and one under way: --resume
-        self.job_base = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.job_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         # workers this master spawns always require a token: a fresh one per run unless --token is set
         self.workers = Workers(options, options.token or secrets.token_hex(16),
-                               os.path.join(options.data_dir, "dump.txt"), self.recorder)
+                               os.path.join(options.data_dir, "dump.txt"), self.recorder, self.job_id)
         self.scheduler = TaskScheduler(self.workers, self.recorder,
                                        options.max_attempts or attempt_budget(options.fail_prob, task_runs(options)))
 
-    @property
-    def job(self):
-        """The id of the run under way, as workers see it."""
-        return f"{self.job_base}-{self.recorder.run}"
-
     def run(self):
         """The job: start the workers, sample, each run, the best; returns a JobResult."""
-        announce(self.options, self.plan, self.job_base, self.scheduler.max_attempts)
+        announce(self.options, self.plan, self.job_id, self.scheduler.max_attempts)
         startup, first_processes = self.start_workers()
         samples, plot_sample = self.sample()
         sampling_events = dict(self.recorder.counted())   # failures of the Sample pass count in run 1
@@ -2887,10 +3188,10 @@ class Master:
 
         def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
-            request = pb.SampleRequest(job=self.job, task=attempt.task, attempt=attempt.number,
-                                       input_path=plan.input_path, start=start, end=end, dim=plan.dim,
-                                       clusters=options.clusters, seeds=plan.seeds,
-                                       plot_points=options.plot_points, keep_text=not options.combine)
+            request = pb.SampleRequest(job=self.job_id, task=attempt.task, attempt=attempt.number,
+                                       input_path=plan.input_path, start=start, end=end,
+                                       input=identity_message(plan.pinned), dim=plan.dim, clusters=options.clusters,
+                                       seeds=plan.seeds, plot_points=options.plot_points, keep_text=not options.combine)
             return self.workers.call(attempt, "Sample", request, f"task {attempt.task}")
 
         with self.recorder.span(SAMPLE_PASS):
@@ -3008,10 +3309,10 @@ class Master:
 
         def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
-            request = pb.MapRequest(job=self.job, iteration=iteration, task=attempt.task, attempt=attempt.number,
-                                    input_path=plan.input_path, start=start, end=end,
-                                    reducers=self.options.reducers, centroids=flatten(centroids),
-                                    combine=self.options.combine)
+            request = pb.MapRequest(job=self.job_id, run=self.recorder.run, iteration=iteration, task=attempt.task,
+                                    attempt=attempt.number, input_path=plan.input_path, start=start, end=end,
+                                    input=identity_message(plan.pinned), reducers=self.options.reducers,
+                                    centroids=flatten(centroids), combine=self.options.combine)
             if previous is not None:
                 request.previous.CopyFrom(flatten(previous))
             return self.workers.call(attempt, "Map", request, f"task {attempt.task}")
@@ -3024,8 +3325,9 @@ class Master:
 
         def send(attempt):
             partition = attempt.task
-            request = pb.ReduceRequest(job=self.job, iteration=iteration, partition=partition, attempt=attempt.number,
-                                       outputs=outputs, dim=self.plan.dim, clusters=self.options.clusters)
+            request = pb.ReduceRequest(job=self.job_id, run=self.recorder.run, iteration=iteration,
+                                       partition=partition, attempt=attempt.number, outputs=outputs, dim=self.plan.dim,
+                                       clusters=self.options.clusters)
             try:
                 self.workers.call(attempt, "Reduce", request, f"partition {partition}")
             except TaskFailed as failed:
@@ -3034,7 +3336,8 @@ class Master:
                 return MissingOutput(set(failed.reply.missing_tasks))
             self.recorder.collected(attempt.entry)
             return self.workers.call(attempt, "GetResult",
-                                     pb.ResultRequest(job=self.job, iteration=iteration, partition=partition),
+                                     pb.ResultRequest(job=self.job_id, run=self.recorder.run, iteration=iteration,
+                                                      partition=partition),
                                      f"partition {partition}")
 
         done = self.scheduler.run(Stage("reducer", "Reduce", iteration), partitions, attempts, send)
@@ -3049,8 +3352,9 @@ class Master:
 
         def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
-            request = pb.WeighRequest(job=self.job, task=attempt.task, attempt=attempt.number,
-                                      input_path=plan.input_path, start=start, end=end, centroids=flatten(centroids),
+            request = pb.WeighRequest(job=self.job_id, run=self.recorder.run, task=attempt.task,
+                                      attempt=attempt.number, input_path=plan.input_path, start=start, end=end,
+                                      input=identity_message(plan.pinned), centroids=flatten(centroids),
                                       draw_seed=seeds[attempt.task], count_clusters=count_clusters)
             return self.workers.call(attempt, "Weigh", request, f"task {attempt.task}")
 
@@ -3684,13 +3988,26 @@ def parse_args(argv=None):
                              "with T x P^A < 1e-6, T = M+R per iteration plus M per Weigh pass, times "
                              "restarts, so a drill fails by bad luck with probability below 1e-6)")
     master.add_argument("--crash", type=crash_spec, action="append", default=[], metavar="ROLE:I:PHASE:IT",
-                        help="make spawned worker I die by SIGKILL at PHASE (map, after-map, reduce, "
-                             "after-reduce) of iteration IT; repeatable (failure drills)")
+                        help="make spawned worker I die by SIGKILL at PHASE (start, map, after-map, reduce, "
+                             "after-reduce) of iteration IT (0 for start); repeatable (failure drills)")
+    master.add_argument("--slow-start", type=slow_start_spec, action="append", default=[], metavar="ROLE:I:S",
+                        help="make spawned worker I wait S seconds before it listens; repeatable (a drill)")
+    master.add_argument("--start-timeout", type=float, default=START_TIMEOUT, metavar="S",
+                        help="longest wait for a spawned worker that is alive to start listening (default 300; "
+                             "one that exits is reported at once)")
     worker = parser.add_argument_group("mapper and reducer")
     worker.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     worker.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free port)")
     worker.add_argument("--input-root", help="mappers read input only below this folder (default: the "
                                              "working directory; for spawned mappers the input's folder)")
+    worker.add_argument("--max-jobs", type=int, default=MAX_JOBS,
+                        help="jobs (masters) served at once; a further one is refused until one ends (default 8)")
+    worker.add_argument("--max-memory", type=float, metavar="GIB",
+                        help="refuse a new job while the jobs served hold this much in parsed splits and map "
+                             "outputs (default: half the machine's memory)")
+    worker.add_argument("--job-expiry", type=float, default=JOB_EXPIRY, metavar="S",
+                        help="drop the state of a job whose master has been silent this long (default 60; a "
+                             "running master pings its workers every 10 s)")
     shared = parser.add_argument_group("every role")
     shared.add_argument("--token", default=os.environ.get("KMR_TOKEN", ""),
                         help="shared secret every RPC must carry (default $KMR_TOKEN; none: no check)")
@@ -3706,13 +4023,16 @@ def parse_args(argv=None):
     checks = [("-M", args.M, 1, MAX_WORKERS), ("-R", args.R, 1, MAX_WORKERS), ("-K", args.K, 1, MAX_CLUSTERS),
               ("--restarts", args.restarts, 1, MAX_RESTARTS),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
-              ("--max-attempts", 1 if args.max_attempts is None else args.max_attempts, 1, 10**6)]
+              ("--max-attempts", 1 if args.max_attempts is None else args.max_attempts, 1, 10**6),
+              ("--max-jobs", args.max_jobs, 1, 1000)]
     for flag, value, low, high in checks:
         if not low <= value <= high:
             raise InputError(f"{flag} must be between {low} and {high}, got {value}")
     if not (math.isfinite(args.tol) and args.tol >= 0):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
-    for flag, value in (("--rpc-timeout", args.rpc_timeout), ("--heartbeat", args.heartbeat)):
+    for flag, value in (("--rpc-timeout", args.rpc_timeout), ("--heartbeat", args.heartbeat),
+                        ("--start-timeout", args.start_timeout), ("--job-expiry", args.job_expiry),
+                        ("--max-memory", 1.0 if args.max_memory is None else args.max_memory)):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{flag} must be > 0, got {value}")
     args.tls = tls_files(args)
@@ -3730,9 +4050,10 @@ def parse_args(argv=None):
     if args.role == "master" and args.input_root is not None and args.mapper_addrs is None and \
             resolve_input(os.path.abspath(args.input), args.input_root) is None:
         raise InputError(f"--input {args.input} is outside --input-root {args.input_root}")
-    for role, index, _, _ in args.crash:
+    for flag, role, index in [("--crash", role, index) for role, index, _, _ in args.crash] + \
+            [("--slow-start", role, index) for role, index, _ in args.slow_start]:
         if index > (args.M if role == "mapper" else args.R):
-            raise InputError(f"--crash {role}:{index}: there is no {role} {index}")
+            raise InputError(f"{flag} {role}:{index}: there is no {role} {index}")
     return args
 
 
@@ -3767,11 +4088,25 @@ def tls_files(args):
 def crash_spec(text):
     """'mapper:2:after-map:3' as ('mapper', 2, 'after-map', 3)."""
     parts = text.split(":")
-    if len(parts) != 4 or parts[0] not in ("mapper", "reducer") or parts[2] not in CRASH_PHASES \
+    if len(parts) != 4 or parts[0] not in ("mapper", "reducer") or parts[2] not in (START_CRASH, *CRASH_PHASES) \
             or not parts[1].isdigit() or not parts[3].isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not ROLE:INDEX:PHASE:ITERATION, PHASE one of "
-                                         f"{', '.join(CRASH_PHASES)}")
+                                         f"{', '.join((START_CRASH, *CRASH_PHASES))}")
     return parts[0], int(parts[1]), parts[2], int(parts[3])
+
+
+def slow_start_spec(text):
+    """'mapper:2:40' as ('mapper', 2, 40.0)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3 or parts[0] not in ("mapper", "reducer") or not parts[1].isdigit():
+            raise ValueError
+        seconds = float(parts[2])
+        if not 0 <= seconds <= 3600:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROLE:INDEX:SECONDS (0 to 3600)") from None
+    return parts[0], int(parts[1]), seconds
 
 
 def run_master(args):
@@ -3793,7 +4128,8 @@ def run_master(args):
                          rpc_timeout=args.rpc_timeout, heartbeat=args.heartbeat, tls=args.tls,
                          max_attempts=args.max_attempts, token=args.token,
                          input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
-                         fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume)
+                         fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume,
+                         slow_starts=args.slow_start, start_timeout=args.start_timeout)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
                (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result))]
@@ -3815,7 +4151,8 @@ def run_worker(args):
                       logging.DEBUG if args.verbose else logging.INFO)
     except OSError as error:
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
-    settings = WorkerSettings.of(args, input_root=args.input_root or os.getcwd())
+    settings = WorkerSettings.of(args, input_root=args.input_root or os.getcwd(),
+                                 max_bytes=None if args.max_memory is None else int(args.max_memory * 2**30))
     server, port, handlers = start_server(args.role, args.host, args.port, settings)
     log.info("%s listening on %s:%d%s", args.role, args.host, port, "" if args.token else " (no token)")
     print(f"{args.host}:{port}", flush=True)
@@ -3842,7 +4179,9 @@ def main(argv=None):
         return report("interrupted", EXIT_INTERRUPTED)
     except Terminated:
         return report("terminated", EXIT_TERMINATED)
-    except OSError as error:   # the data dir vanished, the disk filled up, ...
+    except WriteFailed as error:   # the disk filled up, ...: the previous file is still whole
+        return report(f"cannot write {error.filename}: {error.strerror}", EXIT_RUNTIME)
+    except OSError as error:   # the data dir vanished, ...
         return report(f"{error.filename or 'I/O'}: {error.strerror}", EXIT_RUNTIME)
 
 

@@ -140,7 +140,8 @@ class WorkerPool:
 def worker_pool(tmp_path_factory):
     """Five mappers and four reducers, started once per test session, reading below the temp root."""
     root = tmp_path_factory.mktemp("pool")
-    pool = WorkerPool(root, 5, 4, "--input-root", str(tmp_path_factory.getbasetemp()))
+    # many jobs share it, some (raw requests) never ended by a master: room for them until they expire
+    pool = WorkerPool(root, 5, 4, "--input-root", str(tmp_path_factory.getbasetemp()), "--max-jobs", "100")
     pool.root = root
     try:
         yield pool

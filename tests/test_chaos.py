@@ -15,7 +15,8 @@ import signal
 import time
 
 import kmr
-from conftest import MasterProcess, Throttle, centroid_lines, read_points, uniform_points, wait_for_line, write_points
+from conftest import MasterProcess, Throttle, WorkerPool, centroid_lines, read_points, uniform_points, wait_for_line, \
+    write_points
 
 RUNS = int(os.environ.get("KMR_CHAOS_RUNS", "12"))
 MAPPERS, REDUCERS, ITERATIONS = 3, 2, 6
@@ -109,3 +110,47 @@ def test_chaos_runs_all_end_with_the_fault_free_centroids(tmp_path):
         print(f"  {kind:26} {phase:13} {count:4}   worst recovery {worst:6.2f} s")
     print("  recoveries: " + ", ".join(f"{event} {count}" for event, count in recoveries.items()))
     assert len(every_fault) >= RUNS   # the drill really injected faults
+
+
+def test_two_jobs_at_once_on_shared_standalone_workers_survive_faults_exactly(tmp_path):
+    """The drill with two jobs at once on one pool of standalone workers, which answer FAILURE to 20 % of
+    tasks: with both masters frozen mid-run, a reducer is killed and a mapper hung (SIGSTOP) for 3 s; both
+    jobs go on past them and end with their fault-free centroids, and neither job's attempts are stale
+    because of the other's."""
+    jobs = {"a": (6000, 9, 6), "b": (4000, 10, 4)}
+    expected = {}
+    for name, (count, seed, clusters) in jobs.items():
+        (tmp_path / name).mkdir()
+        points = write_points(tmp_path / name / "points.txt", uniform_points(count, seed=seed))
+        init = write_points(tmp_path / name / "init.txt", read_points(points)[:clusters])
+        final, _ = kmr.kmeans_reference(read_points(points), read_points(init), 12)
+        expected[name] = centroid_lines(kmr.format_centroids(final))
+    pool = WorkerPool(tmp_path, 3, 3, "--fail-prob", "0.2", "--fail-seed", "3", "--input-root", str(tmp_path))
+    masters = {}
+    try:
+        for name, (_, _, clusters) in jobs.items():
+            masters[name] = MasterProcess(
+                "--role", "master", "-M", 3, "-R", 3, "-K", clusters, "-n", 12, "--init", tmp_path / name / "init.txt",
+                "--input", tmp_path / name / "points.txt", "--data-dir", tmp_path / name / "Data", "--fail-prob", 0.2,
+                "--mapper-addrs", ",".join(pool.mappers), "--reducer-addrs", ",".join(pool.reducers), cwd=tmp_path)
+        for name, master in masters.items():
+            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"\] === iteration 2 ===", process=master.process)
+            master.process.send_signal(signal.SIGSTOP)
+        hung, killed = pool.workers[0].process, pool.workers[5].process   # mapper 1, reducer 3
+        hung.send_signal(signal.SIGSTOP)
+        killed.send_signal(signal.SIGKILL)
+        for master in masters.values():
+            master.process.send_signal(signal.SIGCONT)
+        time.sleep(3.0)
+        hung.send_signal(signal.SIGCONT)
+        outcomes = {name: master.finish(timeout=120) for name, master in masters.items()}
+    finally:
+        for master in masters.values():
+            master.process.send_signal(signal.SIGCONT)
+            master.stop()
+        pool.stop()
+    for name, (code, stdout, stderr) in outcomes.items():
+        dump = (tmp_path / name / "Data" / "dump.txt").read_text()
+        assert code == 0, stderr[-2000:]
+        assert centroid_lines(stdout) == expected[name], name
+        assert "marked dead" in dump and "stale attempt" not in dump

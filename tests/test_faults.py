@@ -118,19 +118,21 @@ def test_task_runs_counts_the_sample_pass_and_every_map_reduce_and_weigh_task_of
 
 
 def test_failure_that_does_not_go_away_ends_the_drill_with_one_line(tmp_path):
-    """The input vanishes under the mappers mid-run (every try of every map task now fails for a
-    reason no retry mends): even with the large budget of a 0.9 drill the run ends, exit 1, one line."""
+    """The mappers' output folder turns into a file mid-run (every try of every map task now fails for a
+    reason no retry mends): even with the large budget of a 0.9 drill the run ends, exit 1, one line,
+    in kmr's words. (An input emptied under the job ends it at once instead: see test_pool.py.)"""
     master, _ = long_run(tmp_path, "--fail-prob", 0.9, "--fail-seed", 2)
     try:
         wait_for_line(tmp_path / "out" / "dump.txt", r"map task ranges", process=master.process)
-        (tmp_path / "points.txt").write_text("")
+        shutil.rmtree(tmp_path / "out" / "Mappers", ignore_errors=True)
+        (tmp_path / "out" / "Mappers").write_text("not a folder")
         code, stdout, stderr = master.finish(timeout=120)
     finally:
         master.stop()
     assert code == 1 and stdout == "" and "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("kmr: error:")]
-    assert len(errors) == 1 and re.search(r"mapper task \d failed 171 times: .*points.txt: has 0 points",
-                                          errors[0]), errors
+    assert len(errors) == 1 and re.search(r"mapper task \d failed 171 times: .*cannot write \S*/out/Mappers/M\d/"
+                                          r"partition_\d.txt: Not a directory", errors[0]), errors
     written = tmp_path / "out" / "centroids.txt"
     assert not written.exists() or len(read_points(written)) == 8   # whole iterations only
 

@@ -182,11 +182,11 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     assert runs[0].initial == history[0] and runs[0].centroids == history[1] and current.previous is None
     with pytest.raises(kmr.InputError, match=r"is of another job \(seed 9 there, 10 here\)"):
         plan.checkpoint.restore(10)
-    other = kmr.Checkpoint(options.data_dir, {**kmr.job_identity(options), "K": 3}, plan.checkpoint.stamp, "points.txt")
+    other = kmr.Checkpoint(options.data_dir, {**kmr.job_identity(options), "K": 3}, plan.checkpoint.pinned, "points.txt")
     with pytest.raises(kmr.InputError, match=r"is of another job \(K 2 there, 3 here\)"):
         other.restore(None)
     (tmp_path / "points.txt").write_text("1,2\n3,4\n5,6\n7,8\n")
-    changed = kmr.Checkpoint(options.data_dir, kmr.job_identity(options), kmr.input_stamp(options.input_path),
+    changed = kmr.Checkpoint(options.data_dir, kmr.job_identity(options), kmr.input_identity(options.input_path),
                              "points.txt")
     with pytest.raises(kmr.InputError, match="points.txt changed since"):
         changed.restore(None)

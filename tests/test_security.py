@@ -8,12 +8,14 @@ ports are used (the one exception only *connects* to another local address of th
 prove a worker cannot be reached there).
 """
 
+import functools
 import ipaddress
 import math
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -77,11 +79,19 @@ def centroids(*rows):
 
 def map_request(input_path, **changes):
     """A valid map task over all of POINTS (a fresh job each time) with some fields changed."""
-    fields = dict(job=f"test-{uuid.uuid4().hex[:8]}", iteration=1, task=1, attempt=1,
-                  input_path=str(input_path), start=0, end=len(POINTS), reducers=2,
+    fields = dict(job=f"test-{uuid.uuid4().hex[:8]}", run=1, iteration=1, task=1, attempt=1,
+                  input_path=str(input_path), start=0, end=len(POINTS), reducers=2, input=points_identity(),
                   centroids=centroids((0.0, 0.0), (9.0, 2.0)))
     fields.update(changes)
     return pb.MapRequest(**fields)
+
+
+@functools.cache
+def points_identity():
+    """The pinned identity of a file of POINTS: every copy of it (each test folder has one) matches it."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_points(Path(folder) / "points.txt", POINTS)
+        return kmr.identity_message(kmr.input_identity(Path(folder) / "points.txt"))
 
 
 def reduce_request(**changes):
@@ -93,7 +103,7 @@ def reduce_request(**changes):
 
 
 def partition_request(job="test-none", iteration=1, task=1, partition=1):
-    return pb.PartitionRequest(job=job, iteration=iteration, task=task, partition=partition)
+    return pb.PartitionRequest(job=job, run=1, iteration=iteration, task=task, partition=partition)
 
 
 def assert_one_error_line(result, code=1):
