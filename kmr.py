@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import heapq
@@ -39,12 +40,14 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import operator
 import os
 import random
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import sys
@@ -94,7 +97,7 @@ PRIORITY_BLOCK = 4096            # points whose random priorities come from one 
 
 # files
 CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
-CHECKPOINT_VERSION = 2           # 1: before runs kept only their centroid history
+CHECKPOINT_VERSION = 3           # 1: runs kept more than their centroid history; 2: the input's size and mtime only
 PLOT_POINTS = 3000               # input points the master samples for --plot
 
 # the wire and the workers
@@ -108,8 +111,7 @@ GRPC_OPTIONS = [
 ]
 # a worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task
 LOST = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
-REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED",
-                      "RESOURCE_EXHAUSTED"})
+REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED"})
 CRASH_PHASES = ("map", "after-map", "reduce", "after-reduce")   # where a --crash drill kills a worker mid-job
 START_CRASH = "start"    # ... or before it listens (the job then ends: a worker that cannot start is reported)
 MAX_SPLITS = 64          # parsed splits a mapper keeps per job (its own tasks, and tasks it took over)
@@ -296,6 +298,7 @@ def setup_logging(role, log_path, console_level=logging.INFO):
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         dump = DumpFile(log_path, mode="a", encoding="utf-8")
+        dump.warned = " " in role   # a spawned worker ("mapper 2"): its master says it
         dump.setFormatter(formatter)
         log.addHandler(dump)
 
@@ -963,12 +966,14 @@ class Split:
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
     def nbytes(self):
-        """About how much memory the split holds: coordinates, texts and its kept assignment."""
+        """About how much memory the split holds: coordinates, texts, its kept assignment and weights."""
         points, dim = len(self.columns[0]), len(self.columns)
         size = 8 * dim * points + (self.text_bytes if self.texts is not None else 0)
         state = self.assignment
         if state is not None:
             size += points * (state.keys.itemsize + 16) + (points * (8 * dim + 24) if state.buckets else 0)
+        if self.weights is not None:
+            size += 32 * len(self.weights)   # a list of floats, kept between k-means++ rounds
         return size
 
     @functools.cached_property
@@ -1131,27 +1136,32 @@ def count_points(path):
 
 def read_split(path, start, end, dim, keep_text, pinned):
     """Points [start, end) as D columns (and, if asked, each point's text), parsed and validated,
-    from the file the job pinned (InputChanged if it is another one, before or after the read).
+    from the very file `pinned` (InputChanged if it is another one or changed, before or after the read).
 
     Blocks before the split are only counted, so memory follows the split, not the file.
     """
     columns, texts = [array("d") for _ in range(dim)], []
     index = 0
     with open_text(path) as lines:
-        check_identity(path, pinned, identity_of(lines.fileno()))
+        check_unchanged(path, pinned, identity_of(lines.fileno()))
         for first_line, block in line_blocks(lines):
             if index >= end:
                 break
             in_block = sum(1 for line in block if not line.isspace())
             if in_block and index + in_block > start:
-                block_columns, _, kept = parse_block(block, first_line, path, dim)
+                try:
+                    block_columns, _, kept = parse_block(block, first_line, path, dim)
+                except InputError:   # a bad line, or the file rewritten while we read it
+                    check_unchanged(path, pinned, identity_of(lines.fileno()))
+                    check_unchanged(path, pinned)
+                    raise
                 low, high = max(0, start - index), min(in_block, end - index)
                 for column, values in zip(columns, block_columns):
                     column.extend(values[low:high])
                 if keep_text:
                     texts.extend("".join(line.split()) for line in kept[low:high])
             index += in_block
-        check_identity(path, pinned, identity_of(lines.fileno()))   # not rewritten while we read
+        check_unchanged(path, pinned, identity_of(lines.fileno()))   # not rewritten while we read
     if index < end:
         raise UnreadableInput(f"{path}: has {index} points, fewer than {end}")
     return columns, texts if keep_text else None
@@ -1169,8 +1179,8 @@ def read_centroids(path, clusters, dim):
 
 
 def input_identity(path):
-    """The input's identity, pinned when a job starts: size, modification time (ns), device, inode
-    and a digest of its first and last IDENTITY_BLOCK bytes (a cheap check of the content)."""
+    """The input's identity, pinned when a job starts: the host (name and boot), size, modification time
+    (ns), device, inode and a digest of its first and last IDENTITY_BLOCK bytes (a cheap content check)."""
     try:
         with open(path, "rb") as raw:
             return identity_of(raw.fileno())
@@ -1178,42 +1188,60 @@ def input_identity(path):
         raise UnreadableInput(f"cannot read {path}: {error.strerror}") from None
 
 
+@functools.cache
+def this_host():
+    """This machine as an identity names it: host name and boot id (device and inode numbers are only
+    comparable on one host, since one boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            return f"{socket.gethostname()}/{boot.read().strip()}"
+    except OSError:
+        return socket.gethostname()
+
+
 def identity_of(descriptor):
     """The identity of an open file (see input_identity)."""
     status = os.fstat(descriptor)
     ends = os.pread(descriptor, IDENTITY_BLOCK, 0) + \
         os.pread(descriptor, IDENTITY_BLOCK, max(0, status.st_size - IDENTITY_BLOCK))
-    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "device": status.st_dev,
+    return {"host": this_host(), "size": status.st_size, "mtime_ns": status.st_mtime_ns, "device": status.st_dev,
             "inode": status.st_ino, "digest": hashlib.blake2b(ends, digest_size=16).hexdigest()}
 
 
-def identity_change(pinned, found, strict=False):
-    """How a file differs from its pinned identity ('size 120 -> 96'), or None. The same file (device
-    and inode) must not have changed at all; another file (a copy on another host, or one renamed over
-    it) must have the same size and the same first and last blocks, and with `strict` (a checkpoint's
-    input) the same modification time too."""
-    same_file = strict or (found["device"], found["inode"]) == (pinned["device"], pinned["inode"])
-    for key in ("size", "mtime_ns", "digest") if same_file else ("size", "digest"):
+def same_file(pinned, found):
+    """Whether two identities name the very same file (host, device and inode)."""
+    return all(found[key] == pinned[key] for key in ("host", "device", "inode"))
+
+
+def identity_change(pinned, found, keys=None):
+    """How a file differs from a pinned identity ('size 120 -> 96'), or None, compared by `keys`: by
+    default everything for the same file and its content (size, first and last blocks) for another
+    one, such as a copy of the input on another host."""
+    if keys is None:
+        keys = ("size", "mtime_ns", "digest") if same_file(pinned, found) else ("size", "digest")
+    for key in keys:
         if key in found and found[key] != pinned[key]:
-            what = {"size": "size", "mtime_ns": "modified: mtime_ns",
-                    "digest": "content: its first or last 64 KiB differ"}[key]
-            return f"{what} {pinned[key]} -> {found[key]}" if key != "digest" else what
+            if key == "size":
+                return f"size {pinned[key]} -> {found[key]}"
+            if key == "mtime_ns":
+                return f"modified at {time.strftime('%H:%M:%S', time.localtime(found[key] / 1e9))}: touched or rewritten"
+            return "content: its first or last 64 KiB differ"
     return None
 
 
-def check_identity(path, pinned, found=None):
-    """InputChanged unless the file at `path` is the pinned one: by its metadata while it is the same
-    file, by its content (size and digest) once it is another file. `found`: an identity already taken."""
+def check_unchanged(path, local, found=None):
+    """InputChanged unless the file at `path` is still the very file `local` (this host's input as
+    first read): the same device and inode, size and modification time (and digest, with `found`)."""
     if found is None:
         try:
             status = os.stat(path)
         except OSError:
             return   # gone from this host: reading it fails in its own words
-        found = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "device": status.st_dev,
-                 "inode": status.st_ino}
-        if (found["device"], found["inode"]) != (pinned["device"], pinned["inode"]):
-            found = input_identity(path)
-    change = identity_change(pinned, found)
+        found = {"host": local["host"], "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+                 "device": status.st_dev, "inode": status.st_ino}
+    if not same_file(local, found):
+        raise InputChanged(f"{path} changed during the job (replaced: another file is at its path)")
+    change = identity_change(local, found, ("size", "mtime_ns", "digest"))
     if change:
         raise InputChanged(f"{path} changed during the job ({change})")
 
@@ -1319,8 +1347,8 @@ def identity_message(pinned):
 
 def identity_from(message):
     """A pb.InputIdentity back as the dict input_identity gives."""
-    return {"size": message.size, "mtime_ns": message.mtime_ns, "device": message.device, "inode": message.inode,
-            "digest": message.digest}
+    return {"host": message.host, "size": message.size, "mtime_ns": message.mtime_ns, "device": message.device,
+            "inode": message.inode, "digest": message.digest}
 
 
 def failure(refused):
@@ -1361,6 +1389,8 @@ def connection_problem(error, tls):
     details = error.details() or ""
     if error.code() == grpc.StatusCode.UNAUTHENTICATED:
         return "it refused the token: set the same --token / KMR_TOKEN on master and workers"
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy:"):
+        return details
     if "WRONG_VERSION_NUMBER" in details:
         return "it does not speak TLS: start the workers with --tls-cert/--tls-key, or drop --tls-ca"
     if "CERTIFICATE_VERIFY_FAILED" in details or "Peer name" in details:
@@ -1521,34 +1551,48 @@ class Jobs:
     """The jobs one worker serves at once, each one's state apart, so no job's request is ever stale
     because of another's. Workers share their cores between the jobs. A new job is refused (WorkerBusy)
     once `max_jobs` are served or `max_bytes` are held; a job's state is dropped when its master ends it
-    or has been silent for `expiry` seconds, never to make room."""
+    or has been silent for `expiry` seconds (a reaper looks every few seconds), never to make room. An
+    ended or expired job is remembered for `expiry` seconds, so a late request of it cannot bring it back."""
 
     def __init__(self, max_jobs, max_bytes, expiry, clock=time.monotonic):
         if max_bytes is None:
             max_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
         self.max_jobs, self.max_bytes, self.expiry, self.clock = max_jobs, max_bytes, expiry, clock
         self.states = {}   # job id -> JobState
+        self.gone = {}     # job id -> when it ended or expired
         self.lock = threading.Lock()
 
     def state(self, job):
-        """The state of a job, a new one for a job new here unless the worker is full (WorkerBusy)."""
+        """The state of a job, a new one for a job new here unless the worker is full (WorkerBusy);
+        TaskRefused (ABANDONED) for a job that ended here."""
         with self.lock:
             now = self.clock()
             self.expire(now)
+            if job in self.gone:
+                raise TaskRefused(pb.ABANDONED, f"job {job} has ended on this worker")
             state = self.states.get(job)
             if state is None:
-                held = sum(other.held_bytes() for other in self.states.values())
-                if len(self.states) >= self.max_jobs or held >= self.max_bytes:
-                    raise WorkerBusy(f"busy: {counted(len(self.states), 'job')}, {held / 2**30:.1f} GiB of splits "
-                                     "held; try later or add workers")
+                self.refuse_if_full()
                 state = self.states[job] = JobState()
                 log.info("job %s: served here (%s)", job, counted(len(self.states), "job"))
             state.heard = now
             return state
 
+    def refuse_if_full(self):
+        """WorkerBusy, saying which bound is reached, if a new job cannot be taken. Call with `lock` held."""
+        held = sum(state.held_bytes() for state in self.states.values())
+        if len(self.states) >= self.max_jobs:
+            why = f"{counted(len(self.states), 'job')} (its --max-jobs)"
+        elif held >= self.max_bytes:
+            why = f"{held / 2**30:.1f} GiB of splits and map outputs held (its --max-memory)"
+        else:
+            return
+        raise WorkerBusy(f"busy: {why}; try later or add workers")
+
     def find(self, job):
         """The state of a job served here, or None; its master (or a reducer on its behalf) was heard."""
         with self.lock:
+            self.expire(self.clock())
             state = self.states.get(job)
             if state is not None:
                 state.heard = self.clock()
@@ -1557,15 +1601,26 @@ class Jobs:
     def end(self, job):
         """Drop a job's state: its master is done."""
         with self.lock:
+            self.gone[job] = self.clock()
             if self.states.pop(job, None) is not None:
                 log.info("job %s: ended by its master, its state dropped (%s left)", job,
                          counted(len(self.states), "job"))
 
     def expire(self, now):
-        """Drop the state of jobs whose master has been silent too long. Call with `lock` held."""
+        """Drop the state of jobs whose master has been silent too long, and forget jobs gone long ago.
+        Call with `lock` held."""
         for job in [job for job, state in self.states.items() if now - state.heard > self.expiry]:
             del self.states[job]
+            self.gone[job] = now
             log.info("job %s: its master was silent for %g s, its state dropped", job, self.expiry)
+        for job in [job for job, when in self.gone.items() if now - when > self.expiry]:
+            del self.gone[job]
+
+    def reap(self, stopped):
+        """Expire silent jobs every few seconds until `stopped` is set (a worker's background thread)."""
+        while not stopped.wait(min(5.0, self.expiry / 4)):
+            with self.lock:
+                self.expire(self.clock())
 
 
 def file_error(error, verb):
@@ -1595,15 +1650,20 @@ class MapperTasks:
     def load(self, state, task, span, pinned, dim, keep_text):
         """The split of `span` (path, start, end) in a job's state: parsed on first use, then kept (for
         MAX_SPLITS splits at most: restarts and re-executed tasks reuse them). This host's input must
-        match the job's `pinned` identity when first read, and stay that file. TaskRefused when this host
-        cannot read it (another mapper may) or the input changed; a bad line is an InputError."""
+        match the job's `pinned` identity when first read (the same file unchanged, or a copy with the
+        same size and ends), and then stay that very file. TaskRefused when this host cannot read it
+        (another mapper may) or the input changed; a bad line is an InputError."""
         path, start, end = span
         key = (path, start, end, dim)
         try:
             if state.local_input is None:   # first read here: this host's file must be the pinned one
-                state.local_input = input_identity(path)
-                check_identity(path, pinned, state.local_input)
-            check_identity(path, state.local_input)
+                found = input_identity(path)
+                change = identity_change(pinned, found)
+                if change:
+                    raise InputChanged(f"{path} changed during the job ({change})")
+                with state.lock:
+                    state.local_input = found
+            check_unchanged(path, state.local_input)
             with state.lock:
                 split = state.splits.pop(key, None)
             if split is None or (keep_text and split.texts is None):
@@ -1895,6 +1955,7 @@ def task_rpc(response):
             except TaskRefused as refused:
                 return getattr(pb, response)(status=failure(refused))
             except OSError as error:
+                error.filename = error.filename or f"a file ({method.__name__})"
                 log.info("%s: FAILURE %s: %s", method.__name__, error.filename, error.strerror)
                 return getattr(pb, response)(status=failure(file_error(error, "read or write")))
             except WorkerBusy as busy:
@@ -1911,11 +1972,19 @@ def end_job(jobs, request):
     return pb.EndJobReply()
 
 
-def heard(jobs, request, role):
-    """Ping: this worker's role and PID; a ping that names a job (a heartbeat) keeps its state."""
-    if request.job:
+def heard(jobs, request, role, context):
+    """Ping: this worker's role and PID, and how long it keeps a silent job. A ping that names a job
+    keeps its state; one that begins a job takes it, or refuses it now if the worker is full."""
+    if request.begin and request.job:
+        try:
+            jobs.state(request.job)
+        except WorkerBusy as busy:
+            require(context, False, str(busy), "RESOURCE_EXHAUSTED")
+        except TaskRefused:
+            pass   # a job that ended here: its master is going
+    elif request.job:
         jobs.find(request.job)
-    return pb.PingReply(role=role, pid=os.getpid())
+    return pb.PingReply(role=role, pid=os.getpid(), job_expiry=jobs.expiry)
 
 
 class MapperServicer:
@@ -1927,7 +1996,7 @@ class MapperServicer:
 
     def Ping(self, request, context):
         """This is a mapper, and its PID: what connects and heartbeats ask."""
-        return heard(self.core.jobs, request, "mapper")
+        return heard(self.core.jobs, request, "mapper", context)
 
     def EndJob(self, request, context):
         """The master is done with a job: drop its splits and outputs."""
@@ -2011,7 +2080,7 @@ class ReducerServicer:
 
     def Ping(self, request, context):
         """This is a reducer, and its PID: what connects and heartbeats ask."""
-        return heard(self.core.jobs, request, "reducer")
+        return heard(self.core.jobs, request, "reducer", context)
 
     def EndJob(self, request, context):
         """The master is done with a job: drop its results."""
@@ -2060,10 +2129,11 @@ def start_server(role, host, port, settings):
     # threads to spare: a partition stream holds one while flow control blocks it, and pings must get one
     handlers = concurrent.futures.ThreadPoolExecutor(max_workers=64)
     server = grpc.server(handlers, interceptors=interceptors, options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
-    if role == "mapper":
-        pb_grpc.add_MapperServicer_to_server(MapperServicer(settings), server)
-    else:
-        pb_grpc.add_ReducerServicer_to_server(ReducerServicer(settings), server)
+    servicer = MapperServicer(settings) if role == "mapper" else ReducerServicer(settings)
+    (pb_grpc.add_MapperServicer_to_server if role == "mapper" else pb_grpc.add_ReducerServicer_to_server)(
+        servicer, server)
+    # expires silent jobs until the worker leaves
+    threading.Thread(target=servicer.core.jobs.reap, args=(threading.Event(),), name="job-reaper", daemon=True).start()
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     tls = settings.tls
     try:
@@ -2097,7 +2167,7 @@ def exit_status(code):
     """How a process ended, in words: its exit code, or the signal that killed it."""
     if code is not None and code < 0:
         return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+    return f"exit code {code}" if code is not None else "it closed its pipe"
 
 
 def import_main_by_name():
@@ -2152,6 +2222,7 @@ class Worker:
     stub: object = None
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
+    job_expiry: float = JOB_EXPIRY   # how long it keeps a silent job: the keep-alive pings come sooner
     pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
@@ -2206,9 +2277,7 @@ class Workers:
                 self.pool[role] = [self.spawn(role, i, first=True) for i in range(1, counts[role] + 1)]
             else:
                 self.pool[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
-        for worker in self.every():
-            if worker.process is not None:
-                worker.address = self.await_port(worker)
+        self.await_ports([worker for worker in self.every() if worker.process is not None])
         self.threads = concurrent.futures.ThreadPoolExecutor(len(self.every()) * 2)   # backups too
         for connected in [self.threads.submit(self.connect, worker) for worker in self.every()]:
             connected.result()   # all at once; the first problem, in worker order, is the one reported
@@ -2218,16 +2287,22 @@ class Workers:
         """Ping every live worker, naming the job, every KEEP_ALIVE seconds until the job ends: a worker
         keeps a job's state while its master is heard from, however long it waits for its next task
         (a master that died stops pinging, and the job's state expires after the worker's --job-expiry)."""
-        while not self.stopped.wait(KEEP_ALIVE):
-            pings = [(worker, worker.stub.Ping.future(pb.PingRequest(job=self.job), timeout=KEEP_ALIVE / 2,
-                                                      metadata=self.metadata))
-                     for worker in self.every() if worker.alive and worker.stub is not None]
+        while not self.stopped.wait(min([KEEP_ALIVE] + [worker.job_expiry / 3 for worker in self.every()])):
+            pings = []
+            for worker in self.every():
+                stub = worker.stub
+                if worker.alive and stub is not None:
+                    try:
+                        pings.append((worker, stub.Ping.future(pb.PingRequest(job=self.job), timeout=KEEP_ALIVE / 2,
+                                                               metadata=self.metadata)))
+                    except ValueError:   # its channel was closed meanwhile (lost, or the job ended)
+                        continue
             for worker, ping in pings:
                 log.debug("<- Ping (keep-alive) %s from %s", "SUCCESS" if ping.code() == grpc.StatusCode.OK
                           else f"FAILURE {ping.code().name}", worker.name)
 
     def spawn(self, role, index, first=False):
-        """Start one worker process; it reports its port through a pipe (see await_port).
+        """Start one worker process; it reports its port through a pipe (see await_ports).
 
         Injected crashes apply to the first process of a slot only, never to its replacement.
         """
@@ -2251,33 +2326,42 @@ class Workers:
         sender.close()
         return Worker(role, index, "", process, receiver=receiver)
 
-    def await_port(self, worker):
-        """The address a spawned worker reports once it listens. Slow is not dead: a worker whose process
-        is alive is waited for (up to --start-timeout), and the console says so after a few seconds; one
-        that exited is reported at once, with how it ended."""
-        receiver, worker.receiver = worker.receiver, None
-        process, started, told = worker.process, time.monotonic(), False
+    def await_ports(self, workers):
+        """Wait for spawned workers to listen and take the addresses they report, all at once. Slow is not
+        dead: workers whose processes are alive are waited for up to --start-timeout from now, and the
+        console says so after a few seconds; one that exited is reported at once, with how it ended."""
+        pending = {worker.receiver: worker for worker in workers}
+        started, told = time.monotonic(), False
         try:
-            while not receiver.poll(0.25):
+            while pending:
+                for receiver in multiprocessing.connection.wait(list(pending), timeout=0.25):
+                    worker = pending.pop(receiver)
+                    worker.address = self.port_of(worker)
                 waited = time.monotonic() - started
-                if self.stopping or waited >= self.options.start_timeout:
-                    raise JobError(f"{worker.role} {worker.index} (PID {process.pid}) did not start in {waited:.0f} s "
-                                   "although it is alive (see --start-timeout)")
-                if waited >= START_NOTICE and not told:
+                if pending and (self.stopping or waited >= self.options.start_timeout):
+                    worker = next(iter(pending.values()))
+                    raise JobError(f"{worker.role} {worker.index} (PID {worker.process.pid}) did not start in "
+                                   f"{waited:.0f} s although it is alive (see --start-timeout)")
+                if pending and waited >= START_NOTICE and not told:
                     told = True
-                    log.info("waiting for %s %d (PID %d) to start: alive, %.0f s so far", worker.role, worker.index,
-                             process.pid, waited, extra={"urgent": True})
-            state, detail = receiver.recv()
-        except EOFError:
-            process.join(1.0)
-            raise JobError(f"{worker.role} {worker.index} (PID {process.pid}) exited while starting "
-                           f"({exit_status(process.exitcode)})") from None
+                    log.info("waiting for %s to start: alive, %.0f s so far", ", ".join(
+                        f"{w.role} {w.index} (PID {w.process.pid})" for w in pending.values()), waited,
+                        extra={"urgent": True})
         finally:
-            receiver.close()
+            for worker in workers:
+                worker.receiver.close()
+
+    def port_of(self, worker):
+        """The address a spawned worker reported through its pipe (JobError if it could not start)."""
+        try:
+            state, detail = worker.receiver.recv()
+        except EOFError:
+            worker.process.join(5.0)
+            raise JobError(f"{worker.role} {worker.index} (PID {worker.process.pid}) exited while starting "
+                           f"({exit_status(worker.process.exitcode)})") from None
         if state != "ready":
             raise JobError(f"{worker.role} {worker.index} could not start: {detail}")
-        log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index,
-                  worker.process.pid, detail)
+        log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index, worker.process.pid, detail)
         return f"127.0.0.1:{detail}"
 
     def connect(self, worker):
@@ -2291,8 +2375,8 @@ class Workers:
         deadline = time.monotonic() + waited
         while True:
             try:
-                reply = worker.stub.Ping(pb.PingRequest(), timeout=max(0.05, min(2.0, deadline - time.monotonic())),
-                                         metadata=self.metadata)
+                reply = worker.stub.Ping(pb.PingRequest(job=self.job, begin=True),
+                                         timeout=max(0.05, min(2.0, deadline - time.monotonic())), metadata=self.metadata)
                 break
             except grpc.RpcError as error:
                 problem = connection_problem(error, self.options.tls)
@@ -2305,7 +2389,7 @@ class Workers:
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
         worker.alive = True
-        worker.pid = reply.pid
+        worker.pid, worker.job_expiry = reply.pid, reply.job_expiry or JOB_EXPIRY
         log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout):
@@ -2341,8 +2425,8 @@ class Workers:
             code = error.code()
             log.log(logging.DEBUG if self.stopping else DETAIL, "  <- %s FAILURE %9.1f ms   %s: %s %s",
                     what, elapsed, worker.name, code.name, error.details())
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise JobError(f"{worker.name} is {error.details()}") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (error.details() or "").startswith("busy:"):
+                raise WorkerLost(error.details()) from None   # full with other jobs: this job does without it
             if code.name in REFUSALS:
                 raise JobError(f"{worker.name} refused {method} {label}: {code.name}: {error.details()}") from None
             if code.name in LOST:
@@ -2382,7 +2466,7 @@ class Workers:
     def rejoin(self, worker):
         """Wait for a respawned worker to listen and answer, then count it live again."""
         try:
-            worker.address = self.await_port(worker)
+            self.await_ports([worker])
             self.connect(worker)
         except JobError as error:
             if not self.stopping:
@@ -2438,25 +2522,28 @@ class Workers:
                 log.debug("<- EndJob FAILURE from %s: %s", worker.name, error.code().name)
 
     def stop(self):
-        """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), close channels."""
+        """Stop every process this master spawned (by PID, SIGTERM then SIGKILL), end the job on the
+        workers it did not spawn, close channels."""
         self.stopped.set()
-        self.end_job()
         self.stopping = True
-        for worker in self.every():
-            if worker.channel is not None:
-                worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
-        if self.threads is not None:
-            self.threads.shutdown(wait=False, cancel_futures=True)
         spawned = [w.process for w in self.every() if w.process is not None]
         for process in spawned:
             if process.is_alive():
                 process.terminate()
-        deadline = time.monotonic() + 3.0
-        for process in spawned:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
+        try:
+            self.end_job()
+        finally:
+            for worker in self.every():
+                if worker.channel is not None:
+                    worker.channel.close()   # cancels calls in flight, so no thread waits for a deadline
+            if self.threads is not None:
+                self.threads.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + 3.0
+            for process in spawned:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
 
 
 # ####################################################################################################
@@ -2653,11 +2740,14 @@ class TaskScheduler:
                     winner.worker.name, other.number, other.worker.name)
 
     def settle_leftovers(self):
-        """Forget finished losers of backup races; one that went silent meanwhile is lost."""
+        """Forget finished losers of backup races; one that went silent meanwhile is lost, and one that
+        found the job cannot go on ends it."""
         for future in [f for f in self.leftovers if f.done()]:
             attempt = self.leftovers.pop(future)
             if isinstance(future.exception(), WorkerLost):
                 self.pool.lose(attempt.worker, str(future.exception()), attempt.process)
+            elif isinstance(future.exception(), JobError):   # it found what ends the job (the input changed)
+                raise future.exception()
 
     def straggler(self, attempts, durations):
         """The running attempt to back up now, if any: the longest-running task with a single copy
@@ -3000,7 +3090,7 @@ class Checkpoint:
         if seed is not None and seed != saved["seed"]:
             raise InputError(f"--resume: {where} is of another job (seed {saved['seed']} there, {seed} here)")
         try:
-            change = identity_change(saved["input file"], self.pinned, strict=True)
+            change = identity_change(saved["input file"], self.pinned, ("size", "mtime_ns", "digest"))
         except (KeyError, TypeError):
             raise InputError(f"--resume: {where} is not a kmr checkpoint") from None
         if change:
@@ -4118,6 +4208,8 @@ def run_master(args):
         else:
             write_atomic(log_path, "")
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):   # the disk, not the command
+            raise JobError(f"cannot write {log_path}: {error.strerror}") from None
         raise InputError(f"cannot write to {args.data_dir}: {error.strerror}") from None
     setup_logging("master", log_path, logging.WARNING if args.quiet else logging.INFO if args.compact else
                   logging.DEBUG if args.verbose else DETAIL)
