@@ -15,11 +15,8 @@ replaced and their tasks re-run; stragglers get backup copies; a killed master c
 --resume; workers can speak TLS.  Everything a run writes lives under --data-dir (default Data).
 Results go to stdout; the console shows every call and reply, and Data/dump.txt keeps everything.
 
-The file reads as one iteration's story: the textbook core (parse, split, map, partition,
-shuffle-sort, reduce, the sequential reference), then what makes it exact and fast (exact sums,
-initial centroids, map across iterations), files, the wire format, the tasks a worker runs and
-its thin gRPC services, then the master's side: workers, scheduling, the job record, the master's
-stages, reports and the command line.
+The file reads as one iteration's story: the textbook core first, then what makes it exact and fast,
+files, the wire, a worker's tasks and services, then the master's side (see README: Reading kmr.py).
 """
 
 import argparse
@@ -69,9 +66,8 @@ try:
 except ImportError:
     pb = pb_grpc = None
     MISSING = MISSING or "the gRPC stubs are missing: run sh gen_pb.sh first"
-else:
-    if not hasattr(pb, "FailureKind"):
-        MISSING = MISSING or "the gRPC stubs are older than kmeans.proto: run sh gen_pb.sh again"
+if pb is not None and "begin" not in pb.PingRequest.DESCRIPTOR.fields_by_name:
+    MISSING = MISSING or "the gRPC stubs are older than kmeans.proto: run sh gen_pb.sh again"
 
 
 # -- Constants ---------------------------------------------------------------------------------------
