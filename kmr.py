@@ -31,6 +31,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import http.server
 import importlib.util
 import itertools
 import json
@@ -50,6 +51,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.parse
 from array import array
 from dataclasses import dataclass, field
 
@@ -100,11 +102,8 @@ PLOT_POINTS = 3000               # input points the master samples for --plot
 TOKEN_KEY = "kmr-token"          # the call metadata that carries --token
 CHUNK_VALUES = 65536             # doubles per streamed partition chunk (512 KiB)
 MAX_MESSAGE_BYTES = 16 << 20     # bound on any one gRPC message, both ways
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.enable_http_proxy", 0),   # worker addresses are direct peers, never via $http_proxy
-]
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_http_proxy", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]   # workers are direct peers, never via a proxy
 # a worker that answers LOST is gone or unreachable; one that answers REFUSALS never will do the task
 LOST = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED"})
@@ -142,11 +141,11 @@ ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of th
 STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
 COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
 FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+PAGE_DUMP_LINES, DRILL_SECONDS = 40, 5.0   # the job page: lines of dump.txt shown; seconds a drill hangs or slows
 
-# passes that are not iterations, as the job record, the summary and the timeline number them
-SAMPLE_PASS = -1    # the Sample pass, before run 1
-SEEDING_PASS = 0    # the k-means++ rounds of a run
-FINAL_PASS = None   # the final SSE pass of a run
+# passes that are not iterations, as the job record, the summary and the timeline number them: the Sample
+# pass before run 1, the k-means++ rounds of a run, the final SSE pass of a run
+SAMPLE_PASS, SEEDING_PASS, FINAL_PASS = -1, 0, None
 
 # Glossary
 #   p        a point: a tuple of D floats          c, centroids   K cluster centres, c[k] for cluster k
@@ -1220,7 +1219,8 @@ def identity_change(pinned, found, keys=None):
             if key == "size":
                 return f"size {pinned[key]} -> {found[key]}"
             if key == "mtime_ns":
-                return f"modified at {time.strftime('%H:%M:%S', time.localtime(found[key] / 1e9))}: touched or rewritten"
+                when = time.strftime("%H:%M:%S", time.localtime(found[key] / 1e9))
+                return f"modified at {when}: touched or rewritten"
             return "content: its first or last 64 KiB differ"
     return None
 
@@ -2219,11 +2219,18 @@ class Worker:
     alive: bool = True
     next_ping: float = 0.0     # when a dead worker we did not spawn is worth asking again
     job_expiry: float = JOB_EXPIRY   # how long it keeps a silent job: the keep-alive pings come sooner
+    round_trip: float = None   # seconds its last answered ping took
     pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
     def name(self):
         return f"{self.role} {self.index} ({self.address})"
+
+
+def heard_back(worker, sent, ping):
+    """Note how long a worker took to answer a ping (the live page shows it)."""
+    if ping.code() == grpc.StatusCode.OK:
+        worker.round_trip = time.perf_counter() - sent
 
 
 class Workers:
@@ -2289,10 +2296,12 @@ class Workers:
                 stub = worker.stub
                 if worker.alive and stub is not None:
                     try:
-                        pings.append((worker, stub.Ping.future(pb.PingRequest(job=self.job), timeout=KEEP_ALIVE / 2,
-                                                               metadata=self.metadata)))
+                        ping = stub.Ping.future(pb.PingRequest(job=self.job), timeout=KEEP_ALIVE / 2,
+                                                metadata=self.metadata)
                     except ValueError:   # its channel was closed meanwhile (lost, or the job ended)
                         continue
+                    ping.add_done_callback(functools.partial(heard_back, worker, time.perf_counter()))
+                    pings.append((worker, ping))
             for worker, ping in pings:
                 log.debug("<- Ping (keep-alive) %s from %s", "SUCCESS" if ping.code() == grpc.StatusCode.OK
                           else f"FAILURE {ping.code().name}", worker.name)
@@ -2370,9 +2379,11 @@ class Workers:
         waited = min(self.options.rpc_timeout, CONNECT_SECONDS)
         deadline = time.monotonic() + waited
         while True:
+            sent = time.perf_counter()
             try:
                 reply = worker.stub.Ping(pb.PingRequest(job=self.job, begin=True),
-                                         timeout=max(0.05, min(2.0, deadline - time.monotonic())), metadata=self.metadata)
+                                         timeout=max(0.05, min(2.0, deadline - time.monotonic())),
+                                         metadata=self.metadata)
                 break
             except grpc.RpcError as error:
                 problem = connection_problem(error, self.options.tls)
@@ -2386,6 +2397,7 @@ class Workers:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
         worker.alive = True
         worker.pid, worker.job_expiry = reply.pid, reply.job_expiry or JOB_EXPIRY
+        worker.round_trip = time.perf_counter() - sent
         log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout):
@@ -2628,6 +2640,7 @@ class TaskScheduler:
         task until it has. `attempts` counts tries per task for the whole iteration.
         """
         state = StageRun(stage, call, attempts, list(tasks))
+        self.recorder.stage = stage
         while state.unfinished():
             self.settle_leftovers()
             self.assign_idle(state)
@@ -2817,6 +2830,9 @@ class JobOptions:
     crashes: list = field(default_factory=list)   # (role, index, phase, iteration) for spawned workers
     slow_starts: list = field(default_factory=list)   # (role, index, seconds) a spawned worker waits before it listens
     start_timeout: float = START_TIMEOUT   # longest wait for a spawned worker that is alive to listen
+    ui: tuple = None              # (host, port) of the live job page, or None
+    ui_drills: bool = False       # the page may kill, hang or slow spawned workers
+    report: str = None            # where the page is written at the end, as one file
     resume: bool = False          # continue after the last complete iteration of the data dir's checkpoint
 
 
@@ -2915,6 +2931,7 @@ class JobResult:
     points: int
     plot_sample: list
     timeline: dict = None   # every attempt, iteration span and lost worker (see Recorder.timeline)
+    page: dict = None       # the live page's final data, for --report
 
     @property
     def centroids(self):
@@ -2937,6 +2954,10 @@ class Recorder:
         self.losses = []      # every worker lost: when, which process, its replacement
         self.events = collections.Counter()   # failures and recoveries of the run under way
         self.lock = threading.Lock()          # workers' threads count and lose too
+        # what the live page shows besides: the stage running, the run under way, the points to plot,
+        # the workers as they started, what an earlier master did, and how the job ended
+        self.stage, self.progress, self.plot, self.started_workers, self.earlier = None, None, [], [], None
+        self.outcome = "running"
 
     def start(self):
         """The job starts now."""
@@ -3011,15 +3032,17 @@ class Recorder:
             self.losses.append(loss)
         return loss
 
-    def timeline(self, workers, earlier):
+    def timeline(self, workers, earlier, live=False):
         """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
         the workers as they started, every attempt, pass and lost worker, and what an earlier master
         did (resumed from its checkpoint: {runs, iterations} done there, not recorded here). An attempt
-        still running (a copy that lost a backup race) ends with the job, `unfinished`."""
+        still running (a copy that lost a backup race) ends with the job, `unfinished`; while the job runs
+        (`live`, the job page) it is `running`."""
         now = self.now()
         attempts = []
-        for entry in self.attempts:
-            end, outcome, reason = entry.ending or (now, "unfinished", "still running when the job ended")
+        for entry in list(self.attempts):
+            end, outcome, reason = entry.ending or (now, "running", "") if live else \
+                entry.ending or (now, "unfinished", "still running when the job ended")
             if outcome == "SUCCESS" and not entry.won:
                 outcome, reason = "ignored", "another copy of the task finished first"
             attempts.append({"run": entry.run, "worker": entry.worker, "address": entry.address,
@@ -3241,9 +3264,11 @@ class Master:
         """The job: start the workers, sample, each run, the best; returns a JobResult."""
         announce(self.options, self.plan, self.job_id, self.scheduler.max_attempts)
         startup, first_processes = self.start_workers()
+        self.recorder.started_workers = first_processes
         samples, plot_sample = self.sample()
+        self.recorder.plot = plot_sample
         sampling_events = dict(self.recorder.counted())   # failures of the Sample pass count in run 1
-        earlier = self.resume_or_start_clean()
+        earlier = self.recorder.earlier = self.resume_or_start_clean()
         for number, (seed, sample) in enumerate(zip(self.plan.seeds, samples), 1):
             if number > len(self.runs):
                 resumed = self.resumed_run
@@ -3317,7 +3342,9 @@ class Master:
             self.plan.checkpoint.save(self.plan.seeds[0], self.runs, progress)
         else:
             self.recorder.begin_run(number, progress.events)
-        log.info("initial centroids (%s, seed %d): %s", options.init, seed, "  ".join(map(format_point, progress.initial)))
+        self.recorder.progress = progress
+        log.info("initial centroids (%s, seed %d): %s", options.init, seed,
+                 "  ".join(map(format_point, progress.initial)))
         if progress.iterations:
             log.info("resuming run %d after iteration %d: centroids %s", number, len(progress.iterations),
                      "  ".join(map(format_point, progress.centroids)))
@@ -3464,12 +3491,23 @@ class Master:
 
 
 def run_job(options):
-    """Run one master job with its own workers; they are stopped however the job ends."""
+    """Run one master job with its own workers (and its live page, with --ui); they are stopped however
+    the job ends. With --report the result carries the page's final data."""
     master = Master(options)
+    page = JobPage.serve(master, options.ui, options.ui_drills) if options.ui else None
     try:
-        return master.run()
+        result = master.run()
+        master.recorder.outcome = "finished"
+        if options.report:
+            result.page = job_snapshot(master)
+        return result
+    except BaseException as error:
+        master.recorder.outcome = f"failed: {error}"
+        raise
     finally:
         master.workers.stop()
+        if page is not None:
+            page.close()
 
 
 # ####################################################################################################
@@ -3991,6 +4029,376 @@ def timeline_svg(result):
 
 
 # ####################################################################################################
+# Job page: the job live in a browser (--ui), and the same page as a file (--report)
+# ####################################################################################################
+
+
+def job_snapshot(master, drills=False):
+    """What the job page shows, as JSON-ready data (fields in the README): read from the recorder and the
+    workers as they are now, never waited for, so the job never waits on the page."""
+    options, plan, recorder = master.options, master.plan, master.recorder
+    progress, stage = recorder.progress, recorder.stage
+    return {
+        "job": {"id": master.job_id, "input": plan.input_path, "points": plan.points, "dim": plan.dim,
+                "M": options.mappers, "R": options.reducers, "K": options.clusters, "n": options.iterations,
+                "tol": options.tol, "seed": plan.seeds[0], "init": options.init, "restarts": options.restarts,
+                "mode": "combiner" if options.combine else "plain"},
+        "state": recorder.outcome,
+        "elapsed": round(recorder.now(), 3),
+        "run": recorder.run,
+        "stage": None if stage is None or recorder.outcome != "running" else
+        {"name": stage.name, "role": stage.role, "iteration": stage.iteration},
+        "iterations": [] if progress is None else [
+            {"iteration": s.iteration, "shift": s.shift, "moved": s.moved, "sse": s.sse, "seconds": round(s.seconds, 4)}
+            for s in list(progress.iterations)],
+        "centroids": [] if progress is None else [[list(c[:2]) for c in step] for step in list(progress.history)],
+        "plot": [list(point[:2]) for point in recorder.plot],
+        "workers": worker_rows(master.workers, recorder),
+        "timeline": recorder.timeline(recorder.started_workers, recorder.earlier, live=recorder.outcome == "running"),
+        "dump": dump_tail(os.path.join(options.data_dir, "dump.txt")),
+        "drills": drills,
+    }
+
+
+def worker_rows(workers, recorder):
+    """One row per worker for the page: where it is, what it does now and for how long, what it did."""
+    now, rows = recorder.now(), []
+    for worker in workers.every():
+        name = f"{worker.role} {worker.index}"
+        mine = [entry for entry in list(recorder.attempts) if entry.worker == name]
+        running = [entry for entry in mine if entry.ending is None]
+        if not worker.alive:
+            state = "respawning" if worker.process is not None else "lost"
+        elif running:
+            state = f"running {running[-1].stage} task {running[-1].task} for {now - running[-1].start:.1f} s"
+        else:
+            state = "idle"
+        rows.append({"worker": name, "role": worker.role, "index": worker.index, "address": worker.address,
+                     "pid": worker.pid, "spawned": worker.process is not None, "state": state,
+                     "done": sum(1 for entry in mine if entry.ending and entry.ending[1] == "SUCCESS"),
+                     "failures": sum(1 for entry in mine if entry.ending and entry.ending[1] == "FAILURE"),
+                     "ping_ms": None if worker.round_trip is None else round(1000 * worker.round_trip, 2)})
+    return rows
+
+
+def dump_tail(path, lines=PAGE_DUMP_LINES):
+    """The last lines of dump.txt (its last 32 KiB at most: reading it costs the job nothing)."""
+    try:
+        with open(path, "rb") as dump:
+            dump.seek(max(0, os.fstat(dump.fileno()).st_size - 32768))
+            return dump.read().decode("utf-8", "replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def drill(master, name, action):
+    """A fault from the page (--ui-drills), on a worker this master spawned: kill it (SIGKILL), hang it
+    (SIGSTOP for DRILL_SECONDS) or slow it (a straggler for DRILL_SECONDS). Logged like any fault."""
+    worker = next((w for w in master.workers.every() if f"{w.role} {w.index}" == name), None)
+    if worker is None or worker.process is None or action not in ("kill", "hang", "slow"):
+        raise ValueError(f"no drill {action!r} for {name!r}: only kill, hang or slow a worker this master spawned")
+    process = worker.process
+    if not process.is_alive():
+        raise ValueError(f"{name} is not running")
+    log.info("drill from the page: %s %s (PID %d)", action, name, process.pid)
+    if action == "kill":
+        signal_ours(process, signal.SIGKILL)
+    elif action == "hang":
+        signal_ours(process, signal.SIGSTOP)
+        threading.Timer(DRILL_SECONDS, signal_ours, (process, signal.SIGCONT)).start()
+    else:
+        threading.Thread(target=straggle, args=(process, DRILL_SECONDS), name="drill", daemon=True).start()
+    return f"{action} {name} (PID {process.pid})"
+
+
+def signal_ours(process, signum):
+    """Signal a process this master spawned, by PID, if it is still ours and alive."""
+    if process.is_alive():
+        os.kill(process.pid, signum)
+
+
+def straggle(process, seconds):
+    """Slow a worker about 9x for a while, as a busy host would: stopped 0.4 s, running 0.05 s."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and process.is_alive():
+            signal_ours(process, signal.SIGSTOP)
+            time.sleep(0.4)
+            signal_ours(process, signal.SIGCONT)
+            time.sleep(0.05)
+    finally:
+        signal_ours(process, signal.SIGCONT)
+
+
+def ui_address(text):
+    """'[HOST:]PORT' as (host, port); the host defaults to 127.0.0.1."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def page_html(data=None):
+    """The job page: it polls /api/job once a second, or shows `data` (a report) with no server."""
+    embedded = "null" if data is None else json.dumps(data).replace("</", "<\\/")
+    return PAGE.replace("__DATA__", embedded)
+
+
+class JobPage(http.server.ThreadingHTTPServer):
+    """The job's live page (--ui): GET / the page, GET /api/job its data, POST /api/drill the drills
+    (--ui-drills). Its own threads serve it from the recorder as it is: the job never waits on it, and a
+    browser that goes away costs nothing. Off 127.0.0.1 every request needs the job's token."""
+
+    daemon_threads = True
+
+    def __init__(self, address, master, drills, token):
+        super().__init__(address, PageRequests)
+        self.master, self.drills, self.token = master, drills, token
+
+    @classmethod
+    def serve(cls, master, where, drills):
+        """Start the page at `where` ((host, port)) and say where it is on the console."""
+        host, port = where
+        token = None if host == "127.0.0.1" else master.workers.token
+        try:
+            page = cls((host, port), master, drills, token)
+        except OSError as error:
+            raise InputError(f"--ui {host}:{port}: cannot listen: {error.strerror}") from None
+        # a short poll: closing the page at the end of the job waits for it
+        threading.Thread(target=page.serve_forever, kwargs={"poll_interval": 0.05}, name="job-page",
+                         daemon=True).start()
+        shown = f"[{host}]" if ":" in host else host
+        log.warning("job page: http://%s:%d/%s%s", shown, page.server_port, "" if token is None else f"?token={token}",
+                    "" if token is None else " (not on 127.0.0.1: the token is required)", extra={"urgent": True})
+        return page
+
+    def close(self):
+        """Stop serving: the job is over."""
+        self.shutdown()
+        self.server_close()
+
+
+class PageRequests(http.server.BaseHTTPRequestHandler):
+    """One request to the job page; anything else gets a clean HTTP error."""
+
+    server_version = "kmr"
+
+    def do_GET(self):
+        """The page, or its data."""
+        path = urllib.parse.urlsplit(self.path).path
+        if not self.allowed():
+            return
+        if path == "/":
+            self.answer(200, "text/html; charset=utf-8", page_html().encode())
+        elif path == "/api/job":
+            data = job_snapshot(self.server.master, self.server.drills)
+            self.answer(200, "application/json", json.dumps(data).encode())
+        else:
+            self.answer(404, "text/plain", b"not found\n")
+
+    def do_POST(self):
+        """A drill: {"worker": "mapper 1", "action": "kill" | "hang" | "slow"} (only with --ui-drills)."""
+        if not self.allowed():
+            return
+        if urllib.parse.urlsplit(self.path).path != "/api/drill" or not self.server.drills:
+            self.answer(404, "text/plain", b"not found (drills need --ui-drills)\n")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= 4096:
+            self.answer(413 if length else 400, "text/plain", b"a drill is a small JSON object\n")
+            return
+        try:
+            order = json.loads(self.rfile.read(length))
+            done = drill(self.server.master, str(order.get("worker")), str(order.get("action")))
+        except (ValueError, AttributeError) as error:
+            self.answer(400, "application/json", json.dumps({"error": str(error)}).encode())
+            return
+        self.answer(200, "application/json", json.dumps({"done": done}).encode())
+
+    def allowed(self):
+        """Whether the request carries the job's token (needed off 127.0.0.1); a 403 if not."""
+        token = self.server.token
+        if token is None:
+            return True
+        supplied = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("token", [""])[0] or \
+            self.headers.get("X-Kmr-Token", "")
+        if hmac.compare_digest(supplied.encode(), token.encode()):
+            return True
+        self.answer(403, "text/plain", b"the job's token is required here\n")
+        return False
+
+    def answer(self, code, kind, body):
+        """Send one whole response."""
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        """Requests go to dump.txt, not the console."""
+        log.debug("job page: " + format, *args)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kmr job</title>
+<style>
+body { font: 13px/1.4 sans-serif; margin: 16px 24px; color: #222; }
+h1 { font-size: 19px; margin: 0 0 8px; } h2 { font-size: 15px; margin: 18px 0 6px; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; text-align: left; border-bottom: 1px solid #e4e4e4; }
+#job td { padding-right: 22px; } .muted { color: #777; }
+.bar { display: inline-block; width: 320px; height: 10px; background: #eee; vertical-align: middle; }
+.bar > div { height: 10px; background: #4c78a8; }
+tr.lost td, .failed { color: #b00020; } tr.running td.state { color: #1a7f37; }
+.grid { display: flex; flex-wrap: wrap; gap: 28px; }
+pre { background: #f6f6f6; padding: 6px 8px; max-height: 260px; overflow: auto; font-size: 11px; margin: 0; }
+button { font-size: 11px; margin-right: 4px; }
+</style></head><body>
+<h1>kmr job <span id="job-id"></span> <span id="state" class="muted"></span></h1>
+<table id="job"><tr><td>input <b id="job-input"></b></td><td>N <b id="job-points"></b></td><td>D <b id="job-dim"></b></td>
+<td>M <b id="job-M"></b></td><td>R <b id="job-R"></b></td><td>K <b id="job-K"></b></td><td>n <b id="job-n"></b></td>
+<td>seed <b id="job-seed"></b></td><td>init <b id="job-init"></b></td><td>mode <b id="job-mode"></b></td></tr></table>
+<p>run <b id="run"></b> &middot; iteration <b id="iteration-count">0</b> of <b id="iteration-limit"></b>
+<span class="bar"><div id="progress" style="width:0"></div></span> &middot; <span id="stage"></span>
+&middot; <span id="elapsed"></span> s</p>
+<p id="stage-tasks" class="muted"></p><p id="resumed" class="muted"></p>
+<h2>Workers</h2>
+<table id="workers"><thead><tr><th>worker</th><th>address</th><th>PID</th><th>state</th><th>done</th>
+<th>FAILURE</th><th>ping</th><th id="drill-head"></th></tr></thead><tbody></tbody></table>
+<h2>Timeline</h2><div id="timeline"></div>
+<div class="grid"><div><h2>Iterations: SSE and largest shift (log)</h2><div id="chart"></div></div>
+<div><h2>Clusters (coordinates 1 and 2)</h2><div id="clusters"></div></div></div>
+<h2>dump.txt</h2><pre id="dump"></pre>
+<script>
+"use strict";
+const EMBEDDED = __DATA__;
+const TOKEN = new URLSearchParams(location.search).get("token");
+const COLOURS = {Sample: "#9d755d", Map: "#4c78a8", Reduce: "#f58518", Weigh: "#54a24b"};
+const esc = text => String(text).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+const set = (id, text) => { document.getElementById(id).textContent = text; };
+const api = path => path + (TOKEN ? "?token=" + encodeURIComponent(TOKEN) : "");
+
+function render(d) {
+  for (const key of ["input", "points", "dim", "M", "R", "K", "n", "seed", "init", "mode"]) set("job-" + key, d.job[key]);
+  set("job-id", d.job.id); set("state", d.state); set("run", d.run + " of " + d.job.restarts);
+  set("iteration-count", d.iterations.length); set("iteration-limit", d.job.n); set("elapsed", d.elapsed.toFixed(1));
+  document.getElementById("progress").style.width = (100 * d.iterations.length / Math.max(1, d.job.n)) + "%";
+  set("stage", d.stage ? d.stage.name + " " + passName(d.stage.iteration) : d.state);
+  const earlier = d.timeline.resumed;
+  set("resumed", earlier ? "resumed from a checkpoint: " + earlier.runs + " run(s) and " + earlier.iterations +
+      " iteration(s) of the run under way ran in an earlier master, not shown here" : "");
+  stageTasks(d); workers(d); timeline(d); chart(d); clusters(d);
+  set("dump", d.dump.join("\\n"));
+}
+
+function passName(iteration) {
+  return iteration === -1 ? "(input check)" : iteration === 0 ? "(k-means++)" : iteration === null ? "(final SSE)"
+    : "iteration " + iteration;
+}
+
+function stageTasks(d) {
+  if (!d.stage) { set("stage-tasks", ""); return; }
+  const here = d.timeline.attempts.filter(a => a.run === d.run && a.stage === d.stage.name && a.iteration === d.stage.iteration);
+  const count = outcome => here.filter(a => a.outcome === outcome).length;
+  const of = d.stage.role === "mapper" ? d.job.M : d.job.R;
+  set("stage-tasks", d.stage.name + " tasks of " + of + ": " + count("SUCCESS") + " done, " + count("running") +
+      " running, " + count("FAILURE") + " FAILURE");
+}
+
+function workers(d) {
+  document.getElementById("drill-head").textContent = d.drills ? "drills" : "";
+  document.querySelector("#workers tbody").innerHTML = d.workers.map(w => {
+    const kind = w.state.startsWith("running") ? "running" : (w.state === "lost" || w.state === "respawning") ? "lost" : "";
+    const buttons = d.drills && w.spawned ? ["kill", "hang", "slow"].map(action =>
+      `<button onclick="drill('${esc(w.worker)}', '${action}')">${action}</button>`).join("") : "";
+    return `<tr class="${kind}" data-worker="${esc(w.worker)}"><td>${esc(w.worker)}</td><td>${esc(w.address)}</td>` +
+      `<td>${w.pid ?? ""}</td><td class="state">${esc(w.state)}</td><td class="done">${w.done}</td>` +
+      `<td class="failures">${w.failures}</td><td>${w.ping_ms === null ? "" : w.ping_ms + " ms"}</td><td>${buttons}</td></tr>`;
+  }).join("");
+}
+
+function drill(worker, action) {
+  fetch(api("api/drill"), {method: "POST", headers: {"Content-Type": "application/json"},
+                           body: JSON.stringify({worker: worker, action: action})});
+}
+
+function timeline(d) {
+  const lanes = d.workers.map(w => w.worker), width = 1100, left = 90, row = 18;
+  const first = Math.min(d.timeline.end, ...d.timeline.attempts.map(a => a.start));   // from the first task on
+  const end = Math.max(d.timeline.end - first, 0.001), x = t => left + (width - left - 10) * (t - first) / end;
+  const y = name => 20 + row * Math.max(0, lanes.indexOf(name));
+  const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${30 + row * lanes.length}" font-size="11">`];
+  lanes.forEach(name => out.push(`<text x="0" y="${y(name) + 11}">${esc(name)}</text>`));
+  for (const span of d.timeline.iterations) {
+    out.push(`<line class="boundary" x1="${x(span.start)}" x2="${x(span.start)}" y1="12" y2="${24 + row * lanes.length}" stroke="#ccc"/>`);
+    if (span.iteration > 0) out.push(`<text x="${x(span.start) + 2}" y="10" fill="#999">${span.iteration}</text>`);
+  }
+  for (const a of d.timeline.attempts) {
+    const x0 = x(a.start), x1 = Math.max(x0 + 2, x(a.end)), top = y(a.worker) + 2;
+    out.push(`<rect class="attempt ${a.outcome}" x="${x0}" y="${top}" width="${x1 - x0}" height="12" ` +
+             `fill="${COLOURS[a.stage] || "#888"}" fill-opacity="${a.outcome === "ignored" ? 0.35 : 0.9}"` +
+             `${a.backup ? ' stroke="#222" stroke-dasharray="2,1"' : ""}${a.rerun ? ' stroke="#7b3294"' : ""}>` +
+             `<title>${esc(a.worker + ": " + a.stage + " task " + a.task + " attempt " + a.attempt + ", " + a.outcome + " " + a.reason)}</title></rect>`);
+    if (a.outcome === "FAILURE") out.push(`<text class="failure" x="${x1 - 4}" y="${top + 10}" fill="#d62728" font-weight="bold">✕</text>`);
+  }
+  for (const loss of d.timeline.losses) {
+    out.push(`<text class="loss" x="${x(loss.time) - 4}" y="${y(loss.worker) + 11}" fill="#b00020" font-weight="bold">⚡</text>`);
+  }
+  out.push("</svg>");
+  document.getElementById("timeline").innerHTML = out.join("");
+}
+
+function chart(d) {
+  const its = d.iterations, w = 420, h = 200, pad = 36;
+  if (!its.length) { document.getElementById("chart").innerHTML = '<p class="muted">no iteration yet</p>'; return; }
+  const values = its.flatMap(s => [s.sse, s.shift]).filter(v => v > 0), lo = Math.log10(Math.min(...values, 1)) - 0.1;
+  const hi = Math.log10(Math.max(...values, 1)) + 0.1, x = i => pad + (w - pad - 10) * (its.length > 1 ? i / (its.length - 1) : 0.5);
+  const y = v => h - pad + (h - 2 * pad) * -(Math.log10(Math.max(v, 10 ** lo)) - lo) / (hi - lo) + 0;
+  const line = (key, colour) => `<polyline class="${key}" fill="none" stroke="${colour}" stroke-width="2" points="` +
+    its.map((s, i) => x(i).toFixed(1) + "," + y(s[key]).toFixed(1)).join(" ") + '"/>';
+  document.getElementById("chart").innerHTML = `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-size="11">` +
+    `<line x1="${pad}" y1="${h - pad}" x2="${w - 10}" y2="${h - pad}" stroke="#000"/><line x1="${pad}" y1="10" x2="${pad}" y2="${h - pad}" stroke="#000"/>` +
+    line("sse", "#4c78a8") + line("shift", "#f58518") +
+    `<text x="${pad + 6}" y="20" fill="#4c78a8">SSE ${its[its.length - 1].sse.toPrecision(6)}</text>` +
+    `<text x="${pad + 6}" y="34" fill="#f58518">shift ${its[its.length - 1].shift.toPrecision(4)}</text>` +
+    `<text x="${pad + 6}" y="48" fill="#555">moved ${its[its.length - 1].moved}</text>` +
+    `<text x="${w / 2}" y="${h - 12}" text-anchor="middle">iteration 1 to ${its.length}</text></svg>`;
+}
+
+function clusters(d) {
+  const steps = d.centroids, points = d.plot, w = 420, h = 320, pad = 20;
+  if (!steps.length) { document.getElementById("clusters").innerHTML = '<p class="muted">no centroids yet</p>'; return; }
+  const all = points.concat(...steps), xs = all.map(p => p[0]), ys = all.map(p => p.length > 1 ? p[1] : 0);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const sx = v => pad + (w - 2 * pad) * (v - x0) / ((x1 - x0) || 1), sy = v => h - pad - (h - 2 * pad) * (v - y0) / ((y1 - y0) || 1);
+  const last = steps[steps.length - 1], hue = k => Math.round(360 * k / last.length);
+  const nearest = p => last.reduce((best, c, k) => { const dd = (p[0] - c[0]) ** 2 + ((p[1] || 0) - (c[1] || 0)) ** 2;
+    return dd < best[0] ? [dd, k] : best; }, [Infinity, 0])[1];
+  const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}">`];
+  for (const p of points) out.push(`<circle cx="${sx(p[0]).toFixed(1)}" cy="${sy(p[1] || 0).toFixed(1)}" r="2" fill="hsl(${hue(nearest(p))},70%,45%)" fill-opacity="0.5"/>`);
+  last.forEach((_, k) => {
+    const path = steps.map(step => sx(step[k][0]).toFixed(1) + "," + sy(step[k][1] || 0).toFixed(1)).join(" ");
+    out.push(`<polyline class="path" points="${path}" fill="none" stroke="hsl(${hue(k)},70%,35%)" stroke-width="2"/>`);
+    out.push(`<circle class="centroid" cx="${sx(last[k][0]).toFixed(1)}" cy="${sy(last[k][1] || 0).toFixed(1)}" r="6" fill="hsl(${hue(k)},70%,45%)" stroke="#000"/>`);
+  });
+  out.push("</svg>");
+  document.getElementById("clusters").innerHTML = out.join("");
+}
+
+if (EMBEDDED) {
+  render(EMBEDDED);
+} else {
+  const tick = () => fetch(api("api/job"), {cache: "no-store"}).then(r => r.json()).then(d => {
+    render(d); if (d.state === "running") setTimeout(tick, 1000);
+  }).catch(() => setTimeout(tick, 2000));
+  tick();
+}
+</script></body></html>
+"""
+
+
+# ####################################################################################################
 # Command line
 # ####################################################################################################
 
@@ -4054,6 +4462,13 @@ def parse_args(argv=None):
     master.add_argument("--summary", metavar="FILE.json", help="write parameters and per-iteration numbers")
     master.add_argument("--timeline", metavar="FILE.svg",
                         help="draw every task attempt in time, a lane per worker, as SVG")
+    master.add_argument("--ui", type=ui_address, metavar="[HOST:]PORT",
+                        help="serve the job's live page while it runs (port 0: any free port; default host "
+                             "127.0.0.1, on any other the job's token is required); the URL is printed")
+    master.add_argument("--ui-drills", action="store_true",
+                        help="the live page may kill, hang or slow workers this master spawned (classroom drills)")
+    master.add_argument("--report", metavar="FILE.html",
+                        help="write the job page at the end, as one self-contained file")
     display = master.add_mutually_exclusive_group()
     display.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
     display.add_argument("--compact", action="store_true",
@@ -4124,7 +4539,10 @@ def parse_args(argv=None):
     args.tls = tls_files(args)
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
-    for flag, path in (("--plot", args.plot), ("--summary", args.summary), ("--timeline", args.timeline)):
+    if args.ui_drills and args.ui is None:
+        raise InputError("--ui-drills needs --ui")
+    for flag, path in (("--plot", args.plot), ("--summary", args.summary), ("--timeline", args.timeline),
+                       ("--report", args.report)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
             raise InputError(f"{flag} {path}: not a file in an existing folder")
     if not all(" " <= char <= "~" for char in args.token):
@@ -4211,16 +4629,19 @@ def run_master(args):
                   logging.DEBUG if args.verbose else DETAIL)
     options = JobOptions(input_path=args.input, mappers=args.M, reducers=args.R, clusters=args.K,
                          iterations=args.n, data_dir=args.data_dir, seed=args.seed, init=args.init,
-                         restarts=args.restarts, plot_points=PLOT_POINTS if args.plot else 0, tol=args.tol,
+                         restarts=args.restarts, plot_points=PLOT_POINTS if args.plot or args.ui or args.report else 0,
+                         tol=args.tol,
                          mapper_addrs=args.mapper_addrs, reducer_addrs=args.reducer_addrs,
                          rpc_timeout=args.rpc_timeout, heartbeat=args.heartbeat, tls=args.tls,
                          max_attempts=args.max_attempts, token=args.token,
                          input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
                          fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume,
-                         slow_starts=args.slow_start, start_timeout=args.start_timeout)
+                         slow_starts=args.slow_start, start_timeout=args.start_timeout, ui=args.ui,
+                         ui_drills=args.ui_drills, report=args.report)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
-               (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result))]
+               (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result)),
+               (args.report, lambda: page_html(result.page))]
     for path, render in reports:
         if path:
             try:
