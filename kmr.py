@@ -142,6 +142,7 @@ STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "We
 COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
 FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
 PAGE_DUMP_LINES, DRILL_SECONDS = 40, 5.0   # the job page: lines of dump.txt shown; seconds a drill hangs or slows
+PAGE_CONNECTIONS, PAGE_TIMEOUT = 32, 10.0  # ... connections it serves at once; seconds a silent one is kept
 
 # passes that are not iterations, as the job record, the summary and the timeline number them: the Sample
 # pass before run 1, the k-means++ rounds of a run, the final SSE pass of a run
@@ -554,13 +555,25 @@ def point_priorities(seed, start, end):
     return priorities
 
 
+def lowest_priorities(priorities, count):
+    """The `count` lowest (priority, index) pairs, lowest first (of equal priorities the lower index):
+    heapq.nsmallest's answer, found fast. Priorities are uniform in [0, 1), so the lowest few lie below
+    a small threshold, and a filter at C speed leaves nsmallest only a few candidates."""
+    threshold = 2.0 * count / max(1, len(priorities)) + 1e-12
+    while True:
+        below = list(itertools.compress(range(len(priorities)), map(threshold.__gt__, priorities)))
+        if len(below) >= count or threshold >= 1.0:
+            return heapq.nsmallest(count, zip(gather(priorities, below), below))
+        threshold = min(1.0, 4 * threshold)
+
+
 def lowest_distinct(columns, priorities, first, count):
     """The `count` distinct points of lowest priority (a point's priority is its lowest copy's; of equal
     priorities the lower index wins), as (priority, index from `first`, point), lowest first; fewer
     if there are fewer distinct points."""
     wanted = count
     while True:
-        lowest = heapq.nsmallest(wanted, zip(priorities, range(len(priorities))))
+        lowest = lowest_priorities(priorities, wanted)
         chosen = {}
         for priority, index in lowest:
             chosen.setdefault(tuple(column[index] for column in columns), (priority, first + index))
@@ -1742,7 +1755,7 @@ class MapperTasks:
             priorities = point_priorities(seed, start, end)
             draws.append(lowest_distinct(split.columns, priorities, start, clusters))
             if number == 0 and plot_points:
-                lowest = heapq.nsmallest(plot_points, zip(priorities, range(len(priorities))))
+                lowest = lowest_priorities(priorities, plot_points)
                 plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
         return draws, plot, ""
 
@@ -2640,7 +2653,7 @@ class TaskScheduler:
         task until it has. `attempts` counts tries per task for the whole iteration.
         """
         state = StageRun(stage, call, attempts, list(tasks))
-        self.recorder.stage = stage
+        self.recorder.stage = (stage, self.recorder.now())
         while state.unfinished():
             self.settle_leftovers()
             self.assign_idle(state)
@@ -2954,7 +2967,7 @@ class Recorder:
         self.losses = []      # every worker lost: when, which process, its replacement
         self.events = collections.Counter()   # failures and recoveries of the run under way
         self.lock = threading.Lock()          # workers' threads count and lose too
-        # what the live page shows besides: the stage running, the run under way, the points to plot,
+        # what the live page shows besides: the stage running (and since when), the run under way, the points to plot,
         # the workers as they started, what an earlier master did, and how the job ended
         self.stage, self.progress, self.plot, self.started_workers, self.earlier = None, None, [], [], None
         self.outcome = "running"
@@ -3502,7 +3515,10 @@ def run_job(options):
             result.page = job_snapshot(master)
         return result
     except BaseException as error:
-        master.recorder.outcome = f"failed: {error}"
+        master.recorder.outcome = f"failed: {error or type(error).__name__}"
+        if options.report:   # the page of a failed job is the one worth attaching to a bug report
+            with contextlib.suppress(OSError):
+                write_atomic(options.report, page_html(job_snapshot(master)))
         raise
     finally:
         master.workers.stop()
@@ -4047,7 +4063,7 @@ def job_snapshot(master, drills=False):
         "elapsed": round(recorder.now(), 3),
         "run": recorder.run,
         "stage": None if stage is None or recorder.outcome != "running" else
-        {"name": stage.name, "role": stage.role, "iteration": stage.iteration},
+        {"name": stage[0].name, "role": stage[0].role, "iteration": stage[0].iteration, "since": round(stage[1], 6)},
         "iterations": [] if progress is None else [
             {"iteration": s.iteration, "shift": s.shift, "moved": s.moved, "sse": s.sse, "seconds": round(s.seconds, 4)}
             for s in list(progress.iterations)],
@@ -4061,11 +4077,12 @@ def job_snapshot(master, drills=False):
 
 
 def worker_rows(workers, recorder):
-    """One row per worker for the page: where it is, what it does now and for how long, what it did."""
+    """One row per worker for the page: where it is, what it does now and for how long, what it did (the
+    process answering now: a replacement starts from nothing)."""
     now, rows = recorder.now(), []
     for worker in workers.every():
         name = f"{worker.role} {worker.index}"
-        mine = [entry for entry in list(recorder.attempts) if entry.worker == name]
+        mine = [entry for entry in list(recorder.attempts) if entry.worker == name and entry.pid == worker.pid]
         running = [entry for entry in mine if entry.ending is None]
         if not worker.alive:
             state = "respawning" if worker.process is not None else "lost"
@@ -4098,8 +4115,8 @@ def drill(master, name, action):
     if worker is None or worker.process is None or action not in ("kill", "hang", "slow"):
         raise ValueError(f"no drill {action!r} for {name!r}: only kill, hang or slow a worker this master spawned")
     process = worker.process
-    if not process.is_alive():
-        raise ValueError(f"{name} is not running")
+    if not worker.alive or not process.is_alive():
+        raise ValueError(f"{name} is not running now (lost, or starting)")
     log.info("drill from the page: %s %s (PID %d)", action, name, process.pid)
     if action == "kill":
         signal_ours(process, signal.SIGKILL)
@@ -4131,35 +4148,42 @@ def straggle(process, seconds):
 
 
 def ui_address(text):
-    """'[HOST:]PORT' as (host, port); the host defaults to 127.0.0.1."""
+    """'[HOST:]PORT' as (host, port); the host defaults to 127.0.0.1 (IPv4: the page's server is)."""
     host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or ":" in host or "[" in host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT with an IPv4 address or a name")
+    return host or "127.0.0.1", int(port)
 
 
 def page_html(data=None):
     """The job page: it polls /api/job once a second, or shows `data` (a report) with no server."""
-    embedded = "null" if data is None else json.dumps(data).replace("</", "<\\/")
+    embedded = "null" if data is None else json.dumps(data).replace("<", "\\u003c")
     return PAGE.replace("__DATA__", embedded)
 
 
 class JobPage(http.server.ThreadingHTTPServer):
     """The job's live page (--ui): GET / the page, GET /api/job its data, POST /api/drill the drills
-    (--ui-drills). Its own threads serve it from the recorder as it is: the job never waits on it, and a
-    browser that goes away costs nothing. Off 127.0.0.1 every request needs the job's token."""
+    (--ui-drills). Its own threads serve it from the recorder as it is: the job never waits on it, a browser
+    that goes away costs nothing, and the data is built at most twice a second however many browsers
+    ask. On 127.0.0.1 only requests naming this host are served (no DNS rebinding); elsewhere every request
+    needs the page's own token."""
 
     daemon_threads = True
+    request_queue_size = 16
 
     def __init__(self, address, master, drills, token):
         super().__init__(address, PageRequests)
         self.master, self.drills, self.token = master, drills, token
+        self.hosts = {f"{name}:{self.server_port}" for name in ("127.0.0.1", "localhost")}
+        self.slots = threading.BoundedSemaphore(PAGE_CONNECTIONS)   # connections served at once
+        self.cache, self.cache_lock = (-1.0, b""), threading.Lock()
 
     @classmethod
     def serve(cls, master, where, drills):
-        """Start the page at `where` ((host, port)) and say where it is on the console."""
+        """Start the page at `where` ((host, port)) and say where it is on the console (only there: the
+        token of a page off 127.0.0.1 stays out of dump.txt)."""
         host, port = where
-        token = None if host == "127.0.0.1" else master.workers.token
+        token = None if host in ("127.0.0.1", "localhost") else secrets.token_urlsafe(16)
         try:
             page = cls((host, port), master, drills, token)
         except OSError as error:
@@ -4167,10 +4191,38 @@ class JobPage(http.server.ThreadingHTTPServer):
         # a short poll: closing the page at the end of the job waits for it
         threading.Thread(target=page.serve_forever, kwargs={"poll_interval": 0.05}, name="job-page",
                          daemon=True).start()
-        shown = f"[{host}]" if ":" in host else host
-        log.warning("job page: http://%s:%d/%s%s", shown, page.server_port, "" if token is None else f"?token={token}",
-                    "" if token is None else " (not on 127.0.0.1: the token is required)", extra={"urgent": True})
+        where = f"http://{host}:{page.server_port}/"
+        log.debug("job page at %s%s", where, "" if token is None else " (its token is on the console)")
+        print(f"job page: {where}" + ("" if token is None else f"?token={token} (not on 127.0.0.1: the token is "
+                                      "required)"), file=sys.stderr, flush=True)
         return page
+
+    def process_request(self, request, client_address):
+        """Serve a connection on a thread of its own, if fewer than PAGE_CONNECTIONS are being served."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        """Serve one connection, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        """A client that went away (or sent junk) is the client's affair: a line in dump.txt, no traceback."""
+        log.debug("job page: %s from %s", sys.exc_info()[1], client_address[0])
+
+    def snapshot(self):
+        """/api/job's body: built at most twice a second, whoever asks."""
+        with self.cache_lock:
+            built, body = self.cache
+            if time.monotonic() - built > 0.5:
+                body = json.dumps(job_snapshot(self.master, self.drills)).encode()
+                self.cache = (time.monotonic(), body)
+            return body
 
     def close(self):
         """Stop serving: the job is over."""
@@ -4182,6 +4234,7 @@ class PageRequests(http.server.BaseHTTPRequestHandler):
     """One request to the job page; anything else gets a clean HTTP error."""
 
     server_version = "kmr"
+    timeout = PAGE_TIMEOUT   # a connection that sends nothing, or reads nothing, is dropped
 
     def do_GET(self):
         """The page, or its data."""
@@ -4191,24 +4244,25 @@ class PageRequests(http.server.BaseHTTPRequestHandler):
         if path == "/":
             self.answer(200, "text/html; charset=utf-8", page_html().encode())
         elif path == "/api/job":
-            data = job_snapshot(self.server.master, self.server.drills)
-            self.answer(200, "application/json", json.dumps(data).encode())
+            self.answer(200, "application/json", self.server.snapshot())
         else:
             self.answer(404, "text/plain", b"not found\n")
 
     def do_POST(self):
-        """A drill: {"worker": "mapper 1", "action": "kill" | "hang" | "slow"} (only with --ui-drills)."""
+        """A drill: {"worker": "mapper 1", "action": "kill" | "hang" | "slow"} as application/json (which a
+        page elsewhere cannot send without asking first), only with --ui-drills."""
         if not self.allowed():
             return
         if urllib.parse.urlsplit(self.path).path != "/api/drill" or not self.server.drills:
             self.answer(404, "text/plain", b"not found (drills need --ui-drills)\n")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= 4096:
-            self.answer(413 if length else 400, "text/plain", b"a drill is a small JSON object\n")
+        length = self.headers.get("Content-Length", "")
+        if self.headers.get_content_type() != "application/json" or not length.isdigit() or \
+                not 0 < int(length) <= 4096:
+            self.answer(400, "text/plain", b"a drill is a small application/json object\n")
             return
         try:
-            order = json.loads(self.rfile.read(length))
+            order = json.loads(self.rfile.read(int(length)))
             done = drill(self.server.master, str(order.get("worker")), str(order.get("action")))
         except (ValueError, AttributeError) as error:
             self.answer(400, "application/json", json.dumps({"error": str(error)}).encode())
@@ -4216,15 +4270,18 @@ class PageRequests(http.server.BaseHTTPRequestHandler):
         self.answer(200, "application/json", json.dumps({"done": done}).encode())
 
     def allowed(self):
-        """Whether the request carries the job's token (needed off 127.0.0.1); a 403 if not."""
+        """Whether to serve this request: on 127.0.0.1, one that names this host; elsewhere one that carries
+        the page's token (in the URL or an X-Kmr-Token header). A 403 if not."""
         token = self.server.token
         if token is None:
-            return True
-        supplied = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("token", [""])[0] or \
-            self.headers.get("X-Kmr-Token", "")
-        if hmac.compare_digest(supplied.encode(), token.encode()):
-            return True
-        self.answer(403, "text/plain", b"the job's token is required here\n")
+            if self.headers.get("Host") in self.server.hosts:
+                return True
+        else:
+            supplied = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("token", [""])[0] or \
+                self.headers.get("X-Kmr-Token", "")
+            if hmac.compare_digest(supplied.encode(), token.encode()):
+                return True
+        self.answer(403, "text/plain", b"not for this page: wrong host, or the page's token is missing\n")
         return False
 
     def answer(self, code, kind, body):
@@ -4236,10 +4293,14 @@ class PageRequests(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):
-        """Requests go to dump.txt, not the console."""
-        log.debug("job page: " + format, *args)
+    def log_request(self, code="-", size="-"):
+        """Refused requests go to dump.txt (without their query: it may hold the token); served ones do not."""
+        if str(code)[0] in "45":
+            log.debug("job page: %s %s %s", self.command, urllib.parse.urlsplit(self.path).path, code)
 
+    def log_message(self, format, *args):
+        """Errors the server itself reports go to dump.txt, not the console."""
+        log.debug("job page: " + format, *args)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kmr job</title>
@@ -4283,13 +4344,16 @@ function render(d) {
   for (const key of ["input", "points", "dim", "M", "R", "K", "n", "seed", "init", "mode"]) set("job-" + key, d.job[key]);
   set("job-id", d.job.id); set("state", d.state); set("run", d.run + " of " + d.job.restarts);
   set("iteration-count", d.iterations.length); set("iteration-limit", d.job.n); set("elapsed", d.elapsed.toFixed(1));
-  document.getElementById("progress").style.width = (100 * d.iterations.length / Math.max(1, d.job.n)) + "%";
+  const share = d.state === "running" ? d.iterations.length / Math.max(1, d.job.n) : 1;
+  document.getElementById("progress").style.width = (100 * share) + "%";
   set("stage", d.stage ? d.stage.name + " " + passName(d.stage.iteration) : d.state);
   const earlier = d.timeline.resumed;
   set("resumed", earlier ? "resumed from a checkpoint: " + earlier.runs + " run(s) and " + earlier.iterations +
       " iteration(s) of the run under way ran in an earlier master, not shown here" : "");
   stageTasks(d); workers(d); timeline(d); chart(d); clusters(d);
-  set("dump", d.dump.join("\\n"));
+  const dump = document.getElementById("dump");
+  dump.textContent = d.dump.join("\\n");
+  dump.scrollTop = dump.scrollHeight;   // the newest lines in view
 }
 
 function passName(iteration) {
@@ -4299,23 +4363,27 @@ function passName(iteration) {
 
 function stageTasks(d) {
   if (!d.stage) { set("stage-tasks", ""); return; }
-  const here = d.timeline.attempts.filter(a => a.run === d.run && a.stage === d.stage.name && a.iteration === d.stage.iteration);
+  const here = d.timeline.attempts.filter(a => a.stage === d.stage.name && a.start >= d.stage.since);
+  const done = new Set(here.filter(a => a.outcome === "SUCCESS").map(a => a.task)).size;
   const count = outcome => here.filter(a => a.outcome === outcome).length;
   const of = d.stage.role === "mapper" ? d.job.M : d.job.R;
-  set("stage-tasks", d.stage.name + " tasks of " + of + ": " + count("SUCCESS") + " done, " + count("running") +
-      " running, " + count("FAILURE") + " FAILURE");
+  set("stage-tasks", d.stage.name + " tasks of " + of + ": " + done + " done, " + count("running") +
+      " attempts running, " + count("FAILURE") + " FAILURE");
 }
 
 function workers(d) {
   document.getElementById("drill-head").textContent = d.drills ? "drills" : "";
-  document.querySelector("#workers tbody").innerHTML = d.workers.map(w => {
+  const body = document.querySelector("#workers tbody");
+  body.innerHTML = d.workers.map(w => {
     const kind = w.state.startsWith("running") ? "running" : (w.state === "lost" || w.state === "respawning") ? "lost" : "";
     const buttons = d.drills && w.spawned ? ["kill", "hang", "slow"].map(action =>
-      `<button onclick="drill('${esc(w.worker)}', '${action}')">${action}</button>`).join("") : "";
+      `<button data-action="${action}">${action}</button>`).join("") : "";
     return `<tr class="${kind}" data-worker="${esc(w.worker)}"><td>${esc(w.worker)}</td><td>${esc(w.address)}</td>` +
       `<td>${w.pid ?? ""}</td><td class="state">${esc(w.state)}</td><td class="done">${w.done}</td>` +
       `<td class="failures">${w.failures}</td><td>${w.ping_ms === null ? "" : w.ping_ms + " ms"}</td><td>${buttons}</td></tr>`;
   }).join("");
+  body.querySelectorAll("button").forEach(button => button.addEventListener("click", () =>
+    drill(button.closest("tr").dataset.worker, button.dataset.action)));
 }
 
 function drill(worker, action) {
@@ -4340,10 +4408,12 @@ function timeline(d) {
              `fill="${COLOURS[a.stage] || "#888"}" fill-opacity="${a.outcome === "ignored" ? 0.35 : 0.9}"` +
              `${a.backup ? ' stroke="#222" stroke-dasharray="2,1"' : ""}${a.rerun ? ' stroke="#7b3294"' : ""}>` +
              `<title>${esc(a.worker + ": " + a.stage + " task " + a.task + " attempt " + a.attempt + ", " + a.outcome + " " + a.reason)}</title></rect>`);
-    if (a.outcome === "FAILURE") out.push(`<text class="failure" x="${x1 - 4}" y="${top + 10}" fill="#d62728" font-weight="bold">✕</text>`);
+    if (a.outcome === "FAILURE") out.push(`<text class="failure" data-worker="${esc(a.worker)}" x="${x1 - 4}" ` +
+                                          `y="${top + 10}" fill="#d62728" font-weight="bold">✕</text>`);
   }
   for (const loss of d.timeline.losses) {
-    out.push(`<text class="loss" x="${x(loss.time) - 4}" y="${y(loss.worker) + 11}" fill="#b00020" font-weight="bold">⚡</text>`);
+    out.push(`<text class="loss" data-worker="${esc(loss.worker)}" x="${x(loss.time) - 4}" y="${y(loss.worker) + 11}" ` +
+             `fill="#b00020" font-weight="bold">⚡</text>`);
   }
   out.push("</svg>");
   document.getElementById("timeline").innerHTML = out.join("");
@@ -4352,11 +4422,13 @@ function timeline(d) {
 function chart(d) {
   const its = d.iterations, w = 420, h = 200, pad = 36;
   if (!its.length) { document.getElementById("chart").innerHTML = '<p class="muted">no iteration yet</p>'; return; }
-  const values = its.flatMap(s => [s.sse, s.shift]).filter(v => v > 0), lo = Math.log10(Math.min(...values, 1)) - 0.1;
-  const hi = Math.log10(Math.max(...values, 1)) + 0.1, x = i => pad + (w - pad - 10) * (its.length > 1 ? i / (its.length - 1) : 0.5);
-  const y = v => h - pad + (h - 2 * pad) * -(Math.log10(Math.max(v, 10 ** lo)) - lo) / (hi - lo) + 0;
-  const line = (key, colour) => `<polyline class="${key}" fill="none" stroke="${colour}" stroke-width="2" points="` +
-    its.map((s, i) => x(i).toFixed(1) + "," + y(s[key]).toFixed(1)).join(" ") + '"/>';
+  const x = i => pad + (w - pad - 10) * (its.length > 1 ? i / (its.length - 1) : 0.5);
+  const line = (key, colour) => {   // each series on its own log scale: SSE and shift differ by many decades
+    const logs = its.map(s => Math.log10(Math.max(s[key], 1e-300))), lo = Math.min(...logs), hi = Math.max(...logs);
+    const y = v => h - pad - (h - 2 * pad - 40) * (v - lo) / ((hi - lo) || 1);
+    return `<polyline class="${key}" fill="none" stroke="${colour}" stroke-width="2" points="` +
+      logs.map((v, i) => x(i).toFixed(1) + "," + y(v).toFixed(1)).join(" ") + '"/>';
+  };
   document.getElementById("chart").innerHTML = `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-size="11">` +
     `<line x1="${pad}" y1="${h - pad}" x2="${w - 10}" y2="${h - pad}" stroke="#000"/><line x1="${pad}" y1="10" x2="${pad}" y2="${h - pad}" stroke="#000"/>` +
     line("sse", "#4c78a8") + line("shift", "#f58518") +
@@ -4391,7 +4463,7 @@ if (EMBEDDED) {
 } else {
   const tick = () => fetch(api("api/job"), {cache: "no-store"}).then(r => r.json()).then(d => {
     render(d); if (d.state === "running") setTimeout(tick, 1000);
-  }).catch(() => setTimeout(tick, 2000));
+  }).catch(() => set("state", "(the job has ended: its page is closed)"));
   tick();
 }
 </script></body></html>

@@ -49,6 +49,7 @@ CACHE = ROOT / ".bench"
 WORK = CACHE / "work"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))   # the stubs, whatever the cwd
 STARTED = time.perf_counter()
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback, never through $http_proxy
 
 
 def progress(message):
@@ -171,13 +172,14 @@ def master_with_page(args):
             if found:
                 for path in ("", "api/job") if not polls else ("api/job",):
                     with contextlib.suppress(OSError):
-                        urllib.request.urlopen(found.group(1) + path, timeout=5).read()
-                polls += 1
+                        DIRECT.open(found.group(1) + path, timeout=5).read()
+                        polls += path == "api/job"
         process.wait()
         wall = time.perf_counter() - started
-        if process.returncode:
+        if process.returncode or not polls:
             stderr.seek(0)
-            sys.exit(f"bench: kmr failed (exit {process.returncode}) with --ui: {stderr.read()[-2000:]}")
+            sys.exit(f"bench: kmr failed (exit {process.returncode}) or was never polled with --ui: "
+                     f"{stderr.read()[-2000:]}")
     return wall, polls
 
 

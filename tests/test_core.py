@@ -1,5 +1,6 @@
 """The pure core, function by function: parse, split, map, partition, combine, shuffle-sort, reduce."""
 
+import heapq
 import math
 from array import array
 from fractions import Fraction
@@ -257,3 +258,11 @@ def test_merged_split_draws_are_the_k_distinct_points_of_lowest_priority(values,
         assert kmr.point_priorities(seed, start, end) == priorities[start:end]   # any M, the same priorities
         draws.append(kmr.lowest_distinct(part, kmr.point_priorities(seed, start, end), start, size))
     assert [point for _, _, point in kmr.merge_draws(draws, size)] == expected
+
+
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.999]) | st.floats(0, 1, exclude_max=True), max_size=300),
+       st.integers(0, 320))
+def test_lowest_priorities_are_nsmallests_answer_ties_included(values, count):
+    """The fast filter picks exactly what heapq.nsmallest over (priority, index) would, equal priorities too."""
+    priorities = array("d", values)
+    assert kmr.lowest_priorities(priorities, count) == heapq.nsmallest(count, zip(priorities, range(len(values))))
