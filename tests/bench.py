@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -158,29 +159,41 @@ def master(args):
 
 
 def master_with_page(args):
-    """Run a master with --ui 0 while a poller reads its page and /api/job once a second, as a browser
-    would; returns the master's wall time, s."""
+    """Run a master with --ui 0 while a poller thread reads its page and then /api/job once a second, as a
+    browser would; returns (the master's wall time, s, successful polls). The wall time ends when the
+    master does, not when the poller next looks."""
     command = [sys.executable, str(KMR), "--role", "master", *map(str, args), "--ui", "0"]
+    done, polls = threading.Event(), []
     with tempfile.TemporaryFile("w+") as stderr:
+
+        def poll():
+            url = None
+            while not done.wait(1.0 if polls else 0.05):
+                if url is None:
+                    stderr.seek(0)
+                    found = re.search(r"job page: (http://\S+)", stderr.read())
+                    url = found and found.group(1)
+                    paths = ("", "api/job")
+                else:
+                    paths = ("api/job",)
+                for path in paths if url else ():
+                    with contextlib.suppress(OSError):
+                        DIRECT.open(url + path, timeout=5).read()
+                        polls.append(path)
+
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        polls = 0
-        while process.poll() is None:
-            time.sleep(0.05 if not polls else 1.0)
-            stderr.seek(0)
-            found = re.search(r"job page: (http://\S+)", stderr.read())
-            if found:
-                for path in ("", "api/job") if not polls else ("api/job",):
-                    with contextlib.suppress(OSError):
-                        DIRECT.open(found.group(1) + path, timeout=5).read()
-                        polls += path == "api/job"
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
         process.wait()
         wall = time.perf_counter() - started
-        if process.returncode or not polls:
+        done.set()
+        poller.join()
+        if process.returncode or "api/job" not in polls:
             stderr.seek(0)
             sys.exit(f"bench: kmr failed (exit {process.returncode}) or was never polled with --ui: "
                      f"{stderr.read()[-2000:]}")
-    return wall, polls
+    return wall, polls.count("api/job")
 
 
 def job_args(name, path, init, clusters, iterations, mappers=2, reducers=2, flags=("--combiner",)):
