@@ -4177,6 +4177,7 @@ class JobPage(http.server.ThreadingHTTPServer):
         self.hosts = {f"{name}:{self.server_port}" for name in ("127.0.0.1", "localhost")}
         self.slots = threading.BoundedSemaphore(PAGE_CONNECTIONS)   # connections served at once
         self.cache, self.cache_lock = (-1.0, b""), threading.Lock()
+        self.plot = None   # the plot's JSON, once it is drawn: most of the data, and it never changes
 
     @classmethod
     def serve(cls, master, where, drills):
@@ -4216,11 +4217,15 @@ class JobPage(http.server.ThreadingHTTPServer):
         log.debug("job page: %s from %s", sys.exc_info()[1], client_address[0])
 
     def snapshot(self):
-        """/api/job's body: built at most twice a second, whoever asks."""
+        """/api/job's body: built at most twice a second, whoever asks, the plot encoded once."""
         with self.cache_lock:
             built, body = self.cache
             if time.monotonic() - built > 0.5:
-                body = json.dumps(job_snapshot(self.master, self.drills)).encode()
+                data = job_snapshot(self.master, self.drills)
+                plot = data.pop("plot")
+                if self.plot is None and plot:
+                    self.plot = json.dumps(plot)
+                body = (json.dumps(data)[:-1] + ', "plot": ' + (self.plot or "[]") + "}").encode()
                 self.cache = (time.monotonic(), body)
             return body
 
