@@ -114,9 +114,9 @@ def test_chaos_runs_all_end_with_the_fault_free_centroids(tmp_path):
 
 def test_two_jobs_at_once_on_shared_standalone_workers_survive_faults_exactly(tmp_path):
     """The drill with two jobs at once on one pool of standalone workers, which answer FAILURE to 20 % of
-    tasks: with both masters frozen mid-run, a reducer is killed and a mapper hung (SIGSTOP) for 3 s; both
-    jobs go on past them and end with their fault-free centroids, and neither job's attempts are stale
-    because of the other's."""
+    tasks: with both masters frozen once they hold the workers, a reducer is killed and a mapper hung (SIGSTOP)
+    for 3 s; both jobs go on past them and end with their fault-free centroids, and neither job's attempts are
+    stale because of the other's."""
     jobs = {"a": (6000, 9, 6), "b": (4000, 10, 4)}
     expected = {}
     for name, (count, seed, clusters) in jobs.items():
@@ -128,14 +128,13 @@ def test_two_jobs_at_once_on_shared_standalone_workers_survive_faults_exactly(tm
     pool = WorkerPool(tmp_path, 3, 3, "--fail-prob", "0.2", "--fail-seed", "3", "--input-root", str(tmp_path))
     masters = {}
     try:
-        for name, (_, _, clusters) in jobs.items():
+        for name, (_, _, clusters) in jobs.items():   # each frozen as soon as the workers took its job
             masters[name] = MasterProcess(
                 "--role", "master", "-M", 3, "-R", 3, "-K", clusters, "-n", 12, "--init", tmp_path / name / "init.txt",
                 "--input", tmp_path / name / "points.txt", "--data-dir", tmp_path / name / "Data", "--fail-prob", 0.2,
                 "--mapper-addrs", ",".join(pool.mappers), "--reducer-addrs", ",".join(pool.reducers), cwd=tmp_path)
-        for name, master in masters.items():
-            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"\] === iteration 2 ===", process=master.process)
-            master.process.send_signal(signal.SIGSTOP)
+            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"workers ready in", process=masters[name].process)
+            masters[name].process.send_signal(signal.SIGSTOP)
         hung, killed = pool.workers[0].process, pool.workers[5].process   # mapper 1, reducer 3
         hung.send_signal(signal.SIGSTOP)
         killed.send_signal(signal.SIGKILL)

@@ -72,12 +72,11 @@ def test_three_masters_at_once_on_one_pool_are_exact_and_a_fourth_is_refused_cle
                       "--input-root", str(tmp_path))
     masters = []
     try:
-        for name, _, _, clusters, mappers, reducers, extra in jobs:
+        for name, _, _, clusters, mappers, reducers, extra in jobs:   # each one frozen once the workers took it
             masters.append(master_of(tmp_path / name, pool, clusters, mappers, reducers, 30, "--fail-prob", "0.3",
                                      "--heartbeat", "20", *extra))
-        for (name, *_), master in zip(jobs, masters):   # every job has state on the workers: freeze them
-            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"=== iteration 1 ===", process=master.process)
-            master.process.send_signal(signal.SIGSTOP)
+            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"workers ready in", process=masters[-1].process)
+            masters[-1].process.send_signal(signal.SIGSTOP)
         job_files(tmp_path / "d", 100, 14, 2)
         fourth = run_kmr("--role", "master", "--input", tmp_path / "d" / "points.txt", "-K", 2, "-M", 2, "-R", 2,
                          "--fail-prob", "0.3", "--data-dir", tmp_path / "d" / "Data", *pool_args(pool),
@@ -110,7 +109,7 @@ def test_a_vanished_master_frees_its_slot_once_its_job_expires(tmp_path):
     try:
         killed = master_of(tmp_path, pool, 5, 2, 1, 50, "--heartbeat", "20")
         try:
-            wait_for_line(tmp_path / "Data" / "dump.txt", r"=== iteration 1 ===", process=killed.process)
+            wait_for_line(tmp_path / "Data" / "dump.txt", r"workers ready in", process=killed.process)   # job taken
             killed.process.send_signal(signal.SIGKILL)
             killed.process.wait()
         finally:
