@@ -196,7 +196,7 @@ class TaskRefused(Exception):
         self.kind = kind
 
 
-class OutputMissing(TaskRefused):
+class FetchFailed(TaskRefused):
     """A reducer could not fetch some map tasks' output: the master runs those map tasks again."""
 
     def __init__(self, tasks):
@@ -1823,7 +1823,7 @@ class ReducerTasks:
 
     def pull_partition(self, job, run, iteration, partition, outputs, dim, clusters, time_remaining):
         """The shuffle's input of a reduce task: its partition of every map output, FETCHERS streams at
-        once, each heartbeating its mapper. TaskRefused when the attempt is stale; OutputMissing
+        once, each heartbeating its mapper. TaskRefused when the attempt is stale; FetchFailed
         (naming the map tasks) when some map outputs cannot be had, reported while the master still
         waits (`time_remaining`: the call's seconds left, None for no deadline)."""
         if not self.jobs.state(job).fresh.admit(run, partition, iteration):
@@ -1850,7 +1850,7 @@ class ReducerTasks:
         missing = [output.task for output, records in zip(outputs, fetched) if records is None]
         if missing:
             log.info("Reduce partition %d: FAILURE, map output missing for tasks %s", partition, missing)
-            raise OutputMissing(missing)
+            raise FetchFailed(missing)
         return fetched
 
     def reduce_partition(self, job, run, iteration, partition, fetched, dim):
@@ -2111,7 +2111,7 @@ class ReducerServicer:
         try:
             fetched = self.core.pull_partition(request.job, request.run, iteration, partition, request.outputs,
                                                request.dim, request.clusters, context.time_remaining())
-        except OutputMissing as missing:
+        except FetchFailed as missing:
             return pb.ReduceResponse(status=failure(missing), reply=pb.ReduceReply(missing_tasks=missing.tasks))
         except grpc.RpcError as error:
             context.abort(error.code(), f"a mapper refused this reducer: {error.details()}")
