@@ -2236,8 +2236,14 @@ class Worker:
     pid: int = None            # of the process answering now (a respawned worker's new one)
 
     @property
+    def lane(self):
+        """Its role and index ("mapper 1"): its lane on the timeline and its row on the page."""
+        return f"{self.role} {self.index}"
+
+    @property
     def name(self):
-        return f"{self.role} {self.index} ({self.address})"
+        """Its lane and address, as the console names it."""
+        return f"{self.lane} ({self.address})"
 
 
 def heard_back(worker, sent, ping):
@@ -2999,7 +3005,7 @@ class Recorder:
     def attempt_started(self, attempt, stage):
         """A new attempt of a stage's task; its AttemptEntry."""
         worker = attempt.worker
-        entry = AttemptEntry(self.run, f"{worker.role} {worker.index}", worker.address, worker.pid, stage.name,
+        entry = AttemptEntry(self.run, worker.lane, worker.address, worker.pid, stage.name,
                              attempt.task, stage.iteration, attempt.number, attempt.backup, stage.rerun,
                              attempt.started - self.origin)
         with self.lock:
@@ -3038,7 +3044,7 @@ class Recorder:
     def worker_lost(self, worker, why):
         """A worker is lost now: which process and why. Returns the entry, whose `new_pid` the
         replacement's PID fills in (it stays None for a worker we did not spawn)."""
-        loss = {"run": self.run, "worker": f"{worker.role} {worker.index}", "pid": worker.pid, "time": self.now(),
+        loss = {"run": self.run, "worker": worker.lane, "pid": worker.pid, "time": self.now(),
                 "reason": why, "new_pid": None}
         with self.lock:
             self.events["workers lost"] += 1
@@ -3300,7 +3306,7 @@ class Master:
         self.workers.start()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
-        return startup, [{"worker": f"{w.role} {w.index}", "address": w.address, "pid": w.pid}
+        return startup, [{"worker": w.lane, "address": w.address, "pid": w.pid}
                          for w in self.workers.every()]
 
     def sample(self):
@@ -4079,10 +4085,12 @@ def job_snapshot(master, drills=False):
 def worker_rows(workers, recorder):
     """One row per worker for the page: where it is, what it does now and for how long, what it did (the
     process answering now: a replacement starts from nothing)."""
-    now, rows = recorder.now(), []
+    now, rows, attempts = recorder.now(), [], collections.defaultdict(list)
+    for entry in list(recorder.attempts):   # one pass over the attempts, however many workers
+        attempts[entry.worker, entry.pid].append(entry)
     for worker in workers.every():
-        name = f"{worker.role} {worker.index}"
-        mine = [entry for entry in list(recorder.attempts) if entry.worker == name and entry.pid == worker.pid]
+        name = worker.lane
+        mine = attempts[name, worker.pid]
         running = [entry for entry in mine if entry.ending is None]
         if not worker.alive:
             state = "respawning" if worker.process is not None else "lost"
@@ -4111,7 +4119,7 @@ def dump_tail(path, lines=PAGE_DUMP_LINES):
 def drill(master, name, action):
     """A fault from the page (--ui-drills), on a worker this master spawned: kill it (SIGKILL), hang it
     (SIGSTOP for DRILL_SECONDS) or slow it (a straggler for DRILL_SECONDS). Logged like any fault."""
-    worker = next((w for w in master.workers.every() if f"{w.role} {w.index}" == name), None)
+    worker = next((w for w in master.workers.every() if w.lane == name), None)
     if worker is None or worker.process is None or action not in ("kill", "hang", "slow"):
         raise ValueError(f"no drill {action!r} for {name!r}: only kill, hang or slow a worker this master spawned")
     process = worker.process
