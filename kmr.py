@@ -68,7 +68,7 @@ try:
 except ImportError:
     pb = pb_grpc = None
     MISSING = MISSING or "the gRPC stubs are missing: run sh gen_pb.sh first"
-if pb is not None and "begin" not in pb.PingRequest.DESCRIPTOR.fields_by_name:
+if pb is not None and "JoinRequest" not in pb.DESCRIPTOR.message_types_by_name:
     MISSING = MISSING or "the gRPC stubs are older than kmeans.proto: run sh gen_pb.sh again"
 
 
@@ -123,6 +123,15 @@ END_JOB_SECONDS = 2.0    # deadline of the EndJob calls that tell workers a job 
 RPC_TIMEOUT = 300.0      # default deadline of a task RPC: a last resort, heartbeats act first
 HEARTBEAT = 2.0          # default seconds without a ping answer before a worker holding a task is lost
 
+# workers that join a master (--listen, --join)
+JOIN_TIMEOUT = 300.0     # default: a master's wait for --min-mappers/--min-reducers; a worker's for its master
+BEAT_SECONDS = 1.0       # between a joined worker's beats to its master
+LEAVE_TIMEOUT = 120.0    # default: longest a leaving worker waits to be released before it goes anyway
+MAX_MEMBERS = 64         # joined workers of one role a master keeps at once
+MAX_JOINS = 256          # joins a master accepts in all (a rejoin is a new lane)
+VERIFY_AT_ONCE = 4       # registrations a master checks at once; more are refused (RESOURCE_EXHAUSTED)
+VERIFY_SECONDS = 3.0     # how long a registered address has to answer the master's ping
+
 # scheduling
 BACKUP_AFTER = 2.0          # a straggler is backed up once it ran this many times the median task
 BACKUP_MIN_SECONDS = 0.5    # ... and at least this long: short tasks are never worth a second copy
@@ -141,6 +150,7 @@ ROW, BAR, MIN_BAR = 30, 16, 2   # px per row of a lane, of a bar's height, of th
 STAGE_COLOURS = {"Sample": "#9d755d", "Map": "#4c78a8", "Reduce": "#f58518", "Weigh": "#54a24b"}
 COLLECT_COLOUR = "#8a3c00"   # the GetResult end of a Reduce bar
 FAILURE_COLOUR, RERUN_COLOUR, LOSS_COLOUR, WON_COLOUR = "#d62728", "#7b3294", "#b00020", "#1a7f37"
+JOIN_COLOUR, LEFT_COLOUR = "#1f77b4", "#555555"   # a worker joined the master mid-job; it left, released
 PAGE_DUMP_LINES, DRILL_SECONDS = 40, 5.0   # the job page: lines of dump.txt shown; seconds a drill hangs or slows
 PAGE_CONNECTIONS, PAGE_TIMEOUT = 32, 10.0  # ... connections it serves at once; seconds a silent one is kept
 
@@ -228,6 +238,15 @@ class TaskFailed(Exception):
 
 class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
+
+
+class JoinRefused(Exception):
+    """The master does not take a worker that registers (or does not know one that beats): the gRPC
+    status code's name and why."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
 
 
 # -- Logging -----------------------------------------------------------------------------------------
@@ -1392,16 +1411,16 @@ def open_channel(address, tls):
     return grpc.insecure_channel(address, options=GRPC_OPTIONS)
 
 
-def connection_problem(error, tls):
-    """What to fix when a worker was reached but cannot be spoken to; None when it may just not be
-    listening yet (or any more)."""
+def connection_problem(error, tls, peers="the workers"):
+    """What to fix when a worker (or the master: `peers`) was reached but cannot be spoken to; None
+    when it may just not be listening yet (or any more)."""
     details = error.details() or ""
     if error.code() == grpc.StatusCode.UNAUTHENTICATED:
         return "it refused the token: set the same --token / KMR_TOKEN on master and workers"
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy:"):
         return details
     if "WRONG_VERSION_NUMBER" in details:
-        return "it does not speak TLS: start the workers with --tls-cert/--tls-key, or drop --tls-ca"
+        return f"it does not speak TLS: start {peers} with --tls-cert/--tls-key, or drop --tls-ca"
     if "CERTIFICATE_VERIFY_FAILED" in details or "Peer name" in details:
         return ("its TLS certificate is not trusted: it must be signed by the CA of --tls-ca and name "
                 f"the address used ({details.rsplit(': ', 2)[-2] if ': ' in details else details})")
@@ -2130,6 +2149,80 @@ class ReducerServicer:
         return pb.ResultResponse(status=success(), reply=reply)
 
 
+def registration_problem(request, peer):
+    """(the address a worker registers, what is wrong with its JoinRequest or None). An address without a
+    host (':6001', or a wildcard) is completed with the one it joined from (`peer`, as gRPC names it:
+    'ipv4:10.0.0.3:51234')."""
+    if request.role not in ("mapper", "reducer"):
+        return None, f"role {request.role[:20]!r} is not mapper or reducer"
+    if not 0 < request.pid < 2**31:
+        return None, f"PID {request.pid} out of range"
+    if len(request.host) > 255 or not all(" " <= char <= "~" for char in request.host):
+        return None, "the host name is not printable ASCII of at most 255 characters"
+    host, _, port = request.address.rpartition(":")
+    if len(request.address) > 300 or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, f"{request.address[:300]!r} is not HOST:PORT"
+    if host in ("", "0.0.0.0", "[::]"):
+        host = peer.partition(":")[2].rpartition(":")[0]
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (0 < len(bare) <= 253 and all(char.isascii() and (char.isalnum() or char in ".-:") for char in bare)) \
+            or (":" in bare) != (bare != host):
+        return None, f"{host[:300]!r} is not a host name or IP address ([...] around IPv6)"
+    return f"{host}:{int(port)}", None
+
+
+class RegistryServicer:
+    """The Registry service (kmeans.proto), on a master with --listen: workers join, beat and leave.
+    Refusals are logged to dump.txt only, so a flood of junk does not bury the job's console."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def Join(self, request, context):
+        """A worker registers: checked, then a lane of the job (see Workers.join)."""
+        address, problem = registration_problem(request, context.peer())
+        try:
+            if problem:
+                raise JoinRefused("INVALID_ARGUMENT", problem)
+            worker = self.workers.join(request.role, address, request.pid, request.host)
+        except JoinRefused as refused:
+            log.debug("<- Join FAILURE from %s: %s %s", context.peer(), refused.code, refused)
+            context.abort(grpc.StatusCode[refused.code], str(refused))
+        log.debug("<- Join SUCCESS from %s: %s", context.peer(), worker.name)
+        return pb.JoinReply(member=worker.member, lane=worker.lane, beat=BEAT_SECONDS)
+
+    def Beat(self, request, context):
+        """A joined worker is still there (and may ask to leave); whether it is released."""
+        try:
+            released = self.workers.beat(request.member, request.leaving)
+        except JoinRefused as refused:
+            log.debug("<- Beat FAILURE from %s: %s", context.peer(), refused)
+            context.abort(grpc.StatusCode[refused.code], str(refused))
+        log.debug("<- Beat SUCCESS from %s%s", context.peer(), ": released" if released else "")
+        return pb.BeatReply(released=released)
+
+
+def start_registry(listen, token, tls, workers):
+    """The master's registration service, started: (server, the port it bound). TLS and the token as on
+    every worker; few threads and a bound on calls at once, so a flood of joins is refused, not queued."""
+    host, port = listen
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=VERIFY_AT_ONCE + 4),
+                         interceptors=[TokenCheck(token)] if token else [],
+                         options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=64)
+    pb_grpc.add_RegistryServicer_to_server(RegistryServicer(workers), server)
+    try:
+        if tls is not None and tls.cert:
+            bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(tls.key, tls.cert)]))
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise InputError(f"--listen {host}:{port}: port in use or address not available")
+    server.start()
+    return server, bound
+
+
 def start_server(role, host, port, settings):
     """A started gRPC server for a mapper or reducer, the port it bound and the threads that run its
     calls."""
@@ -2213,6 +2306,128 @@ def spawned_worker(role, index, settings, log_path, connection):
     os._exit(0)   # every call has finished and the log is flushed: skip tearing down the interpreter (~80 ms)
 
 
+class Membership:
+    """A standalone worker's place in a master's job (--join). It registers, asking again while the
+    master is not up yet (at most --join-timeout), beats every second, joins again when the master
+    forgets it or goes (the next job's master may come), and leaves when asked (the first SIGTERM or
+    Ctrl-C): no new task, what runs finishes, and it goes once released or after --leave-timeout."""
+
+    def __init__(self, master, role, address, settings, join_timeout, leave_timeout):
+        self.master, self.role, self.address = master, role, address
+        self.tls = settings.tls
+        self.stub = pb_grpc.RegistryStub(open_channel(master, settings.tls))   # one channel, kept
+        self.metadata = token_metadata(settings.token)
+        self.join_timeout, self.leave_timeout = join_timeout, leave_timeout
+        self.leaving, self.done = threading.Event(), threading.Event()
+        self.member = None     # our name in the master's beats, while it knows us
+        self.error = None      # why we stopped without being released (one line)
+
+    def serve(self, server, handlers):
+        """Serve while a member. The first SIGTERM or Ctrl-C asks to leave; a second leaves at once (the
+        master then finds this worker lost). Returns the exit code."""
+        signals = []
+
+        def on_signal(signum, frame):
+            signals.append(signum)
+            if len(signals) == 1:
+                self.leaving.set()
+            else:
+                self.done.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        threading.Thread(target=self.take_part, name="membership", daemon=True).start()
+        while not self.done.wait(0.2):
+            pass
+        at_once = len(signals) > 1
+        server.stop(grace=0 if at_once else 1.0).wait()
+        handlers.shutdown(wait=not at_once)
+        if at_once:
+            raise Terminated() if signals[-1] == signal.SIGTERM else KeyboardInterrupt()
+        if self.error:
+            raise JobError(self.error)
+        log.info("left")
+        return 0
+
+    def take_part(self):
+        """Join, beat, join again, leave: until released, or the error that ends this worker."""
+        try:
+            self.rounds()
+        except JobError as error:
+            self.error = str(error)
+        finally:
+            self.done.set()
+
+    def rounds(self):
+        """One join or beat a second (sooner when asked to leave), until there is no reason to stay."""
+        waiting_since = heard = time.monotonic()
+        leave_by, why = None, "UNAVAILABLE"
+        while not self.done.is_set():
+            now = time.monotonic()
+            if self.leaving.is_set() and leave_by is None:
+                leave_by = now + self.leave_timeout
+                log.info("leaving: no new task; going once the master releases this %s (at most %g s)", self.role,
+                         self.leave_timeout)
+            if leave_by is not None and (self.member is None or now >= leave_by):
+                if self.member is not None:
+                    log.info("not released in %g s: leaving anyway (the master will find this %s lost)",
+                             self.leave_timeout, self.role)
+                return
+            if self.member is None:
+                why = self.join() or why
+                if self.member is not None:
+                    heard = now
+                elif now - waiting_since >= self.join_timeout:
+                    raise JobError(f"no master took this {self.role} at {self.master} in {self.join_timeout:g} s "
+                                   f"(last: {why}): start the master with --listen, or see --join-timeout")
+            else:
+                try:
+                    released = self.stub.Beat(pb.BeatRequest(member=self.member, leaving=self.leaving.is_set()),
+                                              timeout=BEAT_SECONDS * 3, metadata=self.metadata).released
+                    log.debug("<- Beat SUCCESS from the master%s", ": released" if released else "")
+                    heard = now
+                    if released:
+                        log.info("released by the master at %s", self.master)
+                        return
+                except grpc.RpcError as error:
+                    log.debug("<- Beat FAILURE from the master: %s", error.code().name)
+                    if self.leaving.is_set():
+                        log.info("the master at %s does not answer: leaving now", self.master)
+                        return
+                    if error.code() == grpc.StatusCode.NOT_FOUND or now - heard > 5 * BEAT_SECONDS:
+                        log.info("the master at %s %s: joining again (at most %g s)", self.master,
+                                 "forgot this worker" if error.code() == grpc.StatusCode.NOT_FOUND else "is gone",
+                                 self.join_timeout)
+                        self.member, waiting_since = None, now
+                        continue
+            if self.leaving.is_set():
+                time.sleep(BEAT_SECONDS / 4)   # beat sooner while leaving: released sooner
+            else:
+                self.leaving.wait(BEAT_SECONDS)   # a request to leave is sent at once
+
+    def join(self):
+        """Ask the master to take this worker; None once a member, else why not yet (a master that is
+        not up, or busy checking others). A refusal that will not change raises JobError."""
+        request = pb.JoinRequest(role=self.role, address=self.address, pid=os.getpid(), host=socket.gethostname())
+        try:
+            reply = self.stub.Join(request, timeout=VERIFY_SECONDS + 5, metadata=self.metadata)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+            log.debug("<- Join FAILURE from the master: %s %s", code.name, details)
+            if problem := connection_problem(error, self.tls, peers="the master"):
+                raise JobError(f"cannot join the master at {self.master}: {problem}") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED):
+                return f"{code.name} {details}".strip()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                details = "it is not a master with --listen"
+            raise JobError(f"the master at {self.master} refused this {self.role} ({self.address}): {details}") \
+                from None
+        self.member = reply.member
+        log.info("joined the master at %s as %s", self.master, reply.lane)
+        return None
+
+
 # ####################################################################################################
 # Workers: spawning, connecting, heartbeats, losing, respawning and reviving (the master's side)
 # ####################################################################################################
@@ -2234,6 +2449,13 @@ class Worker:
     job_expiry: float = JOB_EXPIRY   # how long it keeps a silent job: the keep-alive pings come sooner
     round_trip: float = None   # seconds its last answered ping took
     pid: int = None            # of the process answering now (a respawned worker's new one)
+    joined: float = None       # seconds into the job when it joined the master (None: spawned or given)
+    member: str = None         # a joined worker's name in its beats
+    host: str = ""             # a joined worker's host name, as it registered
+    arrived_in: object = None  # the stage under way when it joined: it takes tasks from the next one on
+    leaving: bool = False      # a joined worker asked to leave: no new task, released once none needs it
+    left: bool = False         # released: gone on purpose, not lost
+    calls: int = 0             # task RPCs in flight to it
 
     @property
     def lane(self):
@@ -2258,8 +2480,8 @@ class Workers:
     The master and its scheduler see a small interface: `start`, `live(role)`, `submit`, `call`,
     `answers`, `lose`, `await_live(role)`, `revive` and `stop`. Behind it: spawning (before the master touches gRPC),
     one channel per worker, heartbeats while a call runs (see `await_calls`), killing a lost
-    spawned worker by PID and respawning it in its slot in the background, and asking lost
-    workers we did not spawn again from time to time.
+    spawned worker by PID and respawning it in its slot in the background, asking lost
+    workers we did not spawn again from time to time, and (--listen) workers that join and leave.
     """
 
     def __init__(self, options, token, log_path, recorder, job):
@@ -2276,6 +2498,12 @@ class Workers:
         self.stopping = False   # calls cut short by our own shutdown are no failures worth showing
         self.stopped = threading.Event()   # set once the job is over: the keep-alive pings stop
         self.threads = None     # runs RPCs concurrently, made once the workers are up
+        self.lock = threading.Lock()   # joins change the pool while the scheduler reads it
+        self.registry = None    # the registration service (--listen), once open
+        self.listening = None   # its (host, port)
+        self.checking = threading.BoundedSemaphore(VERIFY_AT_ONCE)   # registrations being checked
+        self.members = {}       # member name -> joined Worker
+        self.held = set()       # ids of mappers whose map outputs this iteration's reducers still need
 
     def submit(self, call, attempt):
         """Run call(attempt) on the master's call threads: its Future."""
@@ -2286,8 +2514,15 @@ class Workers:
         return self.pool["mapper"] + self.pool["reducer"]
 
     def live(self, role):
-        """The live workers of a role."""
-        return [worker for worker in self.pool[role] if worker.alive]
+        """The live workers of a role that may take a task now: not leaving, and not joined during the
+        stage under way (a worker that joins gets tasks from the next stage on)."""
+        stage = self.recorder.stage
+        return [worker for worker in self.pool[role] if worker.alive and not worker.leaving
+                and (worker.arrived_in is None or worker.arrived_in is not stage)]
+
+    def staying(self, role):
+        """The live workers of a role that are not leaving (joined during this stage or not)."""
+        return [worker for worker in self.pool[role] if worker.alive and not worker.leaving]
 
     def start(self):
         """Spawn (or connect to) every worker; spawning happens before the master touches gRPC."""
@@ -2295,15 +2530,21 @@ class Workers:
         given = {"mapper": options.mapper_addrs, "reducer": options.reducer_addrs}
         counts = {"mapper": options.mappers, "reducer": options.reducers}
         for role in ("mapper", "reducer"):
-            if given[role] is None:
-                self.pool[role] = [self.spawn(role, i, first=True) for i in range(1, counts[role] + 1)]
-            else:
+            if given[role] is not None:
                 self.pool[role] = [Worker(role, i, address) for i, address in enumerate(given[role], 1)]
+            elif role in options.spawn:
+                self.pool[role] = [self.spawn(role, i, first=True) for i in range(1, counts[role] + 1)]
+        if options.listen:   # after spawning: the master touches gRPC from here on
+            self.registry, port = start_registry(options.listen, options.token, options.tls, self)
+            self.listening = (options.listen[0], port)
         self.await_ports([worker for worker in self.every() if worker.process is not None])
-        self.threads = concurrent.futures.ThreadPoolExecutor(len(self.every()) * 2)   # backups too
+        # backups too, and every worker that may join
+        self.threads = concurrent.futures.ThreadPoolExecutor(2 * (len(self.every()) + 2 * MAX_MEMBERS))
         for connected in [self.threads.submit(self.connect, worker) for worker in self.every()]:
             connected.result()   # all at once; the first problem, in worker order, is the one reported
         threading.Thread(target=self.keep_alive, name="keep-alive", daemon=True).start()
+        if self.registry is not None:
+            self.await_members()
 
     def keep_alive(self):
         """Ping every live worker, naming the job, every KEEP_ALIVE seconds until the job ends: a worker
@@ -2388,14 +2629,14 @@ class Workers:
         log.debug("spawned %s %d, PID %d, at 127.0.0.1:%d", worker.role, worker.index, worker.process.pid, detail)
         return f"127.0.0.1:{detail}"
 
-    def connect(self, worker):
+    def connect(self, worker, patience=CONNECT_SECONDS):
         """Open the worker's channel and wait (bounded) until it answers a Ping. A worker that can be
         reached but not spoken to (a wrong token, TLS on one side only, an untrusted certificate)
-        fails at once with what to fix; one not listening yet is asked again until CONNECT_SECONDS."""
+        fails at once with what to fix; one not listening yet is asked again for `patience` seconds."""
         worker.channel = open_channel(worker.address, self.options.tls)
         stub_type = pb_grpc.MapperStub if worker.role == "mapper" else pb_grpc.ReducerStub
         worker.stub = stub_type(worker.channel)
-        waited = min(self.options.rpc_timeout, CONNECT_SECONDS)
+        waited = min(self.options.rpc_timeout, patience)
         deadline = time.monotonic() + waited
         while True:
             sent = time.perf_counter()
@@ -2437,10 +2678,16 @@ class Workers:
         what = f"{method:<9} {label:<12} attempt {attempt.number:<3}"
         log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
         started = time.perf_counter()
-        future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
-                                                     metadata=self.metadata)
-        silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata,
-                             pb.PingRequest(job=self.job))
+        with self.lock:
+            worker.calls += 1   # a leaving worker is released only once none is in flight
+        try:
+            future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
+                                                         metadata=self.metadata)
+            silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata,
+                                 pb.PingRequest(job=self.job))
+        finally:
+            with self.lock:
+                worker.calls -= 1
         elapsed = 1000 * (time.perf_counter() - started)
         if silent:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: no heartbeat for %g s", what, elapsed, worker.name,
@@ -2511,7 +2758,7 @@ class Workers:
         """Give dead workers we did not spawn another chance if they answer again (pinged in
         parallel, each at most every REVIVE_EVERY seconds, so an unreachable host costs little)."""
         now = time.monotonic()
-        due = [w for w in self.every() if not w.alive and w.process is None and w.next_ping <= now]
+        due = [w for w in self.every() if not w.alive and w.process is None and w.joined is None and w.next_ping <= now]
         for worker, answered in zip(due, self.threads.map(lambda w: self.answers(w, 0.5), due)):
             if answered:
                 worker.alive = True
@@ -2523,6 +2770,8 @@ class Workers:
         """With no live worker of a role, wait for a respawn or ask the dead ones we did not spawn,
         for at most CONNECT_SECONDS; whether one is live now."""
         deadline = time.monotonic() + min(self.options.rpc_timeout, CONNECT_SECONDS)
+        for worker in self.pool[role]:
+            worker.arrived_in = None   # none other to wait for: one that joined during this stage takes tasks now
         while not self.live(role) and time.monotonic() < deadline:
             for worker in self.pool[role]:
                 worker.next_ping = 0.0
@@ -2530,6 +2779,117 @@ class Workers:
             with self.returned:
                 self.returned.wait_for(lambda: self.live(role), timeout=0.5)
         return bool(self.live(role))
+
+    def await_members(self):
+        """Wait until --min-mappers and --min-reducers workers are here (joined, given or spawned), at
+        most --join-timeout; the console says how to join meanwhile."""
+        options, started = self.options, time.monotonic()
+        wanted = options.min_workers
+
+        def short():
+            return {role: wanted[role] - len(self.staying(role)) for role in wanted
+                    if len(self.staying(role)) < wanted[role]}
+
+        host, port = self.listening
+        log.info("workers may join at %s:%d%s", host, port, " (TLS)" if options.tls is not None else "")
+        if short():
+            log.info("waiting for workers to join at %s:%d (%s); on each worker host run:\n    python kmr.py --role "
+                     "mapper|reducer --join %s:%d%s%s", host, port, ", ".join(
+                         f"{len(self.staying(role))} of {wanted[role]} {role}s" for role in wanted),
+                     socket.gethostname() if host in ("0.0.0.0", "") else host, port,
+                     " --host ADDRESS" if host not in ("127.0.0.1", "localhost") else "",
+                     " (with the job's token in $KMR_TOKEN)" if options.token else "", extra={"urgent": True})
+        with self.returned:
+            if not self.returned.wait_for(lambda: not short() or self.stopping, timeout=options.join_timeout):
+                present = "; ".join(f"{len(self.staying(role))} of {wanted[role]} {role}s ("
+                                    f"{', '.join(w.name for w in self.staying(role)) or 'none'})" for role in wanted)
+                raise JobError(f"not enough workers joined in {time.monotonic() - started:.0f} s (see --join-timeout): "
+                               f"{present}")
+
+    def join(self, role, address, pid, host):
+        """A worker registers: check that its address answers as that role and process, with our token,
+        then give it a lane (a new process: a new lane) and, while the job runs, tasks from the next
+        stage on. Returns the Worker; refusals raise JoinRefused."""
+        with self.lock:
+            for worker in self.every():
+                if worker.address == address and worker.alive and worker.joined is None:
+                    raise JoinRefused("ALREADY_EXISTS", f"{address} is already {worker.name} of this job")
+                if worker.address == address and worker.pid == pid and worker.joined is not None and worker.alive:
+                    return worker   # it joins again (it missed our answer): the same lane
+            if len(self.staying(role)) >= MAX_MEMBERS or len(self.members) >= MAX_JOINS:
+                raise JoinRefused("RESOURCE_EXHAUSTED", f"this master takes no more workers ({MAX_MEMBERS} {role}s "
+                                                        f"at once, {MAX_JOINS} joins in all)")
+        if not self.checking.acquire(blocking=False):
+            raise JoinRefused("RESOURCE_EXHAUSTED", "too many workers joining at once: try again")
+        candidate = Worker(role, 0, address, alive=False)
+        try:
+            self.connect(candidate, patience=VERIFY_SECONDS)
+        except JobError as error:
+            if candidate.channel is not None:
+                candidate.channel.close()
+            raise JoinRefused("FAILED_PRECONDITION", f"the master cannot use {address}: "
+                                                     f"{str(error).replace(candidate.name + ': ', '')}") from None
+        finally:
+            self.checking.release()
+        if candidate.pid != pid:
+            candidate.channel.close()
+            raise JoinRefused("FAILED_PRECONDITION", f"{address} answers as PID {candidate.pid}, not {pid}")
+        return self.admit(candidate, host)
+
+    def admit(self, worker, host):
+        """A checked worker joins: the same process back in its lane, or a new lane; one of ours at that
+        address before it is gone (another process answers there now)."""
+        with self.lock:
+            earlier = [w for w in self.every() if w.address == worker.address and w.joined is not None]
+            back = next((w for w in earlier if w.pid == worker.pid and not w.left), None)
+            if back is not None:   # lost (a link down, say) and back: the same process, the same lane
+                back.channel.close()
+                back.channel, back.stub, back.alive, back.arrived_in = worker.channel, worker.stub, True, self.recorder.stage
+                self.members[back.member] = back
+                worker = back
+            else:
+                worker.index = len(self.pool[worker.role]) + 1
+                worker.member, worker.host, worker.joined = secrets.token_hex(8), host, self.recorder.now()
+                worker.arrived_in = self.recorder.stage
+                self.pool[worker.role].append(worker)
+                self.members[worker.member] = worker
+        for old in earlier:
+            if old is not worker:
+                self.lose(old, f"PID {worker.pid} answers at its address now")
+        if back is None:
+            self.recorder.joined(worker)
+        log.info("%s %s: PID %d on %s%s", worker.name, "is back" if back else "joined", worker.pid, host or "?",
+                 "; tasks from the next stage on" if self.recorder.stage else "")
+        with self.returned:
+            self.returned.notify_all()
+        return worker
+
+    def beat(self, member, leaving):
+        """A joined worker's beat; whether it may go (released). A worker that asks to leave takes no
+        new task, and is released once no call runs there and no reducer needs its map outputs."""
+        worker = self.members.get(member)
+        if worker is None or not (worker.alive or worker.left):
+            self.members.pop(member, None)
+            raise JoinRefused("NOT_FOUND", "this master does not know that worker (lost, or a new master): join again")
+        if worker.left:
+            return True
+        if leaving and not worker.leaving:
+            worker.leaving = True
+            log.info("%s asks to leave: no new task for it; released once its calls end and the reducers have "
+                     "its map outputs", worker.name)
+        with self.lock:
+            if not (worker.leaving and worker.calls == 0 and id(worker) not in self.held):
+                return False
+            worker.alive, worker.left = False, True
+        self.recorder.left(worker)
+        log.info("%s left (released)", worker.name)
+        return True
+
+    def hold_outputs(self, mappers):
+        """These mappers hold map outputs the reducers still need (none once the iteration is reduced):
+        a leaving one is released only after."""
+        with self.lock:
+            self.held = {id(worker) for worker in mappers}
 
     def end_job(self):
         """Tell the live workers this master did not spawn that the job is over, so they drop its state
@@ -2553,6 +2913,8 @@ class Workers:
         workers it did not spawn, close channels."""
         self.stopped.set()
         self.stopping = True
+        if self.registry is not None:
+            self.registry.stop(grace=None)   # joins and beats end here: joined workers wait for the next master
         spawned = [w.process for w in self.every() if w.process is not None]
         for process in spawned:
             if process.is_alive():
@@ -2677,7 +3039,7 @@ class TaskScheduler:
         idle = [worker for worker in self.pool.live(state.stage.role) if id(worker) not in busy]
         for worker in list(idle):
             if state.pending:
-                if (task := self.pick(state.stage.role, state.pending, worker, idle)) is not None:
+                if (task := self.pick(state, worker, idle)) is not None:
                     self.launch(state, worker, task)
                     idle.remove(worker)
                 continue
@@ -2743,16 +3105,31 @@ class TaskScheduler:
         elif not self.pool.await_live(role):
             raise JobError(f"no live {role} left for task {state.pending[0]}")
 
-    def pick(self, role, pending, worker, idle):
-        """The pending task to give an idle worker: one it ran last (its split is parsed and its last
-        assignment known, so Map does no extra pass), else one whose last worker is busy or gone;
-        None when every pending task's own worker is idle and will take it."""
-        idle_ids = {id(w) for w in idle}
-        mine = [task for task in pending if self.holders.get((role, task)) is worker]
-        orphans = [task for task in pending if id(self.holders.get((role, task))) not in idle_ids]
-        if not (mine or orphans):
+    def pick(self, state, worker, idle):
+        """The pending task to give an idle worker, or None:
+        - one it ran last: its split is parsed and its last assignment known, so Map does no extra pass;
+        - else one no live worker ran last (the first run of the task, or its worker is gone or leaving);
+        - else a share of a busy worker's: a moved task is parsed once where it goes (about one task's
+          time more, once), and pays from the next iteration on if it evens the loads, so it moves only
+          from a worker with at least two tasks more in this stage (done, running and waiting) than this
+          one: the last waiting task of the most loaded (a worker that joined gets its share this way).
+        None when every pending task's own worker will take it as soon."""
+        role, pending = state.stage.role, state.pending
+        holder = {task: self.holders.get((role, task)) for task in pending}
+        live, idle_ids = {id(w) for w in self.pool.live(role)}, {id(w) for w in idle}
+        mine = [task for task in pending if holder[task] is worker]
+        orphans = [task for task in pending if id(holder[task]) not in live]
+        load = collections.Counter(id(holder[task]) for task in pending)
+        load.update(id(done) for done, _ in state.results.values())
+        load.update(id(attempt.worker) for attempt in state.running.values())
+        shares = [task for task in pending
+                  if id(holder[task]) not in idle_ids and load[id(holder[task])] - load[id(worker)] >= 2]
+        if mine or orphans:
+            task = (mine or orphans)[0]
+        elif shares:
+            task = max(reversed(shares), key=lambda t: load[id(holder[t])])
+        else:
             return None
-        task = (mine or orphans)[0]
         pending.remove(task)
         return task
 
@@ -2853,6 +3230,10 @@ class JobOptions:
     ui_drills: bool = False       # the page may kill, hang or slow spawned workers
     report: str = None            # where the page is written at the end, as one file
     resume: bool = False          # continue after the last complete iteration of the data dir's checkpoint
+    listen: tuple = None          # (host, port) of the registration service workers join, or None
+    spawn: tuple = ("mapper", "reducer")   # roles this master spawns when no addresses are given
+    min_workers: dict = field(default_factory=lambda: {"mapper": 1, "reducer": 1})   # joined+given+spawned to start
+    join_timeout: float = JOIN_TIMEOUT   # longest wait for min_workers
 
 
 @dataclass
@@ -2974,8 +3355,9 @@ class Recorder:
         self.events = collections.Counter()   # failures and recoveries of the run under way
         self.lock = threading.Lock()          # workers' threads count and lose too
         # what the live page shows besides: the stage running (and since when), the run under way, the points to plot,
-        # the workers as they started, what an earlier master did, and how the job ended
-        self.stage, self.progress, self.plot, self.started_workers, self.earlier = None, None, [], [], None
+        # a lane per worker process (as it started or joined, and when it left), what an earlier master did, and how
+        # the job ended
+        self.stage, self.progress, self.plot, self.lanes, self.earlier = None, None, [], [], None
         self.outcome = "running"
 
     def start(self):
@@ -3050,6 +3432,20 @@ class Recorder:
             self.events["workers lost"] += 1
             self.losses.append(loss)
         return loss
+
+    def joined(self, worker):
+        """A worker joined the master now: a lane of its own from this moment."""
+        with self.lock:
+            self.lanes.append({"worker": worker.lane, "address": worker.address, "pid": worker.pid,
+                               "joined": round(worker.joined, 6), "left": None})
+
+    def left(self, worker):
+        """A joined worker left on purpose now (released): not a loss."""
+        with self.lock:
+            self.events["workers left"] += 1
+            for lane in self.lanes:
+                if lane["worker"] == worker.lane:
+                    lane["left"] = round(self.now(), 6)
 
     def timeline(self, workers, earlier, live=False):
         """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
@@ -3282,8 +3678,7 @@ class Master:
     def run(self):
         """The job: start the workers, sample, each run, the best; returns a JobResult."""
         announce(self.options, self.plan, self.job_id, self.scheduler.max_attempts)
-        startup, first_processes = self.start_workers()
-        self.recorder.started_workers = first_processes
+        startup = self.start_workers()
         samples, plot_sample = self.sample()
         self.recorder.plot = plot_sample
         sampling_events = dict(self.recorder.counted())   # failures of the Sample pass count in run 1
@@ -3298,16 +3693,17 @@ class Master:
             log.info("best: run %d (seed %d), SSE %.10g", self.runs.index(best) + 1, best.seed, best.sse)
         self.write_centroids(best.centroids)
         return JobResult(best, self.runs, startup, self.plan.dim, self.plan.points, plot_sample,
-                         self.recorder.timeline(first_processes, earlier))
+                         self.recorder.timeline(self.recorder.lanes, earlier))
 
     def start_workers(self):
-        """Spawn or connect every worker; (seconds it took, who answered: role, address, PID)."""
+        """Spawn, connect or await every worker (a lane each, before those that joined); the seconds it took."""
         started = time.perf_counter()
         self.workers.start()
         startup = time.perf_counter() - started
         log.info("workers ready in %.3f s", startup)
-        return startup, [{"worker": w.lane, "address": w.address, "pid": w.pid}
-                         for w in self.workers.every()]
+        self.recorder.lanes[:0] = [{"worker": w.lane, "address": w.address, "pid": w.pid, "joined": None, "left": None}
+                                   for w in self.workers.every() if w.joined is None]
+        return startup
 
     def sample(self):
         """The first read of every split (each mapper parses and checks its own, in parallel) and
@@ -3414,6 +3810,7 @@ class Master:
         map_results = self.map_stage(iteration, range(1, self.options.mappers + 1), centroids, previous, map_attempts)
         mapped = time.perf_counter()
         results, pending = {}, list(range(1, self.options.reducers + 1))
+        self.workers.hold_outputs(worker for worker, _ in map_results.values())
         while pending:
             finished, lost = self.reduce_stage(iteration, pending, map_results, reduce_attempts)
             results.update(finished)
@@ -3426,6 +3823,8 @@ class Master:
                 self.recorder.count("re-executions", len(lost))
                 map_results.update(self.map_stage(iteration, sorted(lost), centroids, previous, map_attempts,
                                                   rerun=True))
+                self.workers.hold_outputs(worker for worker, _ in map_results.values())
+        self.workers.hold_outputs(())   # the reducers have every map output: leaving mappers may go
         reduced = time.perf_counter()
         replies = {task: reply for task, (_, reply) in map_results.items()}
         means, sizes = account_for_points(iteration, self.plan, len(centroids), self.options.reducers, replies,
@@ -3835,6 +4234,7 @@ def lane_svg(number, lane, axis, ticks, right, raced, runs):
         out.append(bar)
         marks.append(mark)
     out.extend(loss_svg(loss, axis, y, height) for loss in lost)
+    out.extend(membership_svg(worker, axis, y, height))
     out.append("</g>")
     return "".join(out), marks
 
@@ -3850,6 +4250,20 @@ def loss_svg(loss, axis, y, height):
             f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="{LOSS_COLOUR}" stroke-width="2" '
             f'stroke-dasharray="4 2"/><text class="loss-label" x="{x + 4:.1f}" y="{y + height - 4}" '
             f'fill="{LOSS_COLOUR}" font-size="11">PID {loss["pid"]} lost, {then}</text></g>')
+
+
+def membership_svg(worker, axis, y, height):
+    """When a worker that joined the master mid-job did (its lane starts there) and when it left, released."""
+    marks = []
+    for key, colour, words in (("joined", JOIN_COLOUR, "joined"), ("left", LEFT_COLOUR, "left (released)")):
+        when = worker.get(key)
+        if when is None or not axis.pieces[0][0] < when <= axis.pieces[-1][1]:
+            continue
+        x = axis.x(when)
+        marks.append(f'<g class="{key}"><title>{html.escape(worker["worker"])} {words} at {when:.3f} s</title>'
+                     f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="{colour}" stroke-width="2"/>'
+                     f'<text x="{x + 4:.1f}" y="{y + 10}" fill="{colour}" font-size="11">{words}</text></g>')
+    return marks
 
 
 def band_svg(group, spans, inside, losses, piece, top, bottom, runs):
@@ -4076,7 +4490,7 @@ def job_snapshot(master, drills=False):
         "centroids": [] if progress is None else [[list(c[:2]) for c in step] for step in list(progress.history)],
         "plot": [list(point[:2]) for point in recorder.plot],
         "workers": worker_rows(master.workers, recorder),
-        "timeline": recorder.timeline(recorder.started_workers, recorder.earlier, live=recorder.outcome == "running"),
+        "timeline": recorder.timeline(recorder.lanes, recorder.earlier, live=recorder.outcome == "running"),
         "dump": dump_tail(os.path.join(options.data_dir, "dump.txt")),
         "drills": drills,
     }
@@ -4092,14 +4506,22 @@ def worker_rows(workers, recorder):
         name = worker.lane
         mine = attempts[name, worker.pid]
         running = [entry for entry in mine if entry.ending is None]
-        if not worker.alive:
+        if worker.left:
+            state = "left (released)"
+        elif not worker.alive:
             state = "respawning" if worker.process is not None else "lost"
         elif running:
-            state = f"running {running[-1].stage} task {running[-1].task} for {now - running[-1].start:.1f} s"
+            state = f"running {running[-1].stage} task {running[-1].task} for {now - running[-1].start:.1f} s" + \
+                    (", then leaving" if worker.leaving else "")
+        elif worker.leaving:
+            state = "leaving: released once the reducers have its map outputs"
+        elif worker.arrived_in is not None and worker.arrived_in is recorder.stage:
+            state = "joined: tasks from the next stage on"
         else:
             state = "idle"
         rows.append({"worker": name, "role": worker.role, "index": worker.index, "address": worker.address,
                      "pid": worker.pid, "spawned": worker.process is not None, "state": state,
+                     "joined": None if worker.joined is None else round(worker.joined, 3),
                      "done": sum(1 for entry in mine if entry.ending and entry.ending[1] == "SUCCESS"),
                      "failures": sum(1 for entry in mine if entry.ending and entry.ending[1] == "FAILURE"),
                      "ping_ms": None if worker.round_trip is None else round(1000 * worker.round_trip, 2)})
@@ -4507,6 +4929,26 @@ def addresses(text):
     return items
 
 
+def one_address(text):
+    """'host:port', one."""
+    items = addresses(text)
+    if len(items) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one host:port")
+    return items[0]
+
+
+def advertise_spec(text):
+    """'host', 'host:port', '[v6]' or '[v6]:port' as (host, port or None)."""
+    host, port = text, None
+    if text.startswith("[") and "]:" in text or not text.startswith("[") and text.count(":") == 1:
+        host, _, port = text.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"{text!r} is not HOST[:PORT]")
+    if not host or ":" in host and not host.startswith("["):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST[:PORT] ([...] around an IPv6 address)")
+    return host, None if port is None else int(port)
+
+
 EXAMPLES = """examples:
   python kmr.py --role master -M 3 -R 2 -K 2 -n 20            the bundled sample, 5 spawned workers
   python kmr.py --role master -K 5 --input pts.txt --init k-means++ --restarts 30 --plot run.svg
@@ -4564,6 +5006,15 @@ def parse_args(argv=None):
                         help="stop when no centroid moved more than this (default 0: a fixed point)")
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
+    master.add_argument("--listen", type=ui_address, metavar="[HOST:]PORT",
+                        help="let workers join (--join) at this address (default host 127.0.0.1; on any other the "
+                             "token is required); no worker is spawned unless --spawn says so")
+    master.add_argument("--spawn", choices=["mappers", "reducers", "both"],
+                        help="with --listen: spawn M mappers, R reducers or both besides those that join")
+    master.add_argument("--min-mappers", type=int, default=1, metavar="N",
+                        help="with --listen: start once N mappers are here, joined or not (default 1)")
+    master.add_argument("--min-reducers", type=int, default=1, metavar="N",
+                        help="with --listen: start once N reducers are here (default 1)")
     master.add_argument("--combiner", action="store_true",
                         help="mappers pre-sum each cluster (exactly) so partitions carry sums, not points")
     master.add_argument("--resume", action="store_true",
@@ -4591,6 +5042,14 @@ def parse_args(argv=None):
     worker.add_argument("--max-memory", type=float, metavar="GIB",
                         help="refuse a new job while the jobs served hold this much in parsed splits and map "
                              "outputs (default: half the machine's memory)")
+    worker.add_argument("--join", type=one_address, metavar="MASTER_HOST:PORT",
+                        help="join the master listening there (--listen), asking again until it is up")
+    worker.add_argument("--advertise", type=advertise_spec, metavar="HOST[:PORT]",
+                        help="with --join: the address the master and reducers reach this worker on, where it "
+                             "differs from --host/--port (default: --host, or for 0.0.0.0 the address it joins from)")
+    worker.add_argument("--leave-timeout", type=float, default=LEAVE_TIMEOUT, metavar="S",
+                        help="with --join: after SIGTERM or Ctrl-C, wait at most S s to be released (default 120; "
+                             "a second signal leaves at once)")
     worker.add_argument("--job-expiry", type=float, default=JOB_EXPIRY, metavar="S",
                         help="drop the state of a job whose master has been silent this long (default 60; a "
                              "running master pings its workers every 10 s)")
@@ -4602,6 +5061,9 @@ def parse_args(argv=None):
     shared.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     shared.add_argument("--tls-ca", metavar="PEM", help="clients (master, reducers): speak TLS to workers "
                         "and trust only certificates signed by this CA")
+    shared.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT, metavar="S",
+                        help="master with --listen: longest wait for --min-mappers/--min-reducers; worker with "
+                             "--join: longest wait for a master to take it (default 300)")
     shared.add_argument("--fail-prob", type=float, default=0.0,
                         help="each task a worker gets fails with this probability (failure drills)")
     shared.add_argument("--fail-seed", type=int, help="seed of --fail-prob draws")
@@ -4610,7 +5072,8 @@ def parse_args(argv=None):
               ("--restarts", args.restarts, 1, MAX_RESTARTS),
               ("-n", args.n, 0, 10**6), ("--port", args.port, 0, 65535),
               ("--max-attempts", 1 if args.max_attempts is None else args.max_attempts, 1, 10**6),
-              ("--max-jobs", args.max_jobs, 1, 1000)]
+              ("--max-jobs", args.max_jobs, 1, 1000), ("--min-mappers", args.min_mappers, 1, MAX_MEMBERS),
+              ("--min-reducers", args.min_reducers, 1, MAX_MEMBERS)]
     for flag, value, low, high in checks:
         if not low <= value <= high:
             raise InputError(f"{flag} must be between {low} and {high}, got {value}")
@@ -4618,10 +5081,12 @@ def parse_args(argv=None):
         raise InputError(f"--tol must be a finite number >= 0, got {args.tol}")
     for flag, value in (("--rpc-timeout", args.rpc_timeout), ("--heartbeat", args.heartbeat),
                         ("--start-timeout", args.start_timeout), ("--job-expiry", args.job_expiry),
+                        ("--join-timeout", args.join_timeout), ("--leave-timeout", args.leave_timeout),
                         ("--max-memory", 1.0 if args.max_memory is None else args.max_memory)):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{flag} must be > 0, got {value}")
     args.tls = tls_files(args)
+    check_joining(args)
     if args.restarts > 1 and args.init not in ("random", "k-means++"):
         raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
     if args.ui_drills and args.ui is None:
@@ -4644,6 +5109,37 @@ def parse_args(argv=None):
         if index > (args.M if role == "mapper" else args.R):
             raise InputError(f"{flag} {role}:{index}: there is no {role} {index}")
     return args
+
+
+def check_joining(args):
+    """The flags of joining (--listen, --join and theirs) make sense together."""
+    master_only = [flag for flag, given in (("--listen", args.listen), ("--spawn", args.spawn),
+                                            ("--min-mappers", args.min_mappers != 1),
+                                            ("--min-reducers", args.min_reducers != 1)) if given]
+    if args.role != "master" and master_only:
+        raise InputError(f"{master_only[0]} is for the master")
+    if args.role == "master" and (args.join or args.advertise):
+        raise InputError("--join and --advertise are for mappers and reducers")
+    if args.listen is None and master_only:
+        raise InputError(f"{master_only[0]} needs --listen")
+    if args.advertise and not args.join:
+        raise InputError("--advertise needs --join")
+    if args.listen:
+        host = args.listen[0]
+        if host not in ("127.0.0.1", "localhost") and not args.token:
+            raise InputError(f"--listen {host}: anyone who reaches it could join; set --token / KMR_TOKEN")
+        if args.tls is not None and not args.tls.cert:
+            raise InputError("--listen with TLS needs --tls-cert/--tls-key: workers join over TLS too")
+
+
+def advertised(args, port):
+    """The address a joining worker registers: --advertise (its port defaulting to the bound one), else
+    --host and the bound port; no host for a wildcard --host (the master takes the address it joined from)."""
+    if args.advertise:
+        host, given = args.advertise
+        return f"{host}:{given or port}"
+    host = "" if args.host in ("0.0.0.0", "::", "") else f"[{args.host}]" if ":" in args.host else args.host
+    return f"{host}:{port}"
 
 
 def tls_files(args):
@@ -4722,7 +5218,11 @@ def run_master(args):
                          input_root=args.input_root, combine=args.combiner, fail_prob=args.fail_prob,
                          fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume,
                          slow_starts=args.slow_start, start_timeout=args.start_timeout, ui=args.ui,
-                         ui_drills=args.ui_drills, report=args.report)
+                         ui_drills=args.ui_drills, report=args.report, listen=args.listen,
+                         spawn=("mapper", "reducer") if args.listen is None else
+                         {None: (), "mappers": ("mapper",), "reducers": ("reducer",), "both": ("mapper", "reducer")}[args.spawn],
+                         min_workers={"mapper": args.min_mappers, "reducer": args.min_reducers},
+                         join_timeout=args.join_timeout)
     result = run_job(options)
     reports = [(args.summary, lambda: json.dumps(summary(result, options), indent=2) + "\n"),
                (args.plot, lambda: plot_svg(result)), (args.timeline, lambda: timeline_svg(result)),
@@ -4750,8 +5250,11 @@ def run_worker(args):
     server, port, handlers = start_server(args.role, args.host, args.port, settings)
     log.info("%s listening on %s:%d%s", args.role, args.host, port, "" if args.token else " (no token)")
     print(f"{args.host}:{port}", flush=True)
-    serve_until_stopped(server, handlers, lambda: False)
-    return 0
+    if args.join is None:
+        serve_until_stopped(server, handlers, lambda: False)
+        return 0
+    return Membership(args.join, args.role, advertised(args, port), settings, args.join_timeout,
+                      args.leave_timeout).serve(server, handlers)
 
 
 def main(argv=None):
