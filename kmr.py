@@ -2649,6 +2649,8 @@ class Workers:
                 problem = connection_problem(error, self.options.tls)
                 if problem:
                     raise JobError(f"{worker.name}: {problem}") from None
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:   # it serves, but not this role's service
+                    raise JobError(f"{worker.address} is not a {worker.role}") from None
                 if time.monotonic() >= deadline or self.stopping:
                     raise JobError(f"no {worker.role} answers at {worker.address} (waited {waited:g} s: "
                                    f"{error.code().name})") from None
@@ -2790,11 +2792,12 @@ class Workers:
             return {role: wanted[role] - len(self.staying(role)) for role in wanted
                     if len(self.staying(role)) < wanted[role]}
 
-        host, port = self.listening
-        log.info("workers may join at %s:%d%s", host, port, " (TLS)" if options.tls is not None else "")
-        if short():
-            log.info("waiting for workers to join at %s:%d (%s); on each worker host run:\n    python kmr.py --role "
-                     "mapper|reducer --join %s:%d%s%s", host, port, ", ".join(
+        host, port, tls = *self.listening, " (TLS)" if options.tls is not None else ""
+        if not short():
+            log.info("workers may join at %s:%d%s", host, port, tls)
+        else:
+            log.info("waiting for workers to join at %s:%d%s (%s); on each worker host run:\n    python kmr.py --role "
+                     "mapper|reducer --join %s:%d%s%s", host, port, tls, ", ".join(
                          f"{len(self.staying(role))} of {wanted[role]} {role}s" for role in wanted),
                      socket.gethostname() if host in ("0.0.0.0", "") else host, port,
                      " --host ADDRESS" if host not in ("127.0.0.1", "localhost") else "",

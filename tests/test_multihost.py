@@ -296,3 +296,99 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
             assert tagged_processes(tag) == [], f"processes left behind: {tagged_processes(tag)}"
         finally:
             network.destroy()
+
+
+def test_workers_in_three_namespaces_join_a_master_in_a_fourth_and_one_joins_one_leaves_one_is_unplugged(tmp_path):
+    """The join recipe across hosts, over TLS with a token: mapper m1 and reducers r1, r2 join the master (each in
+    its own namespace, each given only the master's address); mapper m2 joins in iteration 2 and takes a share of
+    the six map tasks; then m1 gets SIGTERM and leaves (released, not lost), and r2's cable is pulled. The
+    centroids are the sequential reference's, bit for bit."""
+    reason = netns_unavailable()
+    if reason:
+        print(f"\nskipped: {reason}")
+        pytest.skip(reason)
+
+    rng = random.Random(19)
+    points = [(round(rng.uniform(-100, 100), 3), round(rng.uniform(-100, 100), 3)) for _ in range(100_000)]
+    init = list(dict.fromkeys(points))[:8]
+    input_dir = tmp_path / "input"
+    input_dir.mkdir()
+    input_path = input_dir / "points.txt"
+    input_path.write_text(kmr.format_centroids(points))
+    init_path = tmp_path / "init.txt"
+    init_path.write_text(kmr.format_centroids(init))
+    points = read_points(input_path)
+
+    tag = uuid.uuid4().hex
+    network = Network()
+    hosts = {}
+    try:
+        network.build()
+        ca, cert, key = make_certificates(tmp_path / "tls", [network.address(host) for host in HOSTS])
+        tls = ["--token", TOKEN, "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]
+        registry = f"{network.address('master')}:7077"
+
+        def join(host):
+            role = "mapper" if host.startswith("m") else "reducer"
+            hosts[host] = Host(network, host, [
+                "--role", role, "--host", network.address(host), "--port", PORT, "--join", registry, *tls,
+                "--input-root", input_dir, "--data-dir", tmp_path / host], tmp_path, tag)
+            assert hosts[host].printed_address() == f"{network.address(host)}:{PORT}"
+
+        for host in ("m1", "r1", "r2"):   # before the master: they ask again until it is up
+            join(host)
+        out = tmp_path / "out"
+        dump = out / "dump.txt"
+        hosts["master"] = master = Host(network, "master", [
+            "--role", "master", "--listen", registry, "--min-reducers", 2, *tls, "-M", 6, "-R", 2, "-K", 8,
+            "-n", 30, "--input", input_path, "--init", init_path, "--data-dir", out], tmp_path, tag)
+        address = {host: f"{network.address(host)}:{PORT}" for host in HOSTS}
+
+        wait_for_line(dump, r"iteration 2: centroids", timeout=60, process=master.process)
+        join("m2")
+        wait_for_line(dump, rf"mapper 2 \({re.escape(address['m2'])}\) joined: PID \d+ on .*; tasks from the next "
+                            rf"stage on", timeout=30, process=master.process)
+        wait_for_line(dump, rf"<- Map .* SUCCESS .* mapper 2 \({re.escape(address['m2'])}\)", timeout=30,
+                      process=master.process)
+        hosts["m1"].process.send_signal(signal.SIGTERM)
+        assert hosts["m1"].process.wait(60) == 0
+        wait_for_line(dump, rf"mapper 1 \({re.escape(address['m1'])}\) left \(released\)", timeout=5)
+        network.unplug("r2")
+        fault_iteration = max(map(int, re.findall(r"=== iteration (\d+) ===", dump.read_text())))
+        assert master.process.poll() is None, "the run ended before the faults: make the dataset bigger"
+        print(f"\nm2 joined, m1 left and r2 was unplugged by iteration {fault_iteration}")
+
+        try:
+            code = master.process.wait(BUDGET)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the master did not finish within {BUDGET} s; dump ends: "
+                                 f"{dump.read_text()[-3000:]}") from None
+        master.out.seek(0)
+        master.log.seek(0)
+        stdout, stderr = master.out.read(), master.log.read()
+        log = dump.read_text()
+        assert code == 0, stderr[-3000:]
+        expected, iterations = kmr.kmeans_reference(points, init, 30)
+        assert iterations > fault_iteration
+        assert stdout == kmr.format_centroids(expected)
+
+        hosts["m1"].log.seek(0)
+        m1_log = hosts["m1"].log.read()
+        assert "released by the master" in m1_log and "kmr: error" not in m1_log
+        assert not re.search(rf"mapper 1 \({re.escape(address['m1'])}\) marked dead", log)   # it left, not lost
+        r2 = re.escape(address["r2"])
+        assert re.search(rf"reducer 2 \({r2}\) marked dead \(no heartbeat for 2 s\)|"
+                         rf"the backup copy \(attempt \d+ on reducer 1 .*\) finished first; attempt \d+ on reducer 2 "
+                         rf"\({r2}\) is ignored", log)
+        last = log[log.rfind(f"=== iteration {iterations} ==="):]
+        succeeded = set(re.findall(r"<- \w+ .* SUCCESS .* ms   (\w+ \d) \(", last))
+        assert succeeded == {"mapper 2", "reducer 1"}, succeeded
+        assert re.search(r"waiting for workers to join at [\d.]+:7077 \(TLS\)", stderr)
+    finally:
+        for host in hosts.values():
+            host.stop()
+        stop_tagged(tag)
+        try:
+            assert tagged_processes(tag) == [], f"processes left behind: {tagged_processes(tag)}"
+        finally:
+            network.destroy()

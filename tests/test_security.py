@@ -557,3 +557,101 @@ def test_oversized_request_is_refused_and_the_worker_keeps_serving(rooted):
     assert refusal(rooted.mapper, "mapper", "Map", request) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert invoke(rooted.mapper, "mapper", "Ping", pb.PingRequest()).role == "mapper"
     assert invoke(rooted.mapper, "mapper", "Map", map_request("points.txt")).status.success
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. the registration service (--listen): token, loopback, junk refused cleanly and bounded
+# ---------------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings as hypothesis_settings, strategies as st   # noqa: E402
+
+CLEAN_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
+
+
+@given(st.text(max_size=40), st.text(max_size=400) | st.from_regex(r"\A[\w.:\[\]-]{0,30}:\d{1,6}\Z"),
+       st.integers(0, 2**32 - 1), st.text(max_size=300))
+def test_any_registration_is_judged_without_an_exception_and_what_passes_is_host_and_port(role, address, pid, host):
+    request = pb.JoinRequest(role=role, address=address, pid=pid, host=host)
+    given_address, problem = kmr.registration_problem(request, "ipv4:10.1.2.3:4567")
+    assert (given_address is None) != (problem is None)
+    if problem is None:
+        name, _, port = given_address.rpartition(":")
+        assert role in ("mapper", "reducer") and 0 < pid < 2**31 and 0 < int(port) < 65536
+        assert name and len(name) <= 255 and " " not in name and name.isascii()
+        assert kmr.addresses(given_address) == [given_address]   # what the master's own flags accept
+
+
+@pytest.fixture(scope="module")
+def listening(tmp_path_factory):
+    """A master with --listen and a token, waiting for two mappers that never come (the job never starts)."""
+    folder = tmp_path_factory.mktemp("listening")
+    write_points(folder / "points.txt", POINTS)
+    master = MasterProcess("--role", "master", "--listen", "0", "--token", TOKEN, "--min-mappers", 2,
+                           "--input", folder / "points.txt", "--data-dir", folder / "Data", "--join-timeout", 600,
+                           cwd=folder)
+    try:
+        found = wait_for_line(master.stderr.name, r"waiting for workers to join at 127\.0\.0\.1:(\d+)", process=master.process)
+        yield SimpleNamespace(master=master, port=int(found.group(1)), folder=folder)
+    finally:
+        master.process.terminate()
+        code, _, stderr = master.finish(30)
+        assert code == kmr.EXIT_TERMINATED and stderr.endswith("kmr: error: terminated\n")
+
+
+def registry_call(port, method, request, token=TOKEN):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        return getattr(pb_grpc.RegistryStub(channel), method)(request, timeout=RPC, metadata=auth(token))
+    finally:
+        channel.close()
+
+
+def test_the_registration_service_listens_on_loopback_only_by_default(listening):
+    found = listening_addresses(listening.port)
+    assert found and all(is_loopback(address) for address in found)
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_the_registration_service_refuses_a_join_or_a_beat_without_the_token(listening, token):
+    for method, request in (("Join", pb.JoinRequest(role="mapper", address="127.0.0.1:1", pid=5)),
+                            ("Beat", pb.BeatRequest(member="x"))):
+        with pytest.raises(grpc.RpcError) as refused:
+            registry_call(listening.port, method, request, token)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@hypothesis_settings(max_examples=40)
+@given(st.one_of(
+    st.builds(lambda role, address, pid, host: ("Join", pb.JoinRequest(role=role, address=address, pid=pid, host=host)),
+              st.sampled_from(["mapper", "reducer", "", "master"]) | st.text(max_size=10),
+              st.sampled_from(["127.0.0.1:1", ":1", "[::1]:1", "localhost:2", "0.0.0.0:3"]) | st.text(max_size=60),
+              st.integers(0, 2**32 - 1), st.text(max_size=20)),
+    st.builds(lambda member, leaving: ("Beat", pb.BeatRequest(member=member, leaving=leaving)),
+              st.text(max_size=40), st.booleans())))
+def test_junk_to_the_registration_service_is_refused_cleanly_and_the_master_keeps_waiting(listening, call):
+    method, request = call
+    with pytest.raises(grpc.RpcError) as refused:
+        registry_call(listening.port, method, request)
+    assert refused.value.code() in CLEAN_REFUSALS, refused.value
+    assert listening.master.process.poll() is None
+
+
+def test_a_registration_of_a_worker_that_answers_with_another_pid_or_role_is_refused(listening, tmp_path):
+    worker = StandaloneWorker("reducer", tmp_path, "--token", TOKEN)
+    try:
+        pid = worker.process.pid
+        for request, words in ((pb.JoinRequest(role="reducer", address=worker.address, pid=pid + 1), "answers as PID"),
+                               (pb.JoinRequest(role="mapper", address=worker.address, pid=pid), "is not a mapper")):
+            with pytest.raises(grpc.RpcError) as refused:
+                registry_call(listening.port, "Join", request)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and words in refused.value.details()
+        reply = registry_call(listening.port, "Join", pb.JoinRequest(role="reducer", address=worker.address, pid=pid))
+        assert reply.lane == "reducer 1" and reply.member
+        again = registry_call(listening.port, "Join", pb.JoinRequest(role="reducer", address=worker.address, pid=pid))
+        assert again.member == reply.member   # the same process joining again: the same lane
+        assert not registry_call(listening.port, "Beat", pb.BeatRequest(member=reply.member)).released
+        assert registry_call(listening.port, "Beat", pb.BeatRequest(member=reply.member, leaving=True)).released
+    finally:
+        worker.stop()
+    assert listening.master.process.poll() is None
