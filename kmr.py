@@ -131,6 +131,8 @@ MAX_MEMBERS = 64         # joined workers of one role a master keeps at once
 MAX_JOINS = 256          # joins a master accepts in all (a rejoin is a new lane)
 VERIFY_AT_ONCE = 4       # registrations a master checks at once; more are refused (RESOURCE_EXHAUSTED)
 VERIFY_SECONDS = 3.0     # how long a registered address has to answer the master's ping
+RETRY_SOON = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+              ("grpc.max_reconnect_backoff_ms", 1000)]   # a joining worker's channel to a master not up yet
 
 # scheduling
 BACKUP_AFTER = 2.0          # a straggler is backed up once it ran this many times the median task
@@ -1403,12 +1405,12 @@ class TlsFiles:
     ca: bytes = None
 
 
-def open_channel(address, tls):
-    """One channel to a worker: TLS, verifying the server against the CA, when a CA is given."""
+def open_channel(address, tls, options=()):
+    """One channel to a worker (or a master): TLS, verifying the server against the CA, when a CA is given."""
+    options = GRPC_OPTIONS + list(options)
     if tls is not None and tls.ca:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls.ca),
-                                   options=GRPC_OPTIONS)
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls.ca), options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def connection_problem(error, tls, peers="the workers"):
@@ -2315,7 +2317,8 @@ class Membership:
     def __init__(self, master, role, address, settings, join_timeout, leave_timeout):
         self.master, self.role, self.address = master, role, address
         self.tls = settings.tls
-        self.stub = pb_grpc.RegistryStub(open_channel(master, settings.tls))   # one channel, kept
+        # one channel, kept; a master that is not up yet is tried again within a second, not gRPC's backoff
+        self.stub = pb_grpc.RegistryStub(open_channel(master, settings.tls, RETRY_SOON))
         self.metadata = token_metadata(settings.token)
         self.join_timeout, self.leave_timeout = join_timeout, leave_timeout
         self.leaving, self.done = threading.Event(), threading.Event()
@@ -4084,11 +4087,11 @@ def span_at(spans, time_point):
     return max(0, bisect.bisect_right([span["start"] for span in spans], time_point) - 1)
 
 
-def collapsed_groups(spans, attempts, losses):
+def collapsed_groups(spans, attempts, losses, workers):
     """The runs of consecutive spans that collapse into bands, so that a run of any length stays
     readable: none of up to TIMELINE_FULL spans; of more, all but the first and last TIMELINE_EDGE
-    and the earliest with trouble (a failure, a loss, a backup, a re-run), TIMELINE_FULL in all,
-    except that runs shorter than BAND_SPANS are drawn in full too."""
+    and the earliest with something to see (a failure, a loss, a backup, a re-run, a worker joining
+    or leaving), TIMELINE_FULL in all, except that runs shorter than BAND_SPANS are drawn in full too."""
     count = len(spans)
     if count <= TIMELINE_FULL:
         return []
@@ -4096,6 +4099,8 @@ def collapsed_groups(spans, attempts, losses):
     index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
     trouble = {index[attempt["run"], attempt["iteration"]] for attempt in attempts if troubled(attempt)}
     trouble |= {span_at(spans, loss["time"]) for loss in losses}
+    trouble |= {span_at(spans, worker[key]) for worker in workers for key in ("joined", "left")
+                if worker.get(key) is not None and worker[key] > spans[0]["start"]}
     keep |= set(sorted(trouble - keep)[:TIMELINE_FULL - len(keep)])
     groups = []
     for number in sorted(set(range(count)) - keep):
@@ -4256,16 +4261,23 @@ def loss_svg(loss, axis, y, height):
 
 
 def membership_svg(worker, axis, y, height):
-    """When a worker that joined the master mid-job did (its lane starts there) and when it left, released."""
+    """When a worker that joined the master mid-job did and when it left, released: a line each, the lane
+    faded where the worker was not there (its label on that side)."""
     marks = []
+    left_edge, right_edge = axis.pieces[0][2], axis.pieces[-1][3]
     for key, colour, words in (("joined", JOIN_COLOUR, "joined"), ("left", LEFT_COLOUR, "left (released)")):
         when = worker.get(key)
-        if when is None or not axis.pieces[0][0] < when <= axis.pieces[-1][1]:
+        piece = next((piece for piece in axis.pieces if piece[0] <= when <= piece[1]), None) if when else None
+        if piece is None or piece[4] is not None or when <= axis.pieces[0][0]:   # before the job, or collapsed
             continue
         x = axis.x(when)
+        absent, label = ((left_edge, x - left_edge), f'x="{x - 4:.1f}" text-anchor="end"') if key == "joined" else \
+            ((x, right_edge - x), f'x="{x + 4:.1f}"')
         marks.append(f'<g class="{key}"><title>{html.escape(worker["worker"])} {words} at {when:.3f} s</title>'
+                     f'<rect x="{absent[0]:.1f}" y="{y}" width="{absent[1]:.1f}" height="{height}" fill="white" '
+                     f'fill-opacity="0.75"/>'
                      f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + height}" stroke="{colour}" stroke-width="2"/>'
-                     f'<text x="{x + 4:.1f}" y="{y + 10}" fill="{colour}" font-size="11">{words}</text></g>')
+                     f'<text {label} y="{y + 12}" fill="{colour}" font-size="11">{words}</text></g>')
     return marks
 
 
@@ -4324,6 +4336,10 @@ def timeline_legend(y):
         (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="#555"/>', "iteration starts"),
         (f'<rect x="0" y="{y}" width="20" height="{BAR}" fill="url(#hatch)" stroke="#999"/>',
          "iterations collapsed"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="{JOIN_COLOUR}" stroke-width="2"/>',
+         "a worker joined (--listen)"),
+        (f'<line x1="10" y1="{y - 2}" x2="10" y2="{y + BAR + 2}" stroke="{LEFT_COLOUR}" stroke-width="2"/>',
+         "it left, released"),
     ]
     out = []
     for number, (glyph, text) in enumerate(items):
@@ -4349,6 +4365,7 @@ def timeline_words(result, spans, groups):
              f"{' in %d runs' % runs if runs > 1 else ''}; {counted(len(attempts), 'attempt')}: "
              f"{sum(a['outcome'] == 'FAILURE' for a in attempts)} FAILURE, "
              f"{counted(len(data['losses']), 'worker')} lost, "
+             f"{membership_words(workers, spans)}"
              f"{counted(sum(a['backup'] for a in attempts), 'backup copy', 'backup copies')}, "
              f"{counted(len({(a['run'], a['iteration'], a['task']) for a in attempts if a['rerun']}), 'map task')} "
              "re-executed")
@@ -4358,8 +4375,8 @@ def timeline_words(result, spans, groups):
     if groups:
         hidden = sum(map(len, groups))
         notes.append(f"{hidden} of {len(spans)} spans collapsed into hatched bands; in full: the first and last "
-                     f"{TIMELINE_EDGE}, the earliest with failures, losses, backups or re-runs, and gaps of fewer "
-                     f"than {BAND_SPANS}")
+                     f"{TIMELINE_EDGE}, the earliest with failures, losses, backups, re-runs, joins or leaves, and "
+                     f"gaps of fewer than {BAND_SPANS}")
     if data["resumed"]:
         earlier = data["resumed"]
         done = ([f"run{'s 1–%d' % earlier['runs'] if earlier['runs'] > 1 else ' 1'}"] if earlier["runs"] else []) + \
@@ -4368,6 +4385,14 @@ def timeline_words(result, spans, groups):
         notes.append("resumed from a checkpoint: " + (" and ".join(done) or "the initial centroids") +
                      " ran in an earlier master, whose attempts are not shown")
     return title, notes
+
+
+def membership_words(workers, spans):
+    """'1 joined mid-job, 1 left, ' when workers joined the master after the job began or left it; else ''."""
+    start = spans[0]["start"] if spans else 0.0
+    joined = sum(1 for worker in workers if worker.get("joined") is not None and worker["joined"] > start)
+    left = sum(1 for worker in workers if worker.get("left") is not None)
+    return f"{joined} joined mid-job, {left} left, " if joined or left else ""
 
 
 def boundaries_svg(spans, full, axis, top, bottom, right, runs):
@@ -4420,7 +4445,7 @@ def timeline_svg(result):
     spans = sorted(data["iterations"], key=lambda span: span["start"])
     attempts, losses = data["attempts"], data["losses"]
     runs = len(result.runs) > 1
-    groups = collapsed_groups(spans, attempts, losses)
+    groups = collapsed_groups(spans, attempts, losses, data["workers"])
     full = set(range(len(spans))) - {number for group in groups for number in group}
     index = {(span["run"], span["iteration"]): number for number, span in enumerate(spans)}
     title, notes = timeline_words(result, spans, groups)
