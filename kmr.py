@@ -2684,7 +2684,9 @@ class Workers:
         log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
         started = time.perf_counter()
         with self.lock:
-            worker.calls += 1   # a leaving worker is released only once none is in flight
+            worker.calls += 1   # a leaving worker is released only once none is in flight ...
+            if method == "Map":   # ... and, once it mapped in this iteration, the reducers have its output
+                self.held.add(id(worker))
         try:
             future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
                                                          metadata=self.metadata)
@@ -2892,8 +2894,9 @@ class Workers:
         return True
 
     def hold_outputs(self, mappers):
-        """These mappers hold map outputs the reducers still need (none once the iteration is reduced):
-        a leaving one is released only after."""
+        """These mappers hold map outputs the reducers still need: the winners once a map stage is over,
+        none once the iteration is reduced (every Map sent holds its mapper until then). A leaving mapper
+        is released only when it holds none."""
         with self.lock:
             self.held = {id(worker) for worker in mappers}
 

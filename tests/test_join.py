@@ -313,16 +313,21 @@ def test_a_mapper_sent_sigterm_mid_job_leaves_without_a_failure_and_the_answer_i
         master = listening_master(tmp_path, port, points, init, 8, 4, 2, 15, "--min-mappers", 2,
                                   "--heartbeat", 60, "--timeline", tmp_path / "timeline.svg")
         dump = tmp_path / "Data" / "dump.txt"
+        leaver = wait_for_line(dump, rf"(mapper \d) \({re.escape(workers[1].address)}\) joined").group(1)
         wait_for_line(dump, r"=== iteration 2 ===", process=master.process)
-        with stopped(workers[2]):   # the iteration cannot end before the mapper has asked to leave
+        with stopped(workers[0]):   # the map stage cannot end: the leaver's outputs must wait for the reducers
+            wait_for_line(dump, rf"=== iteration 2 ===[\s\S]*<- Map .* SUCCESS .* {leaver} \([\s\S]*<- Map .* "
+                                rf"SUCCESS .* {leaver} \(", process=master.process)   # its two tasks are done
             workers[1].process.send_signal(signal.SIGTERM)
-            wait_for_line(dump, r"mapper \d \(127\.0\.0\.1:\d+\) asks to leave", process=master.process)
+            wait_for_line(dump, rf"{leaver} \(127\.0\.0\.1:\d+\) asks to leave", process=master.process)
+            time.sleep(1)   # beats come every 0.25 s while leaving: not released while its outputs are needed
+            assert f"{leaver} (" + workers[1].address + ") left" not in dump.read_text()
         assert workers[1].process.wait(60) == 0
         worker_log = Path(workers[1].stderr.name).read_text()
         assert "released by the master" in worker_log and "kmr: error" not in worker_log
         stdout, stderr, summary = finished(master)
         assert centroid_lines(stdout) == expected_lines(points, init, 15)
-        leaver = re.search(r"(mapper \d) \(127\.0\.0\.1:\d+\) left \(released\)", stderr).group(1)
+        assert re.search(rf"{leaver} \(127\.0\.0\.1:\d+\) left \(released\)", stderr)
         assert summary["failures"] == {"workers left": 1}   # no FAILURE, no loss, no re-execution
         attempts = summary["timeline"]["attempts"]
         assert {attempt["outcome"] for attempt in attempts} == {"SUCCESS"}
