@@ -123,14 +123,10 @@ END_JOB_SECONDS = 2.0    # deadline of the EndJob calls that tell workers a job 
 RPC_TIMEOUT = 300.0      # default deadline of a task RPC: a last resort, heartbeats act first
 HEARTBEAT = 2.0          # default seconds without a ping answer before a worker holding a task is lost
 
-# workers that join a master (--listen, --join)
-JOIN_TIMEOUT = 300.0     # default: a master's wait for --min-mappers/--min-reducers; a worker's for its master
-BEAT_SECONDS = 1.0       # between a joined worker's beats to its master
-LEAVE_TIMEOUT = 120.0    # default: longest a leaving worker waits to be released before it goes anyway
-MAX_MEMBERS = 64         # joined workers of one role a master keeps at once
-MAX_JOINS = 256          # joins a master accepts in all (a rejoin is a new lane)
-VERIFY_AT_ONCE = 4       # registrations a master checks at once; more are refused (RESOURCE_EXHAUSTED)
-VERIFY_SECONDS = 3.0     # how long a registered address has to answer the master's ping
+# workers that join a master (--listen, --join); defaults of --join-timeout and --leave-timeout
+JOIN_TIMEOUT, LEAVE_TIMEOUT, BEAT_SECONDS = 300.0, 120.0, 1.0   # ... and seconds between a joined worker's beats
+MAX_MEMBERS, MAX_JOINS = 64, 256   # joined workers of one role a master keeps at once; joins in all (rejoins too)
+VERIFY_AT_ONCE, VERIFY_SECONDS = 4, 3.0   # registrations checked at once (more: refused); seconds to answer the check
 RETRY_SOON = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
               ("grpc.max_reconnect_backoff_ms", 1000)]   # a joining worker's channel to a master not up yet
 
@@ -170,14 +166,15 @@ SAMPLE_PASS, SEEDING_PASS, FINAL_PASS = -1, 0, None
 #   record   (key, count, terms per dimension): what a partition carries, points or combined sums
 #            (what the job did is kept by the Recorder, an attempt's part of it in an AttemptEntry)
 #   split    a map task's points, parsed once and kept by its mapper
-#   job      one invocation of the master: its runs (JobOptions, Recorder, JobResult); on the wire each
-#            run has its own job id, and workers refuse requests of a job a newer one replaced
+#   job      one invocation of the master: its runs (JobOptions, Recorder, JobResult); its id names its
+#            state on every worker, and each request carries the run, so older attempts are refused
 #   run      one complete K-means from one seed (--restarts runs several)
 #   pass     an iteration (1..n), or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS: the stages that are not
 #   stage    one pass's tasks of one kind (Sample, Map, Reduce, Weigh) on one role's workers
 #   attempt  one try of a task on a worker; a backup is a second attempt of a straggling task
 #   heartbeat  a ping to a worker while a call to it runs; silence for --heartbeat s means lost
 #   checkpoint  Data/checkpoint.json, written each iteration: what --resume continues from
+#   member   a worker that joined the master (--listen / --join); it beats, and leaves when released
 
 
 # -- Exceptions --------------------------------------------------------------------------------------
@@ -243,8 +240,7 @@ class WorkerLost(Exception):
 
 
 class JoinRefused(Exception):
-    """The master does not take a worker that registers (or does not know one that beats): the gRPC
-    status code's name and why."""
+    """The master does not take a worker that registers, or does not know one that beats (`code`: a gRPC status)."""
 
     def __init__(self, code, message):
         super().__init__(message)
@@ -2766,6 +2762,8 @@ class Workers:
         parallel, each at most every REVIVE_EVERY seconds, so an unreachable host costs little)."""
         now = time.monotonic()
         due = [w for w in self.every() if not w.alive and w.process is None and w.joined is None and w.next_ping <= now]
+        if not due:
+            return
         for worker, answered in zip(due, self.threads.map(lambda w: self.answers(w, 0.5), due)):
             if answered:
                 worker.alive = True
@@ -2775,16 +2773,20 @@ class Workers:
 
     def await_live(self, role):
         """With no live worker of a role, wait for a respawn or ask the dead ones we did not spawn,
-        for at most CONNECT_SECONDS; whether one is live now."""
-        deadline = time.monotonic() + min(self.options.rpc_timeout, CONNECT_SECONDS)
-        for worker in self.pool[role]:
-            worker.arrived_in = None   # none other to wait for: one that joined during this stage takes tasks now
+        for at most CONNECT_SECONDS (with --listen: --join-timeout, for one to join); whether one is live now."""
+        patience = self.options.join_timeout if self.registry else min(self.options.rpc_timeout, CONNECT_SECONDS)
+        deadline, told = time.monotonic() + patience, False
         while not self.live(role) and time.monotonic() < deadline:
             for worker in self.pool[role]:
                 worker.next_ping = 0.0
+                worker.arrived_in = None   # none other to wait for: one that joined during this stage works now
+            if self.registry and not self.live(role) and not told:
+                told = True
+                log.info("no live %s: waiting up to %g s for one to join at %s:%d", role, patience, *self.listening,
+                         extra={"urgent": True})
             self.revive()
             with self.returned:
-                self.returned.wait_for(lambda: self.live(role), timeout=0.5)
+                self.returned.wait_for(lambda: self.staying(role), timeout=0.5)
         return bool(self.live(role))
 
     def await_members(self):
@@ -2852,7 +2854,8 @@ class Workers:
             back = next((w for w in earlier if w.pid == worker.pid and not w.left), None)
             if back is not None:   # lost (a link down, say) and back: the same process, the same lane
                 back.channel.close()
-                back.channel, back.stub, back.alive, back.arrived_in = worker.channel, worker.stub, True, self.recorder.stage
+                back.channel, back.stub, back.alive = worker.channel, worker.stub, True
+                back.arrived_in = self.recorder.stage
                 self.members[back.member] = back
                 worker = back
             else:
@@ -3458,8 +3461,9 @@ class Recorder:
 
     def timeline(self, workers, earlier, live=False):
         """What the job did when, as JSON-ready lists (the --timeline and the summary's `timeline`):
-        the workers as they started, every attempt, pass and lost worker, and what an earlier master
-        did (resumed from its checkpoint: {runs, iterations} done there, not recorded here). An attempt
+        a lane per worker process (mappers first; when it joined or left), every attempt, pass and lost
+        worker, and what an earlier master did (resumed from its checkpoint: {runs, iterations} done
+        there, not recorded here). An attempt
         still running (a copy that lost a backup race) ends with the job, `unfinished`; while the job runs
         (`live`, the job page) it is `running`."""
         now = self.now()
@@ -3477,7 +3481,9 @@ class Recorder:
                              "end": round(end, 6), "outcome": outcome, "reason": reason})
         spans = [{**span, "start": round(span["start"], 6), "end": round(span["end"], 6)} for span in self.spans]
         losses = [{**loss, "time": round(loss["time"], 6)} for loss in self.losses]
-        return {"workers": workers, "attempts": attempts, "iterations": spans, "losses": losses,
+        lanes = sorted(workers, key=lambda lane: (not lane["worker"].startswith("mapper"),
+                                                  int(lane["worker"].split()[1])))
+        return {"workers": lanes, "attempts": attempts, "iterations": spans, "losses": losses,
                 "resumed": earlier, "end": round(now, 6)}
 
 
@@ -3954,8 +3960,9 @@ def summary(result, options):
     identity = job_identity(options)
     return {
         "parameters": {"input": identity.pop("input"), "points": result.points, "dim": result.dim, **identity,
-                       "init": options.init, "seed": result.runs[0].seed, "mappers": options.mapper_addrs or "spawned",
-                       "reducers": options.reducer_addrs or "spawned"},
+                       "init": options.init, "seed": result.runs[0].seed, "mappers": options.mapper_addrs or
+                       ("spawned" if "mapper" in options.spawn else "joined"),
+                       "reducers": options.reducer_addrs or ("spawned" if "reducer" in options.spawn else "joined")},
         "startup_seconds": result.startup_seconds,
         "runs": [{"seed": run.seed, "iterations": len(run.iterations), "converged": run.converged,
                   "sse": run.sse} for run in result.runs],
@@ -4777,7 +4784,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; text-alig
 #job td { padding-right: 22px; } .muted { color: #777; }
 .bar { display: inline-block; width: 320px; height: 10px; background: #eee; vertical-align: middle; }
 .bar > div { height: 10px; background: #4c78a8; }
-tr.lost td, .failed { color: #b00020; } tr.running td.state { color: #1a7f37; }
+tr.lost td, .failed { color: #b00020; } tr.running td.state { color: #1a7f37; } tr.left td { color: #888; }
 .grid { display: flex; flex-wrap: wrap; gap: 28px; }
 pre { background: #f6f6f6; padding: 6px 8px; max-height: 260px; overflow: auto; font-size: 11px; margin: 0; }
 button { font-size: 11px; margin-right: 4px; }
@@ -4841,7 +4848,8 @@ function workers(d) {
   document.getElementById("drill-head").textContent = d.drills ? "drills" : "";
   const body = document.querySelector("#workers tbody");
   body.innerHTML = d.workers.map(w => {
-    const kind = w.state.startsWith("running") ? "running" : (w.state === "lost" || w.state === "respawning") ? "lost" : "";
+    const kind = w.state.startsWith("running") ? "running" :
+      (w.state === "lost" || w.state === "respawning") ? "lost" : w.state.startsWith("left") ? "left" : "";
     const buttons = d.drills && w.spawned ? ["kill", "hang", "slow"].map(action =>
       `<button data-action="${action}">${action}</button>`).join("") : "";
     return `<tr class="${kind}" data-worker="${esc(w.worker)}"><td>${esc(w.worker)}</td><td>${esc(w.address)}</td>` +
@@ -4986,6 +4994,8 @@ EXAMPLES = """examples:
   python kmr.py --role master -K 8 --input big.txt --combiner --summary run.json -q
   python kmr.py --role mapper --port 6001                     a standalone worker (also: reducer)
   python kmr.py --role master --mapper-addrs h1:6001,h2:6001 --reducer-addrs h3:6101 --token T
+  python kmr.py --role master --listen 0.0.0.0:7077 --min-mappers 2 --token T   workers join it ...
+  python kmr.py --role mapper --host 0.0.0.0 --port 6001 --join h0:7077 --token T   ... like this (Ctrl-C leaves)
   python kmr.py --role master --fail-prob 0.5                 the failure drill: half of all tasks fail
   python kmr.py --role master --fail-prob 0.3 --timeline t.svg   the drill in time, a lane per worker
   python kmr.py --role master --crash mapper:1:after-map:2    mapper 1 dies after its Map of iteration 2
@@ -5142,6 +5152,9 @@ def parse_args(argv=None):
     return args
 
 
+SPAWNED = {None: (), "mappers": ("mapper",), "reducers": ("reducer",), "both": ("mapper", "reducer")}   # --spawn
+
+
 def check_joining(args):
     """The flags of joining (--listen, --join and theirs) make sense together."""
     master_only = [flag for flag, given in (("--listen", args.listen), ("--spawn", args.spawn),
@@ -5250,8 +5263,7 @@ def run_master(args):
                          fail_seed=args.fail_seed, crashes=args.crash, resume=args.resume,
                          slow_starts=args.slow_start, start_timeout=args.start_timeout, ui=args.ui,
                          ui_drills=args.ui_drills, report=args.report, listen=args.listen,
-                         spawn=("mapper", "reducer") if args.listen is None else
-                         {None: (), "mappers": ("mapper",), "reducers": ("reducer",), "both": ("mapper", "reducer")}[args.spawn],
+                         spawn=("mapper", "reducer") if args.listen is None else SPAWNED[args.spawn],
                          min_workers={"mapper": args.min_mappers, "reducer": args.min_reducers},
                          join_timeout=args.join_timeout)
     result = run_job(options)

@@ -189,6 +189,19 @@ def test_a_worker_that_joined_during_a_stage_takes_tasks_from_the_next_one_or_at
     assert pool.await_live("mapper") and pool.live("mapper") == [late]   # nobody else: it works now
 
 
+def test_the_page_rows_say_who_joined_waits_for_the_next_stage_is_leaving_or_left():
+    pool, record = pool_of(3)
+    first, second, third = pool.pool["mapper"]
+    record.stage = (kmr.Stage("mapper", "Map", 2), 1.0)
+    third.arrived_in, third.joined = record.stage, 1.5
+    second.leaving = True
+    first.alive, first.left = False, True
+    rows = {row["worker"]: row for row in kmr.worker_rows(pool, record)}
+    assert rows["mapper 1"]["state"] == "left (released)"
+    assert rows["mapper 2"]["state"] == "leaving: released once the reducers have its map outputs"
+    assert rows["mapper 3"]["state"] == "joined: tasks from the next stage on" and rows["mapper 3"]["joined"] == 1.5
+
+
 class Pool:
     """The scheduler's view of a pool: these workers live, none lost."""
 
@@ -339,6 +352,28 @@ def test_a_mapper_sent_sigterm_mid_job_leaves_without_a_failure_and_the_answer_i
         stop_all(workers)
 
 
+def test_when_the_only_mapper_leaves_the_master_waits_for_another_to_join(tmp_path):
+    port = free_port()
+    points, init = job_files(tmp_path, 50_000, seed=12, clusters=8)
+    workers = [joined("mapper", tmp_path, port), joined("reducer", tmp_path, port)]
+    try:
+        master = listening_master(tmp_path, port, points, init, 8, 3, 1, 6)
+        dump = tmp_path / "Data" / "dump.txt"
+        wait_for_line(dump, r"=== iteration 2 ===", process=master.process)
+        workers[0].process.send_signal(signal.SIGTERM)
+        wait_for_line(master.stderr.name, r"no live mapper: waiting up to 300 s for one to join at 127\.0\.0\.1:\d+",
+                      process=master.process)
+        workers.append(joined("mapper", tmp_path, port))
+        # the leaver serves the map outputs it made until the newcomer has done the rest and the reducer has them all
+        assert workers[0].process.wait(60) == 0
+        stdout, stderr, summary = finished(master)
+        assert centroid_lines(stdout) == expected_lines(points, init, 6)
+        assert summary["failures"] == {"workers left": 1}
+        assert {attempt["outcome"] for attempt in summary["timeline"]["attempts"]} == {"SUCCESS"}
+    finally:
+        stop_all(workers)
+
+
 def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is_a_new_lane(tmp_path):
     port, mapper_port = free_port(), free_port()
     points, init = job_files(tmp_path, 100_000, seed=8, clusters=8)
@@ -367,10 +402,12 @@ def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is
         stop_all(workers)
 
 
-def test_a_second_signal_leaves_at_once_and_the_master_runs_its_map_tasks_again(tmp_path):
+@pytest.mark.parametrize("how", ["a second signal", "the leave timeout"])
+def test_a_leaver_not_released_goes_on_a_second_signal_or_its_timeout_and_its_map_tasks_run_again(tmp_path, how):
     port = free_port()
     points, init = job_files(tmp_path, 100_000, seed=9, clusters=8)
-    workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port), joined("reducer", tmp_path, port)]
+    workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port, "--leave-timeout", 2),
+               joined("reducer", tmp_path, port)]
     try:
         master = listening_master(tmp_path, port, points, init, 8, 4, 2, 6, "--min-mappers", 2, "--heartbeat", 60)
         dump = tmp_path / "Data" / "dump.txt"
@@ -379,9 +416,14 @@ def test_a_second_signal_leaves_at_once_and_the_master_runs_its_map_tasks_again(
             wait_for_line(dump, r"=== iteration 2 ===[\s\S]*-> Reduce", process=master.process)   # maps done
             workers[1].process.send_signal(signal.SIGTERM)
             wait_for_line(dump, r"mapper \d \(127\.0\.0\.1:\d+\) asks to leave", process=master.process)
-            workers[1].process.send_signal(signal.SIGTERM)
-            code, line = last_error(workers[1])
-            assert (code, line) == (kmr.EXIT_TERMINATED, "kmr: error: terminated")
+            if how == "a second signal":
+                workers[1].process.send_signal(signal.SIGTERM)
+                assert last_error(workers[1]) == (kmr.EXIT_TERMINATED, "kmr: error: terminated")
+            else:
+                assert last_error(workers[1]) == (0, re.search(r"\d\d:\d\d:\d\d  left", Path(
+                    workers[1].stderr.name).read_text()).group(0))
+                assert "not released in 2 s: leaving anyway (the master will find this mapper lost)" in \
+                    Path(workers[1].stderr.name).read_text()
         stdout, stderr, summary = finished(master)
         assert centroid_lines(stdout) == expected_lines(points, init, 6)
         assert summary["failures"].get("re-executions", 0) >= 1 and summary["failures"]["workers lost"] == 1
@@ -391,9 +433,29 @@ def test_a_second_signal_leaves_at_once_and_the_master_runs_its_map_tasks_again(
 
 
 def registry(port):
-    """A Registry stub on the master at 127.0.0.1:port, with the token."""
+    """A Registry stub on the master at 127.0.0.1:port."""
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return channel, pb_grpc.RegistryStub(channel)
+
+
+def test_joined_spawned_and_given_workers_mix_in_one_job(tmp_path):
+    port = free_port()
+    points, init = job_files(tmp_path, 30_000, seed=6, clusters=4)
+    given = StandaloneWorker("mapper", tmp_path, "--token", TOKEN, "--input-root", tmp_path)
+    workers = [given, joined("mapper", tmp_path, port)]
+    try:
+        master = listening_master(tmp_path, port, points, init, 4, 4, 2, 5, "--min-mappers", 2, "--spawn", "reducers",
+                                  "--mapper-addrs", given.address)
+        stdout, stderr, summary = finished(master)
+        assert centroid_lines(stdout) == expected_lines(points, init, 5)
+        lanes = {lane["worker"]: lane for lane in summary["timeline"]["workers"]}
+        assert lanes["mapper 1"]["address"] == given.address and lanes["mapper 1"]["joined"] is None
+        assert lanes["mapper 2"]["joined"] is not None and lanes["reducer 1"]["joined"] is None
+        assert {attempt["worker"] for attempt in summary["timeline"]["attempts"]} == \
+            {"mapper 1", "mapper 2", "reducer 1", "reducer 2"}
+        assert summary["parameters"]["mappers"] == [given.address] and summary["parameters"]["reducers"] == "spawned"
+    finally:
+        stop_all(workers)
 
 
 def test_refused_joins_are_one_line_on_the_worker_and_change_nothing_in_the_job(tmp_path):
