@@ -33,6 +33,7 @@ import hmac
 import html
 import http.server
 import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
@@ -237,6 +238,11 @@ class TaskFailed(Exception):
 
 class WorkerLost(Exception):
     """A worker did not answer in time or at all: it is marked dead."""
+
+
+class WorkerLeft(WorkerLost):
+    """The worker left the job (released) just as an attempt was given to it: the task goes elsewhere,
+    costing no attempt."""
 
 
 class JoinRefused(Exception):
@@ -2158,15 +2164,31 @@ def registration_problem(request, peer):
     if len(request.host) > 255 or not all(" " <= char <= "~" for char in request.host):
         return None, "the host name is not printable ASCII of at most 255 characters"
     host, _, port = request.address.rpartition(":")
-    if len(request.address) > 300 or not port.isdigit() or not 0 < int(port) < 65536:
+    if len(request.address) > 300 or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
         return None, f"{request.address[:300]!r} is not HOST:PORT"
+    came_from = urllib.parse.unquote(peer.partition(":")[2].rpartition(":")[0])   # gRPC escapes IPv6 brackets
+    if came_from.startswith("[::ffff:"):   # an IPv4 peer of a dual-stack server
+        came_from = came_from[len("[::ffff:"):-1]
     if host in ("", "0.0.0.0", "[::]"):
-        host = peer.partition(":")[2].rpartition(":")[0]
+        host = came_from
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not (0 < len(bare) <= 253 and all(char.isascii() and (char.isalnum() or char in ".-:") for char in bare)) \
             or (":" in bare) != (bare != host):
         return None, f"{host[:300]!r} is not a host name or IP address ([...] around IPv6)"
+    if is_loopback(host) and not is_loopback(came_from):
+        return None, f"{host} is a loopback address, registered from another host ({came_from})"
     return f"{host}:{int(port)}", None
+
+
+def is_loopback(host):
+    """Whether a host (a name or an address, IPv6 in brackets) is this machine's loopback."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
 
 
 class RegistryServicer:
@@ -2502,11 +2524,28 @@ class Workers:
         self.listening = None   # its (host, port)
         self.checking = threading.BoundedSemaphore(VERIFY_AT_ONCE)   # registrations being checked
         self.members = {}       # member name -> joined Worker
+        self.joins = 0          # lanes of joined workers so far (bounded by MAX_JOINS)
         self.held = set()       # ids of mappers whose map outputs this iteration's reducers still need
 
     def submit(self, call, attempt):
-        """Run call(attempt) on the master's call threads: its Future."""
-        return self.threads.submit(call, attempt)
+        """Run call(attempt) on the master's call threads: its Future. The worker counts the attempt as
+        running until it ends (a leaving worker is not released meanwhile); one released since the
+        scheduler picked it fails the attempt at once with WorkerLeft."""
+        worker = attempt.worker
+        with self.lock:
+            if worker.left:
+                gone = concurrent.futures.Future()
+                gone.set_exception(WorkerLeft("it left (released) as the task was given"))
+                return gone
+            worker.calls += 1
+        future = self.threads.submit(call, attempt)
+        future.add_done_callback(functools.partial(self.attempt_over, worker))
+        return future
+
+    def attempt_over(self, worker, future):
+        """An attempt on this worker ended (see submit)."""
+        with self.lock:
+            worker.calls -= 1
 
     def every(self):
         """All workers, mappers first."""
@@ -2539,8 +2578,9 @@ class Workers:
         self.await_ports([worker for worker in self.every() if worker.process is not None])
         # backups too, and every worker that may join
         self.threads = concurrent.futures.ThreadPoolExecutor(2 * (len(self.every()) + 2 * MAX_MEMBERS))
-        for connected in [self.threads.submit(self.connect, worker) for worker in self.every()]:
-            connected.result()   # all at once; the first problem, in worker order, is the one reported
+        # all at once (the first problem, in worker order, is the one reported); those that joined meanwhile are
+        for connected in [self.threads.submit(self.connect, w) for w in self.every() if w.joined is None]:
+            connected.result()
         threading.Thread(target=self.keep_alive, name="keep-alive", daemon=True).start()
         if self.registry is not None:
             self.await_members()
@@ -2679,18 +2719,13 @@ class Workers:
         what = f"{method:<9} {label:<12} attempt {attempt.number:<3}"
         log.log(DETAIL, "  -> %s %-23s%s", what, "sent", worker.name)
         started = time.perf_counter()
-        with self.lock:
-            worker.calls += 1   # a leaving worker is released only once none is in flight ...
-            if method == "Map":   # ... and, once it mapped in this iteration, the reducers have its output
-                self.held.add(id(worker))
-        try:
-            future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
-                                                         metadata=self.metadata)
-            silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata,
-                                 pb.PingRequest(job=self.job))
-        finally:
+        if method == "Map":   # a mapper that mapped in this iteration stays until the reducers have its output
             with self.lock:
-                worker.calls -= 1
+                self.held.add(id(worker))
+        future = getattr(worker.stub, method).future(request, timeout=self.options.rpc_timeout,
+                                                     metadata=self.metadata)
+        silent = await_calls({future: (worker.stub, worker.name)}, self.options.heartbeat, self.metadata,
+                             pb.PingRequest(job=self.job))
         elapsed = 1000 * (time.perf_counter() - started)
         if silent:
             log.log(DETAIL, "  <- %s FAILURE %9.1f ms   %s: no heartbeat for %g s", what, elapsed, worker.name,
@@ -2729,6 +2764,8 @@ class Workers:
         log.info("%s marked dead (%s)", worker.name, why)
         if worker.process is None:
             worker.next_ping = time.monotonic() + REVIVE_EVERY
+            if worker.joined is not None:
+                worker.channel.close()   # it comes back by joining again, over a new channel
             return
         worker.channel.close()
         worker.process.kill()     # by PID, ours: also ends a stopped (SIGSTOP) process
@@ -2826,7 +2863,7 @@ class Workers:
                     raise JoinRefused("ALREADY_EXISTS", f"{address} is already {worker.name} of this job")
                 if worker.address == address and worker.pid == pid and worker.joined is not None and worker.alive:
                     return worker   # it joins again (it missed our answer): the same lane
-            if len(self.staying(role)) >= MAX_MEMBERS or len(self.members) >= MAX_JOINS:
+            if len(self.staying(role)) >= MAX_MEMBERS or self.joins >= MAX_JOINS:
                 raise JoinRefused("RESOURCE_EXHAUSTED", f"this master takes no more workers ({MAX_MEMBERS} {role}s "
                                                         f"at once, {MAX_JOINS} joins in all)")
         if not self.checking.acquire(blocking=False):
@@ -2844,12 +2881,21 @@ class Workers:
         if candidate.pid != pid:
             candidate.channel.close()
             raise JoinRefused("FAILED_PRECONDITION", f"{address} answers as PID {candidate.pid}, not {pid}")
+        port = address.rpartition(":")[2]
+        twin = next((w for w in self.every() if w.joined is None and w.role == role and w.pid == pid
+                     and w.address.rpartition(":")[2] == port), None)
+        if twin is not None:   # the same process under another name: never two lanes for one process
+            candidate.channel.close()
+            raise JoinRefused("ALREADY_EXISTS", f"{address} is {twin.name} of this job already")
         return self.admit(candidate, host)
 
     def admit(self, worker, host):
         """A checked worker joins: the same process back in its lane, or a new lane; one of ours at that
         address before it is gone (another process answers there now)."""
         with self.lock:
+            if self.stopping:   # the job ended while we checked it
+                worker.channel.close()
+                raise JoinRefused("UNAVAILABLE", "the job has ended")
             earlier = [w for w in self.every() if w.address == worker.address and w.joined is not None]
             back = next((w for w in earlier if w.pid == worker.pid and not w.left), None)
             if back is not None:   # lost (a link down, say) and back: the same process, the same lane
@@ -2859,6 +2905,7 @@ class Workers:
                 self.members[back.member] = back
                 worker = back
             else:
+                self.joins += 1
                 worker.index = len(self.pool[worker.role]) + 1
                 worker.member, worker.host, worker.joined = secrets.token_hex(8), host, self.recorder.now()
                 worker.arrived_in = self.recorder.stage
@@ -2892,6 +2939,8 @@ class Workers:
             if not (worker.leaving and worker.calls == 0 and id(worker) not in self.held):
                 return False
             worker.alive, worker.left = False, True
+        if worker.channel is not None:
+            worker.channel.close()
         self.recorder.left(worker)
         log.info("%s left (released)", worker.name)
         return True
@@ -2925,8 +2974,8 @@ class Workers:
         workers it did not spawn, close channels."""
         self.stopped.set()
         self.stopping = True
-        if self.registry is not None:
-            self.registry.stop(grace=None)   # joins and beats end here: joined workers wait for the next master
+        if self.registry is not None:   # joins and beats end here: joined workers wait for the next master
+            self.registry.stop(grace=None).wait(VERIFY_SECONDS + 1)
         spawned = [w.process for w in self.every() if w.process is not None]
         for process in spawned:
             if process.is_alive():
@@ -3089,6 +3138,9 @@ class TaskScheduler:
         task, worker, role = attempt.task, attempt.worker, state.stage.role
         try:
             result = future.result()
+        except WorkerLeft:
+            state.attempts[task] -= 1   # a leave costs no attempt
+            log.log(DETAIL, "  %s task %d goes elsewhere: %s left", role, task, worker.name)
         except WorkerLost as error:
             state.reasons[task][f"{worker.name} lost ({error})"] += 1
             log.info("  %s task %d re-assigned: %s did not answer", role, task, worker.name)
@@ -3120,7 +3172,8 @@ class TaskScheduler:
     def pick(self, state, worker, idle):
         """The pending task to give an idle worker, or None:
         - one it ran last: its split is parsed and its last assignment known, so Map does no extra pass;
-        - else one no live worker ran last (the first run of the task, or its worker is gone or leaving);
+        - else one no live worker ran last (the first run of the task, or its worker is gone or leaving),
+          or whose worker is busy only finishing a copy that lost a backup race (that may take long);
         - else a share of a busy worker's: a moved task is parsed once where it goes (about one task's
           time more, once), and pays from the next iteration on if it evens the loads, so it moves only
           from a worker with at least two tasks more in this stage (done, running and waiting) than this
@@ -3129,8 +3182,10 @@ class TaskScheduler:
         role, pending = state.stage.role, state.pending
         holder = {task: self.holders.get((role, task)) for task in pending}
         live, idle_ids = {id(w) for w in self.pool.live(role)}, {id(w) for w in idle}
+        working = {id(attempt.worker) for attempt in state.running.values()}   # in this stage, not a lost race
         mine = [task for task in pending if holder[task] is worker]
-        orphans = [task for task in pending if id(holder[task]) not in live]
+        orphans = [task for task in pending if id(holder[task]) not in live or
+                   id(holder[task]) not in idle_ids | working]
         load = collections.Counter(id(holder[task]) for task in pending)
         load.update(id(done) for done, _ in state.results.values())
         load.update(id(attempt.worker) for attempt in state.running.values())
@@ -3413,6 +3468,8 @@ class Recorder:
         error = None if future.cancelled() else future.exception()
         if future.cancelled():
             outcome, reason = "unfinished", "cancelled as the job ended"
+        elif isinstance(error, WorkerLeft):
+            outcome, reason = "unfinished", str(error)
         elif isinstance(error, WorkerLost):
             outcome, reason = "lost", str(error)
         elif error is not None:
@@ -5169,9 +5226,8 @@ def check_joining(args):
     if args.advertise and not args.join:
         raise InputError("--advertise needs --join")
     if args.listen:
-        host = args.listen[0]
-        if host not in ("127.0.0.1", "localhost") and not args.token:
-            raise InputError(f"--listen {host}: anyone who reaches it could join; set --token / KMR_TOKEN")
+        if not args.token:
+            raise InputError("--listen needs --token (or KMR_TOKEN, the same on every worker): a join needs the token")
         if args.tls is not None and not args.tls.cert:
             raise InputError("--listen with TLS needs --tls-cert/--tls-key: workers join over TLS too")
 

@@ -105,7 +105,7 @@ def last_error(worker, timeout=30):
 
 @pytest.mark.parametrize("role, address, pid, host, problem", [
     ("mapper", "10.0.0.7:6001", 42, "h1", None),
-    ("reducer", "[::1]:6001", 42, "h1", None),
+    ("reducer", "[fd00::7]:6001", 42, "h1", None),
     ("mapper", "worker-3.lab.example:6001", 42, "", None),
     ("master", "10.0.0.7:6001", 42, "h1", "is not mapper or reducer"),
     ("mapper", "10.0.0.7:6001", 0, "h1", "PID 0 out of range"),
@@ -117,6 +117,10 @@ def last_error(worker, timeout=30):
     ("mapper", "x" * 254 + ":6001", 42, "h1", "is not a host name"),
     ("mapper", "10.0.0.7:6001", 42, "h\x00", "not printable"),
     ("mapper", "10.0.0.7:6001" + "9" * 400, 42, "h1", "is not HOST:PORT"),
+    ("mapper", "10.0.0.7:\u00b2", 42, "h1", "is not HOST:PORT"),
+    ("mapper", "127.0.0.1:6001", 42, "h1", "is a loopback address, registered from another host (10.9.9.9)"),
+    ("mapper", "[::1]:6001", 42, "h1", "is a loopback address"),
+    ("mapper", "localhost:6001", 42, "h1", "is a loopback address"),
 ])
 def test_a_registration_names_a_role_a_reachable_looking_address_and_a_pid(role, address, pid, host, problem):
     request = pb.JoinRequest(role=role, address=address, pid=pid, host=host)
@@ -131,6 +135,10 @@ def test_a_registration_names_a_role_a_reachable_looking_address_and_a_pid(role,
     (":6001", "ipv4:10.0.0.3:51234", "10.0.0.3:6001"),
     ("0.0.0.0:6001", "ipv4:10.0.0.3:51234", "10.0.0.3:6001"),
     (":6001", "ipv6:[fd00::3]:51234", "[fd00::3]:6001"),
+    (":6001", "ipv6:%5Bfd00::3%5D:51234", "[fd00::3]:6001"),       # as gRPC writes IPv6 peers
+    (":6001", "ipv6:%5B::ffff:10.0.0.3%5D:51234", "10.0.0.3:6001"),  # an IPv4 peer of a dual-stack master
+    ("127.0.0.1:6001", "ipv4:127.0.0.1:51234", "127.0.0.1:6001"),   # loopback, from this host
+    (":6001", "ipv6:%5B::1%5D:51234", "[::1]:6001"),
 ])
 def test_a_registration_without_a_host_takes_the_address_it_came_from(address, peer, given):
     request = pb.JoinRequest(role="mapper", address=address, pid=7, host="h")
@@ -240,6 +248,9 @@ def test_a_new_worker_gets_a_share_from_a_busy_worker_with_two_tasks_more_in_the
     finish(5)
     assert give(new, [new]) is None          # two each: waiting for its own worker is as quick
     assert state.pending == [3, 4]
+    # a worker busy only finishing a copy that lost a backup race (in no attempt of this stage) may take
+    # long: its task is anyone's
+    assert scheduler.pick(kmr.StageRun(state.stage, None, {}, [3]), new, [new]) == 3
     # an idle worker's own tasks are never taken from it, and a gone worker's are anyone's
     assert scheduler.pick(state, new, [old[0], new]) is None
     old[1].alive = False
@@ -374,6 +385,26 @@ def test_when_the_only_mapper_leaves_the_master_waits_for_another_to_join(tmp_pa
         stop_all(workers)
 
 
+def test_a_worker_that_joins_and_leaves_while_spawned_workers_start_costs_the_job_nothing(tmp_path):
+    port = free_port()
+    points, init = job_files(tmp_path, 5_000, seed=13, clusters=3)
+    workers = [joined("reducer", tmp_path, port), joined("reducer", tmp_path, port)]
+    try:
+        master = listening_master(tmp_path, port, points, init, 3, 2, 2, 4, "--spawn", "mappers",
+                                  "--slow-start", "mapper:1:3")
+        lane = wait_for_line(master.stderr.name, rf"(reducer \d) \({re.escape(workers[1].address)}\) joined",
+                             process=master.process).group(1)
+        workers[1].process.send_signal(signal.SIGTERM)   # while mapper 1 is still starting
+        assert workers[1].process.wait(30) == 0
+        stdout, stderr, summary = finished(master)
+        assert centroid_lines(stdout) == expected_lines(points, init, 4)
+        assert f"{lane} ({workers[1].address}) left (released)" in stderr
+        assert {attempt["worker"] for attempt in summary["timeline"]["attempts"]} >= {"mapper 1", "mapper 2"}
+        assert lane not in {attempt["worker"] for attempt in summary["timeline"]["attempts"]}
+    finally:
+        stop_all(workers)
+
+
 def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is_a_new_lane(tmp_path):
     port, mapper_port = free_port(), free_port()
     points, init = job_files(tmp_path, 100_000, seed=8, clusters=8)
@@ -442,10 +473,20 @@ def test_joined_spawned_and_given_workers_mix_in_one_job(tmp_path):
     port = free_port()
     points, init = job_files(tmp_path, 30_000, seed=6, clusters=4)
     given = StandaloneWorker("mapper", tmp_path, "--token", TOKEN, "--input-root", tmp_path)
-    workers = [given, joined("mapper", tmp_path, port)]
+    workers = [given]
     try:
         master = listening_master(tmp_path, port, points, init, 4, 4, 2, 5, "--min-mappers", 2, "--spawn", "reducers",
                                   "--mapper-addrs", given.address)
+        wait_for_line(master.stderr.name, r"waiting for workers to join", process=master.process)
+        # the given mapper cannot join too, under another name: one process, one lane
+        twin = pb.JoinRequest(role="mapper", address="localhost:" + given.address.rpartition(":")[2],
+                              pid=given.process.pid)
+        channel, stub = registry(port)
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            stub.Join(twin, timeout=30, metadata=((kmr.TOKEN_KEY, TOKEN),))
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert refused.value.details() == f"{twin.address} is mapper 1 ({given.address}) of this job already"
+        workers.append(joined("mapper", tmp_path, port))
         stdout, stderr, summary = finished(master)
         assert centroid_lines(stdout) == expected_lines(points, init, 5)
         lanes = {lane["worker"]: lane for lane in summary["timeline"]["workers"]}
@@ -543,7 +584,7 @@ def test_a_master_that_no_one_joins_says_who_did_and_a_worker_with_no_master_giv
     (["--role", "master", "--join", "h:7000"], "--join and --advertise are for mappers and reducers"),
     (["--role", "master", "--min-mappers", "2"], "--min-mappers needs --listen"),
     (["--role", "master", "--spawn", "reducers"], "--spawn needs --listen"),
-    (["--role", "master", "--listen", "0.0.0.0:7000", "--token", ""], "--listen 0.0.0.0: anyone who reaches it"),
+    (["--role", "master", "--listen", "7000", "--token", ""], "--listen needs --token (or KMR_TOKEN"),
     (["--role", "mapper", "--advertise", "h:1"], "--advertise needs --join"),
     (["--role", "mapper", "--join", "h:1", "--advertise", "h:0"], "is not HOST[:PORT]"),
     (["--role", "mapper", "--join", "h:1,g:2"], "is not one host:port"),
