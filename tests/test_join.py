@@ -391,11 +391,13 @@ def test_a_worker_that_joins_and_leaves_while_spawned_workers_start_costs_the_jo
     workers = [joined("reducer", tmp_path, port), joined("reducer", tmp_path, port)]
     try:
         master = listening_master(tmp_path, port, points, init, 3, 2, 2, 4, "--spawn", "mappers",
-                                  "--slow-start", "mapper:1:3")
-        lane = wait_for_line(master.stderr.name, rf"(reducer \d) \({re.escape(workers[1].address)}\) joined",
+                                  "--slow-start", "mapper:1:6")
+        dump = tmp_path / "Data" / "dump.txt"   # (the console holds its lines until the input is checked)
+        lane = wait_for_line(dump, rf"(reducer \d) \({re.escape(workers[1].address)}\) joined",
                              process=master.process).group(1)
         workers[1].process.send_signal(signal.SIGTERM)   # while mapper 1 is still starting
         assert workers[1].process.wait(30) == 0
+        assert "spawned mapper 1" not in dump.read_text(), "mapper 1 started before the leave: a slower start"
         stdout, stderr, summary = finished(master)
         assert centroid_lines(stdout) == expected_lines(points, init, 4)
         assert f"{lane} ({workers[1].address}) left (released)" in stderr
