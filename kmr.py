@@ -1123,12 +1123,21 @@ def line_blocks(lines):
 
 
 def parse_block(block, first_line, name, dim):
-    """The points of a block of lines: (D columns, D, the non-blank lines), validated.
+    """The points of a block of lines: (D columns, D, the non-blank lines), validated (see parse_flat)."""
+    values, dim, lines = parse_flat(block, first_line, name, dim)
+    return None if values is None else [values[d::dim] for d in range(dim)], dim, lines
 
-    Fast path: every field through one map(float) and whole-column checks; on any problem the
+
+def parse_flat(block, first_line, name, dim):
+    """The points of a block of lines: (their coordinates in one list, point after point, D, the
+    non-blank lines), validated.
+
+    Fast path, at C speed: every line's commas counted, every field through one map(float), their
+    max and min against MAX_COORDINATE (which an overflow to infinity fails too), and no
+    'n' in the text (float() reads NaN and infinity only from words with an n). On any problem the
     block is parsed again line by line, so the error names the line and what is wrong with it.
     """
-    lines = [line for line in block if not line.isspace()]
+    lines = [line for line in block if not line.isspace()] if any(map(str.isspace, block)) else block
     if not lines:
         return None, dim, lines
     if dim is None:
@@ -1137,14 +1146,22 @@ def parse_block(block, first_line, name, dim):
     try:
         if min(commas) != dim - 1 or max(commas) != dim - 1:
             raise ValueError
-        values = list(map(float, ",".join(lines).split(",")))
-        if not all(map(math.isfinite, values)) or max(map(abs, values)) > MAX_COORDINATE:
+        text = ",".join(lines)
+        values = list(map(float, text.split(",")))
+        if "n" in text or "N" in text or max(values) > MAX_COORDINATE or min(values) < -MAX_COORDINATE:
             raise ValueError
     except ValueError:
         for _ in parse_points(block, name, first_line, dim):
             pass
         raise InputError(f"{name}:{first_line}: unreadable block") from None   # parse_points raised first
-    return [values[d::dim] for d in range(dim)], dim, lines
+    return values, dim, lines
+
+
+def magnitudes_of(values):
+    """(smallest nonzero, largest) |x| of some finite numbers, as coordinate_range gives them."""
+    if not values:
+        return math.inf, 0.0
+    return min(map(abs, filter(None, values)), default=math.inf), abs(max(max(values), -min(values)))
 
 
 def count_points(path):
@@ -1166,36 +1183,40 @@ def count_points(path):
 
 
 def read_split(path, start, end, dim, keep_text, pinned):
-    """Points [start, end) as D columns (and, if asked, each point's text), parsed and validated,
-    from the very file `pinned` (InputChanged if it is another one or changed, before or after the read).
+    """Points [start, end) as D columns (and, if asked, each point's text) and their magnitudes (see
+    coordinate_range), parsed and validated, from the very file `pinned` (InputChanged if it is
+    another one or changed, before or after the read).
 
     Blocks before the split are only counted, so memory follows the split, not the file.
     """
     columns, texts = [array("d") for _ in range(dim)], []
-    index = 0
+    index, smallest, largest = 0, math.inf, 0.0
     with open_text(path) as lines:
         check_unchanged(path, pinned, identity_of(lines.fileno()))
         for first_line, block in line_blocks(lines):
             if index >= end:
                 break
-            in_block = sum(1 for line in block if not line.isspace())
+            in_block = len(block) - sum(map(str.isspace, block))
             if in_block and index + in_block > start:
                 try:
-                    block_columns, _, kept = parse_block(block, first_line, path, dim)
+                    values, _, kept = parse_flat(block, first_line, path, dim)
                 except InputError:   # a bad line, or the file rewritten while we read it
                     check_unchanged(path, pinned, identity_of(lines.fileno()))
                     check_unchanged(path, pinned)
                     raise
                 low, high = max(0, start - index), min(in_block, end - index)
-                for column, values in zip(columns, block_columns):
-                    column.extend(values[low:high])
+                mine = values[low * dim:high * dim] if (low, high) != (0, in_block) else values
+                least, most = magnitudes_of(mine)
+                smallest, largest = min(smallest, least), max(largest, most)
+                for d, column in enumerate(columns):
+                    column.extend(mine[d::dim])
                 if keep_text:
                     texts.extend("".join(line.split()) for line in kept[low:high])
             index += in_block
         check_unchanged(path, pinned, identity_of(lines.fileno()))   # not rewritten while we read
     if index < end:
         raise UnreadableInput(f"{path}: has {index} points, fewer than {end}")
-    return columns, texts if keep_text else None
+    return columns, texts if keep_text else None, (smallest, largest)
 
 
 def read_centroids(path, clusters, dim):
@@ -1699,8 +1720,7 @@ class MapperTasks:
             with state.lock:
                 split = state.splits.pop(key, None)
             if split is None or (keep_text and split.texts is None):
-                columns, texts = read_split(path, start, end, dim, keep_text, state.local_input)
-                split = Split(columns, texts, coordinate_range(columns))
+                split = Split(*read_split(path, start, end, dim, keep_text, state.local_input))
         except InputChanged as error:
             log.info("task %d: FAILURE %s", task, error)
             raise TaskRefused(pb.INPUT_CHANGED, str(error)) from None

@@ -227,6 +227,27 @@ def test_fast_block_parser_falls_back_to_naming_the_line(text, message):
         kmr.parse_block(text.splitlines(True), 1, "f", None)
 
 
+@given(st.integers(1, 3).flatmap(lambda dim: st.tuples(st.just(dim), st.lists(st.lists(
+    st.sampled_from([0.0, -0.0, 5e-324, -1e-300, 1e150, -1e150, 2.5]) | st.floats(-1e150, 1e150),
+    min_size=dim, max_size=dim), min_size=1, max_size=60))), st.integers(0, 60), st.integers(0, 60))
+def test_a_split_read_fast_has_the_points_and_magnitudes_of_its_lines(tmp_path_factory, case, low, high):
+    dim, points = case
+    low, high = sorted((min(low, len(points)), min(high, len(points))))
+    path = tmp_path_factory.mktemp("split") / "points.txt"
+    path.write_text("".join(",".join(map(repr, point)) + "\n" for point in points))
+    columns, _, magnitudes = kmr.read_split(str(path), low, high, dim, False, kmr.input_identity(str(path)))
+    mine = points[low:high]
+    assert [list(column) for column in columns] == [list(column) for column in zip(*mine)] or not mine
+    assert magnitudes == kmr.coordinate_range([[p[d] for p in mine] for d in range(dim)])
+
+
+@pytest.mark.parametrize("text", ["1,2\n3,nan\n", "1,2\n-Infinity,2\n", "1,2\n1e309,2\n", "1,-1e309\n",
+                                  "1,2\n1.5e150,0\n", "1,2\n0,-2e150\n"])
+def test_the_fast_path_lets_no_nan_infinity_or_huge_value_through(text):
+    with pytest.raises(kmr.InputError, match="f:"):
+        kmr.parse_block(text.splitlines(True), 1, "f", None)
+
+
 def test_fast_block_parser_reads_columns():
     columns, dim, lines = kmr.parse_block(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
     assert (columns, dim, len(lines)) == ([[1.0, -300.0], [2.0, 4.5]], 2, 2)

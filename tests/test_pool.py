@@ -246,7 +246,7 @@ def test_a_mapper_keeps_refusing_a_changed_input_and_sees_a_rewrite_during_its_r
     points, _ = job_files(tmp_path / "again", 300_000, 82, 2)
     pinned = kmr.input_identity(points)
     state = tasks.jobs.state("job 2")
-    real_parse = kmr.parse_block
+    real_parse = kmr.parse_flat
 
     def parse_then_rewrite(block, first_line, name, dim):
         if first_line > 1:   # mid-read: the rest of the file turns into garbage
@@ -256,12 +256,12 @@ def test_a_mapper_keeps_refusing_a_changed_input_and_sees_a_rewrite_during_its_r
             return real_parse(["1oops\n"], first_line, name, dim)
         return real_parse(block, first_line, name, dim)
 
-    kmr.parse_block = parse_then_rewrite
+    kmr.parse_flat = parse_then_rewrite
     try:
         with pytest.raises(kmr.TaskRefused) as refused:
             tasks.load(state, 1, (str(points), 0, 300_000), pinned, 2, False)
     finally:
-        kmr.parse_block = real_parse
+        kmr.parse_flat = real_parse
     assert refused.value.kind == kmr.pb.INPUT_CHANGED and "changed during the job" in str(refused.value)
 
 
