@@ -19,6 +19,9 @@ centroids bit for bit; the bench fails if they do not.
     (c) median iteration: 300k points in 64 blobs, K=64, --combiner, M=R=2
     (d) peak memory (VmHWM) of one standalone mapper holding 3M points, --combiner, 3 iterations
     (e) the bundled points.txt: master wall time against 5 running workers, and spawning them
+    (3a) speed round three: the whole job at D=64 (200k points, K=10) and D=16 (500k, K=16), 2 iterations
+    (3b) parsing and checking: a mapper's read of a whole D=64 file against the script's parse, per number
+    (3c) iteration 1 at D=64 against the baseline's first iteration
 
 Data (seeded Gaussian blobs) is generated once and cached in .bench/; what the runs write goes to
 .bench/work/, emptied at each start.
@@ -426,6 +429,54 @@ def goal_e():
     return [("(e)", args + ["[--mapper-addrs A,B,C --reducer-addrs D,E]"])], rows, []
 
 
+def parse_seconds(path, dim, repeats=2):
+    """Best of `repeats`: (kmr's read and check of the whole file as one mapper split, the script's parse)."""
+    sys.path.insert(0, str(ROOT))
+    import kmr
+    count, _ = kmr.count_points(str(path))
+    pinned = kmr.input_identity(str(path))
+    mine = script = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        kmr.read_split(str(path), 0, count, dim, False, pinned)
+        mine = min(mine, time.perf_counter() - started)
+        started = time.perf_counter()
+        with open(path) as lines:
+            rows = [tuple(map(float, line.split(","))) for line in lines if line.strip()]
+        script = min(script, time.perf_counter() - started)
+        del rows
+    return mine, script
+
+
+def goal_round_three(scale):
+    """(3a)-(3c): the fixed costs at high dimension (speed round three)."""
+    rows, notes, commands = [], [], []
+    for count, dim, clusters in ((200_000, 64, 10), (500_000, 16, 16)):
+        path, init = dataset(count // scale, dim, clusters=clusters)
+        progress(f"baseline on {path.name}")
+        centroids, base_whole, base_times = baseline(path, init, 2)
+        args = job_args(f"d{dim}", path, init, clusters, 2)
+        wall, summary = checked_job(f"(3a) D={dim}", args, centroids, base_times)
+        commands.append((f"(3a) D={dim}", args))
+        rows.append(ratio_row("(3a)", f"whole job wall time, {points(count // scale)} points, D={dim}, K={clusters}, "
+                              "2 iterations, --combiner, M=R=2", wall, base_whole, 0.60))
+        spans = {span["iteration"]: span["end"] - span["start"] for span in summary["timeline"]["iterations"]}
+        notes.append(f"(3a) D={dim}: Sample pass {secs(spans.get(-1, 0.0))}, iterations "
+                     f"{', '.join(secs(spans[i]) for i in (1, 2) if i in spans)}, final SSE pass "
+                     f"{secs(spans[None]) if None in spans else 'none'}, start-up {secs(summary['startup_seconds'])}; "
+                     f"baseline iterations {', '.join(secs(t) for t in base_times)}")
+        if dim == 64:
+            rows.append(ratio_row("(3c)", f"iteration 1, the same D=64 job, against the baseline's first",
+                                  iteration_seconds(summary)[0], base_times[0], 0.55))
+            progress("(3b) parsing the D=64 file: kmr's read_split and the script's parse, best of 2")
+            mine, script = parse_seconds(path, dim)
+            numbers = count // scale * dim
+            rows.append(["(3b)", f"parse and check, per number: one mapper reading the whole D=64 file, against the "
+                         f"script's tuple(map(float, line.split(',')))", f"{1e9 * mine / numbers:.0f} ns",
+                         f"{1e9 * script / numbers:.0f} ns", f"{mine / script:.2f}x", "<= 1.00x", met(mine <= script)])
+    return commands, sorted(rows, key=lambda row: row[0]), notes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -437,7 +488,8 @@ def main():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     commands, rows, notes = [], [], []
-    for goal in (goals_a_b(scale, iterations), goal_c(scale, iterations), goal_d(scale), goal_e()):
+    for goal in (goals_a_b(scale, iterations), goal_c(scale, iterations), goal_d(scale), goal_e(),
+                 goal_round_three(scale)):
         commands += goal[0]
         rows += goal[1]
         notes += goal[2]
