@@ -1122,12 +1122,6 @@ def line_blocks(lines):
         first += len(block)
 
 
-def parse_block(block, first_line, name, dim):
-    """The points of a block of lines: (D columns, D, the non-blank lines), validated (see parse_flat)."""
-    values, dim, lines = parse_flat(block, first_line, name, dim)
-    return None if values is None else [values[d::dim] for d in range(dim)], dim, lines
-
-
 def parse_flat(block, first_line, name, dim):
     """The points of a block of lines: (their coordinates in one list, point after point, D, the
     non-blank lines), validated.

@@ -224,7 +224,7 @@ def test_malformed_chunk_is_refused():
 ])
 def test_fast_block_parser_falls_back_to_naming_the_line(text, message):
     with pytest.raises(kmr.InputError, match=message):
-        kmr.parse_block(text.splitlines(True), 1, "f", None)
+        kmr.parse_flat(text.splitlines(True), 1, "f", None)
 
 
 @given(st.integers(1, 3).flatmap(lambda dim: st.tuples(st.just(dim), st.lists(st.lists(
@@ -245,12 +245,12 @@ def test_a_split_read_fast_has_the_points_and_magnitudes_of_its_lines(tmp_path_f
                                   "1,2\n1.5e150,0\n", "1,2\n0,-2e150\n"])
 def test_the_fast_path_lets_no_nan_infinity_or_huge_value_through(text):
     with pytest.raises(kmr.InputError, match="f:"):
-        kmr.parse_block(text.splitlines(True), 1, "f", None)
+        kmr.parse_flat(text.splitlines(True), 1, "f", None)
 
 
-def test_fast_block_parser_reads_columns():
-    columns, dim, lines = kmr.parse_block(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
-    assert (columns, dim, len(lines)) == ([[1.0, -300.0], [2.0, 4.5]], 2, 2)
+def test_fast_block_parser_reads_points_after_points():
+    values, dim, lines = kmr.parse_flat(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
+    assert (values, dim, len(lines)) == ([1.0, 2.0, -300.0, 4.5], 2, 2)
 
 
 # -- the sequential reference on published cases --------------------------------------------------

@@ -44,6 +44,12 @@ def joined(role, folder, port, *extra):
                             "--input-root", folder, *map(str, extra))
 
 
+def two_mappers_and_a_reducer(folder, port, *second_mapper_flags):
+    """Three workers joining the master at 127.0.0.1:port (flags for the second mapper)."""
+    return [joined("mapper", folder, port), joined("mapper", folder, port, *second_mapper_flags),
+            joined("reducer", folder, port)]
+
+
 def job_files(folder, count, seed, clusters):
     """An input of `count` seeded uniform points and an --init file of its first K distinct points."""
     points = uniform_points(count, seed)
@@ -300,7 +306,7 @@ def test_workers_join_before_and_after_the_master_and_two_jobs_on_them_are_exact
 def test_a_mapper_that_joins_during_iteration_3_gets_map_tasks_in_a_later_iteration(tmp_path):
     port = free_port()
     points, init = job_files(tmp_path, 60_000, seed=11, clusters=8)
-    workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port), joined("reducer", tmp_path, port)]
+    workers = two_mappers_and_a_reducer(tmp_path, port)
     try:
         master = listening_master(tmp_path, port, points, init, 8, 6, 2, 8, "--min-mappers", 2, "--heartbeat", 60,
                                   "--timeline", tmp_path / "timeline.svg")
@@ -332,7 +338,7 @@ def test_a_mapper_that_joins_during_iteration_3_gets_map_tasks_in_a_later_iterat
 def test_a_mapper_sent_sigterm_mid_job_leaves_without_a_failure_and_the_answer_is_exact(tmp_path):
     port = free_port()
     points, init = job_files(tmp_path, 200_000, seed=5, clusters=8)
-    workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port), joined("reducer", tmp_path, port)]
+    workers = two_mappers_and_a_reducer(tmp_path, port)
     try:
         master = listening_master(tmp_path, port, points, init, 8, 4, 2, 15, "--min-mappers", 2,
                                   "--heartbeat", 60, "--timeline", tmp_path / "timeline.svg")
@@ -439,8 +445,7 @@ def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is
 def test_a_leaver_not_released_goes_on_a_second_signal_or_its_timeout_and_its_map_tasks_run_again(tmp_path, how):
     port = free_port()
     points, init = job_files(tmp_path, 100_000, seed=9, clusters=8)
-    workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port, "--leave-timeout", 2),
-               joined("reducer", tmp_path, port)]
+    workers = two_mappers_and_a_reducer(tmp_path, port, "--leave-timeout", 2)
     try:
         master = listening_master(tmp_path, port, points, init, 8, 4, 2, 6, "--min-mappers", 2, "--heartbeat", 60)
         dump = tmp_path / "Data" / "dump.txt"
