@@ -193,6 +193,18 @@ def tear_down(hosts, tag, network):
         network.destroy()
 
 
+def job_files(folder, points, init):
+    """The input (in its own folder, every mapper's --input-root) and the --init file; (the folder, the
+    input, the init file, the points as kmr reads them)."""
+    input_dir = folder / "input"
+    input_dir.mkdir()
+    input_path = input_dir / "points.txt"
+    input_path.write_text(kmr.format_centroids(points))
+    init_path = folder / "init.txt"
+    init_path.write_text(kmr.format_centroids(init))
+    return input_dir, input_path, init_path, read_points(input_path)
+
+
 def blobs(count, seed):
     """Four seeded Gaussian blobs in 2-D, coordinates rounded to 4 decimals."""
     rng = random.Random(seed)
@@ -208,13 +220,7 @@ def test_job_across_network_namespaces_survives_a_killed_mapper_and_an_unplugged
 
     points = blobs(30_000, seed=7)
     init = [points[0], points[4], points[8], points[12]]   # all from one blob: ~14 iterations to settle
-    input_dir = tmp_path / "input"
-    input_dir.mkdir()
-    input_path = input_dir / "points.txt"
-    input_path.write_text(kmr.format_centroids(points))
-    init_path = tmp_path / "init.txt"
-    init_path.write_text(kmr.format_centroids(init))
-    points = read_points(input_path)   # exactly what kmr reads
+    input_dir, input_path, init_path, points = job_files(tmp_path, points, init)
 
     tag = uuid.uuid4().hex
     network = Network()
@@ -319,13 +325,7 @@ def test_workers_in_three_namespaces_join_a_master_in_a_fourth_and_one_joins_one
     rng = random.Random(19)
     points = [(round(rng.uniform(-100, 100), 3), round(rng.uniform(-100, 100), 3)) for _ in range(100_000)]
     init = list(dict.fromkeys(points))[:8]
-    input_dir = tmp_path / "input"
-    input_dir.mkdir()
-    input_path = input_dir / "points.txt"
-    input_path.write_text(kmr.format_centroids(points))
-    init_path = tmp_path / "init.txt"
-    init_path.write_text(kmr.format_centroids(init))
-    points = read_points(input_path)
+    input_dir, input_path, init_path, points = job_files(tmp_path, points, init)
 
     tag = uuid.uuid4().hex
     network = Network()
