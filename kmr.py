@@ -2178,25 +2178,36 @@ def registration_problem(request, peer):
     if len(request.host) > 255 or not all(" " <= char <= "~" for char in request.host):
         return None, "the host name is not printable ASCII of at most 255 characters"
     host, _, port = request.address.rpartition(":")
-    if len(request.address) > 300 or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
+    port = port_number(port)
+    if len(request.address) > 300 or port is None:
         return None, f"{request.address[:300]!r} is not HOST:PORT"
     came_from = urllib.parse.unquote(peer.partition(":")[2].rpartition(":")[0])   # gRPC escapes IPv6 brackets
     if came_from.startswith("[::ffff:"):   # an IPv4 peer of a dual-stack server
         came_from = came_from[len("[::ffff:"):-1]
     if host in ("", "0.0.0.0", "[::]"):
         host = came_from
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bare = unbracketed(host)
     if not (0 < len(bare) <= 253 and all(char.isascii() and (char.isalnum() or char in ".-:") for char in bare)) \
             or (":" in bare) != (bare != host):
         return None, f"{host[:300]!r} is not a host name or IP address ([...] around IPv6)"
     if is_loopback(host) and not is_loopback(came_from):
         return None, f"{host} is a loopback address, registered from another host ({came_from})"
-    return f"{host}:{int(port)}", None
+    return f"{host}:{port}", None
+
+
+def port_number(text):
+    """A TCP port written in ASCII digits (1..65535) as an int, else None."""
+    return int(text) if text.isascii() and text.isdecimal() and 0 < int(text) < 65536 else None
+
+
+def unbracketed(host):
+    """A host without the brackets around an IPv6 address."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def is_loopback(host):
     """Whether a host (a name or an address, IPv6 in brackets) is this machine's loopback."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bare = unbracketed(host)
     if bare == "localhost":
         return True
     try:
@@ -2244,15 +2255,7 @@ def start_registry(listen, token, tls, workers):
                          interceptors=[TokenCheck(token)] if token else [],
                          options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=64)
     pb_grpc.add_RegistryServicer_to_server(RegistryServicer(workers), server)
-    try:
-        if tls is not None and tls.cert:
-            bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(tls.key, tls.cert)]))
-        else:
-            bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise InputError(f"--listen {host}:{port}: port in use or address not available")
+    bound = bind(server, host, port, tls)
     server.start()
     return server, bound
 
@@ -2270,8 +2273,15 @@ def start_server(role, host, port, settings):
         servicer, server)
     # expires silent jobs until the worker leaves
     threading.Thread(target=servicer.core.jobs.reap, args=(threading.Event(),), name="job-reaper", daemon=True).start()
+    bound = bind(server, host, port, settings.tls)
+    server.start()
+    return server, bound, handlers
+
+
+def bind(server, host, port, tls):
+    """Give a server its port (TLS when there is a certificate); the port bound. One that cannot be had
+    is an InputError in one line."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    tls = settings.tls
     try:
         if tls is not None and tls.cert:
             bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
@@ -2281,8 +2291,7 @@ def start_server(role, host, port, settings):
         bound = 0
     if not bound:
         raise InputError(f"cannot listen on {address}: port in use or address not available")
-    server.start()
-    return server, bound, handlers
+    return bound
 
 
 def serve_until_stopped(server, handlers, should_stop, signals=(signal.SIGTERM, signal.SIGINT)):
@@ -2490,7 +2499,7 @@ class Worker:
     arrived_in: object = None  # the stage under way when it joined: it takes tasks from the next one on
     leaving: bool = False      # a joined worker asked to leave: no new task, released once none needs it
     left: bool = False         # released: gone on purpose, not lost
-    calls: int = 0             # task RPCs in flight to it
+    calls: int = 0             # attempts running on it (a leaving worker is released only at 0)
 
     @property
     def lane(self):
@@ -2846,12 +2855,11 @@ class Workers:
         options, started = self.options, time.monotonic()
         wanted = options.min_workers
 
-        def short():
-            return {role: wanted[role] - len(self.staying(role)) for role in wanted
-                    if len(self.staying(role)) < wanted[role]}
+        def enough():
+            return all(len(self.staying(role)) >= wanted[role] for role in wanted)
 
         host, port, tls = *self.listening, " (TLS)" if options.tls is not None else ""
-        if not short():
+        if enough():
             log.info("workers may join at %s:%d%s", host, port, tls)
         else:
             log.info("waiting for workers to join at %s:%d%s (%s); on each worker host run:\n    python kmr.py --role "
@@ -2861,7 +2869,7 @@ class Workers:
                      " --host ADDRESS" if host not in ("127.0.0.1", "localhost") else "",
                      " (with the job's token in $KMR_TOKEN)" if options.token else "", extra={"urgent": True})
         with self.returned:
-            if not self.returned.wait_for(lambda: not short() or self.stopping, timeout=options.join_timeout):
+            if not self.returned.wait_for(lambda: enough() or self.stopping, timeout=options.join_timeout):
                 present = "; ".join(f"{len(self.staying(role))} of {wanted[role]} {role}s ("
                                     f"{', '.join(w.name for w in self.staying(role)) or 'none'})" for role in wanted)
                 raise JobError(f"not enough workers joined in {time.monotonic() - started:.0f} s (see --join-timeout): "
@@ -5032,7 +5040,7 @@ def addresses(text):
     items = [item.strip() for item in text.split(",") if item.strip()]
     for item in items:
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or port_number(port) is None:
             raise argparse.ArgumentTypeError(f"{item!r} is not host:port")
     if not items:
         raise argparse.ArgumentTypeError("no address given")
@@ -5052,11 +5060,12 @@ def advertise_spec(text):
     host, port = text, None
     if text.startswith("[") and "]:" in text or not text.startswith("[") and text.count(":") == 1:
         host, _, port = text.rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        port = port_number(port)
+        if port is None:
             raise argparse.ArgumentTypeError(f"{text!r} is not HOST[:PORT]")
     if not host or ":" in host and not host.startswith("["):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST[:PORT] ([...] around an IPv6 address)")
-    return host, None if port is None else int(port)
+    return host, port
 
 
 EXAMPLES = """examples:
@@ -5119,8 +5128,8 @@ def parse_args(argv=None):
     master.add_argument("--mapper-addrs", type=addresses, help="running mappers host:port,... (no spawning)")
     master.add_argument("--reducer-addrs", type=addresses, help="running reducers host:port,...")
     master.add_argument("--listen", type=ui_address, metavar="[HOST:]PORT",
-                        help="let workers join (--join) at this address (default host 127.0.0.1; on any other the "
-                             "token is required); no worker is spawned unless --spawn says so")
+                        help="let workers join (--join) at this address (default host 127.0.0.1; the token is "
+                             "required); no worker is spawned unless --spawn says so")
     master.add_argument("--spawn", choices=["mappers", "reducers", "both"],
                         help="with --listen: spawn M mappers, R reducers or both besides those that join")
     master.add_argument("--min-mappers", type=int, default=1, metavar="N",

@@ -586,6 +586,18 @@ def test_a_master_that_no_one_joins_says_who_did_and_a_worker_with_no_master_giv
         lonely.stop()
 
 
+def test_a_master_that_cannot_listen_says_so_in_one_line(tmp_path):
+    points, init = job_files(tmp_path, 100, seed=1, clusters=2)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        master = listening_master(tmp_path, port, points, init, 2, 2, 1, 3)
+        code, stdout, stderr = master.finish(60)
+    assert (code, stdout) == (kmr.EXIT_USAGE, "")
+    assert stderr == f"kmr: error: cannot listen on 127.0.0.1:{port}: port in use or address not available\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--role", "mapper", "--listen", "7000"], "--listen is for the master"),
     (["--role", "master", "--join", "h:7000"], "--join and --advertise are for mappers and reducers"),
@@ -595,6 +607,8 @@ def test_a_master_that_no_one_joins_says_who_did_and_a_worker_with_no_master_giv
     (["--role", "mapper", "--advertise", "h:1"], "--advertise needs --join"),
     (["--role", "mapper", "--join", "h:1", "--advertise", "h:0"], "is not HOST[:PORT]"),
     (["--role", "mapper", "--join", "h:1,g:2"], "is not one host:port"),
+    (["--role", "mapper", "--join", "h:\u00b2"], "is not host:port"),
+    (["--role", "mapper", "--join", "h:1", "--advertise", "h:\u00b2"], "is not HOST[:PORT]"),
     (["--role", "master", "--listen", "7000", "--min-reducers", "0"], "--min-reducers must be between 1 and 64"),
 ])
 def test_joining_flags_that_do_not_fit_are_one_line(argv, message):
