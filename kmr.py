@@ -89,7 +89,8 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
-PRUNE_LIMITS = (1e-100, 1e100)   # nonzero |coordinates| outside: products may round, never skip
+TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares are summed as short integers
+EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 PRIORITY_BLOCK = 4096            # points whose random priorities come from one generator
@@ -507,8 +508,14 @@ def exact_terms(values):
         pending.append(-term)
 
 
+def exact_product(a, b):
+    """Whether two_product(a, b) is exact: no part of it can underflow or overflow (EXACT_PRODUCTS)."""
+    low, high = EXACT_PRODUCTS
+    return low <= abs(a * b) <= high and abs(a) <= high and abs(b) <= high
+
+
 def two_product(a, b):
-    """(p, e) with p + e == a * b exactly (Dekker; no overflow or underflow within PRUNE_LIMITS)."""
+    """(p, e) with p + e == a * b exactly (Dekker; for a * b within EXACT_PRODUCTS)."""
     product = a * b
     a_scaled, b_scaled = SPLITTER * a, SPLITTER * b
     a_high, b_high = a_scaled - (a_scaled - a), b_scaled - (b_scaled - b)
@@ -519,30 +526,25 @@ def two_product(a, b):
 def sse_of_sums(counts, sums, squares, centroids):
     """The exact SSE of clusters against their centroids from counts, exact sums and the exact sum of
     all squares: sum x^2 less, per cluster and dimension, 2 c sum x - n c^2 (every product split
-    exactly); as exact terms."""
-    terms = list(squares)
+    exactly into doubles, or beyond EXACT_PRODUCTS taken as integers in units of 2**-2148); as exact
+    terms, the whole rounded once where integers were needed."""
+    terms, exact = list(squares[0]), squares[1]
     for count, sum_terms, centroid in zip(counts, sums, centroids):
         if not count:
             continue
         for total, c in zip(sum_terms, centroid):
             for term in total:
-                terms += [-2.0 * part for part in two_product(c, term)]
-            high, low = two_product(c, c)
-            terms += [*two_product(float(count), high), *two_product(float(count), low)]
-    return exact_terms(terms)
-
-
-def exact_sse(columns, keys, centroids):
-    """The SSE as exact terms, with integers: for coordinates beyond PRUNE_LIMITS, where products of
-    doubles could round. Every double is a whole multiple of 2**-1074, so differences and squares
-    are exact integers in units of 2**-1074 and 2**-2148; terms below 2**-1074 are dropped."""
-    total = 0
-    for column, coordinates in zip(columns, zip(*centroids)):
-        scaled = [fixed(c) for c in coordinates]
-        for value, key in zip(column, keys):
-            difference = fixed(value) - scaled[key]
-            total += difference * difference
-    return integer_terms(total, 2148)
+                if exact_product(2.0 * c, term):
+                    terms += two_product(-2.0 * c, term)
+                else:
+                    exact -= 2 * fixed(c) * fixed(term)
+            if exact_product(c, c) and all(exact_product(float(count), part) for part in two_product(c, c)):
+                terms += [piece for part in two_product(c, c) for piece in two_product(float(count), part)]
+            else:
+                exact += count * fixed(c) * fixed(c)
+    if not exact:
+        return exact_terms(terms)
+    return integer_terms(exact + sum(fixed(term) << 1074 for term in terms), 2148)
 
 
 def integer_terms(total, shift):
@@ -763,14 +765,19 @@ def bounded_reassigner(clusters, dim, unrolled):
 
 
 def square_terms(columns, magnitudes):
-    """Doubles whose exact sum is the sum of every squared coordinate of a split (the SSE needs it,
-    whatever the clusters); None beyond PRUNE_LIMITS. Every coordinate is a whole multiple of the ulp
-    of the smallest nonzero one, so in that unit they are integers, squared and summed exactly."""
+    """(doubles, integer): the sum of every squared coordinate of a split (the SSE needs it, whatever
+    the clusters) is the doubles' exact sum plus the integer in units of 2**-2148. Every coordinate is
+    a whole multiple of the ulp of the smallest nonzero one, so in that unit they are integers, squared
+    and summed exactly; the few beyond TAME_RANGE, which would make those integers thousands of bits
+    long, are squared one by one."""
+    if not is_tame(magnitudes):
+        low, high = TAME_RANGE
+        tame = [array("d", (x if low <= abs(x) <= high else 0.0 for x in column)) for column in columns]
+        beyond = [x for column in columns for x in column if x and not low <= abs(x) <= high]
+        return square_terms(tame, coordinate_range(tame))[0], sum(fixed(x) * fixed(x) for x in beyond)
     smallest = magnitudes[0]
-    if not within_prune_limits(magnitudes):
-        return None
     if smallest == math.inf:
-        return []   # every coordinate is zero
+        return [], 0   # every coordinate is zero
     shift = max(0, 1 - math.frexp(math.ulp(smallest))[1])   # 2**-shift divides every coordinate
     scale = math.ldexp(1.0, shift)
     total = 0
@@ -778,7 +785,7 @@ def square_terms(columns, magnitudes):
         for low in range(0, len(column), ASSIGN_CHUNK):
             whole = list(map(int, map(scale.__mul__, column[low:low + ASSIGN_CHUNK])))
             total += sum(map(operator.mul, whole, whole))
-    return integer_terms(total, 2 * shift)
+    return integer_terms(total, 2 * shift), 0
 
 
 @dataclass
@@ -794,7 +801,7 @@ class Assignment:
     steps: int           # steps since the bounds were set (the slack grows with them)
     counts: list         # points per cluster
     sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
-    squares: list        # the split's square_terms (None beyond PRUNE_LIMITS)
+    squares: tuple       # the split's square_terms
     buckets: list        # per cluster its Bucket, for plain partitions (None with the combiner)
     slots: array         # per point: its place in its cluster's bucket (None with the combiner)
     sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
@@ -851,15 +858,16 @@ def coordinate_range(columns):
     return smallest, largest
 
 
-def within_prune_limits(magnitudes):
-    """Whether (smallest nonzero, largest) |coordinate| keep products exact (see PRUNE_LIMITS)."""
+def is_tame(magnitudes):
+    """Whether (smallest nonzero, largest) |coordinate| lie within TAME_RANGE."""
     smallest, largest = magnitudes
-    return largest <= PRUNE_LIMITS[1] and (largest == 0.0 or smallest >= PRUNE_LIMITS[0])
+    return largest <= TAME_RANGE[1] and (largest == 0.0 or smallest >= TAME_RANGE[0])
 
 
 def bound_slack(dim, centroids, magnitudes, state=None):
     """An absolute margin above every rounding error in the bounds: each of the few operations per
-    step errs by at most one ulp of a magnitude no larger than every distance plus the drift so far."""
+    step errs by at most one ulp of a magnitude no larger than every distance plus the drift so far,
+    and a distance's root also by sqrt(D) * 2**-537 at most where tiny products underflow."""
     largest = max(magnitudes[1], *(abs(x) for c in centroids for x in c))
     scale = 2.0 * math.sqrt(dim) * largest
     steps = 0
@@ -867,7 +875,7 @@ def bound_slack(dim, centroids, magnitudes, state=None):
         largest = max(largest, *(abs(x) for c in state.centroids for x in c))
         scale = 2.0 * math.sqrt(dim) * largest + max(state.grown) + max(state.shrunk)
         steps = state.steps + 1
-    return 16.0 * (dim + 16 + steps) * sys.float_info.epsilon * scale
+    return 16.0 * (dim + 16 + steps) * (sys.float_info.epsilon * scale + math.sqrt(dim) * 2.0 ** -537)
 
 
 def key_array(clusters, size):
@@ -880,7 +888,6 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
     """Every point of a split examined against the centroids: a fresh Assignment (with buckets of
     the points and their `texts` for plain partitions, unless texts is None)."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
-    exact_products = squares is not None and within_prune_limits(coordinate_range(zip(*centroids)))
     slack = bound_slack(dim, centroids, magnitudes)
     keys = key_array(clusters, size)
     upper, lower = array("d", bytes(8 * size)), array("d", bytes(8 * size))
@@ -906,8 +913,7 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
                 slots[index] = slot
     state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
                        squares, buckets, slots, [], examined=size, rechecked=size)
-    state.sse_terms = sse_of_sums(counts, sums, squares, centroids) if exact_products else \
-        exact_sse(columns, keys, centroids)
+    state.sse_terms = sse_of_sums(counts, sums, squares, centroids)
     return state
 
 
@@ -923,12 +929,6 @@ def reassign(state, columns, texts, centroids, magnitudes):
     """Move an Assignment to new centroids, examining only points that may have changed cluster;
     returns how many changed. Counts, exact sums, buckets and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
-    if state.squares is None or not within_prune_limits(coordinate_range(zip(*centroids))):
-        plain = texts if state.buckets is not None else None
-        fresh = new_assignment(columns, centroids, plain, magnitudes, state.squares)
-        moved = sum(map(operator.ne, state.keys, fresh.keys))
-        vars(state).update(vars(fresh))
-        return moved
     slack = bound_slack(dim, centroids, magnitudes, state)
     shifts = [math.sqrt(squared_distance(a, b)) + slack for a, b in zip(state.centroids, centroids)]
     if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
@@ -990,7 +990,7 @@ class Split:
 
     columns: list           # array('d') per dimension: 8 bytes a coordinate
     texts: list = None      # each point's text, for the plain partition files
-    magnitudes: tuple = None   # smallest nonzero and largest |coordinate| (see PRUNE_LIMITS)
+    magnitudes: tuple = None   # smallest nonzero and largest |coordinate|: the scale of rounding errors
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
     weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
     weights_for: tuple = ()  # (run, how many centroids they were weighed against)

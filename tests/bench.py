@@ -22,6 +22,7 @@ centroids bit for bit; the bench fails if they do not.
     (3a) speed round three: the whole job at D=64 (200k points, K=10) and D=16 (500k, K=16), 2 iterations
     (3b) parsing and checking: a mapper's read of a whole D=64 file against the script's parse, per number
     (3c) iteration 1 at D=64 against the baseline's first iteration
+    (3e) no cliff: the (a) file with one subnormal, one huge coordinate, or mixed magnitudes, 3 iterations
 
 Data (seeded Gaussian blobs) is generated once and cached in .bench/; what the runs write goes to
 .bench/work/, emptied at each start.
@@ -477,6 +478,52 @@ def goal_round_three(scale):
     return commands, sorted(rows, key=lambda row: row[0]), notes
 
 
+def variant(path, name, change):
+    """A cached copy of a data file with `change(index, line)` applied to every line (None keeps it,
+    a string replaces it) and then its extra lines appended; written through a temporary name."""
+    target = CACHE / f"{name}-{path.name}"
+    if not target.exists():
+        partial = target.with_suffix(".part")
+        with open(path) as lines, open(partial, "w") as out:
+            for index, line in enumerate(lines):
+                out.write(change(index, line) or line)
+            out.write(change(None, None) or "")
+        partial.rename(target)
+    return target
+
+
+def mixed_magnitudes(index, line):
+    """Every 1000th line's x becomes 1e-12, and the line 500 after it gains 1e6 on y."""
+    if index is None:
+        return None
+    x, y = line.rstrip("\n").split(",")
+    return f"1e-12,{y}\n" if index % 1000 == 0 else f"{x},{float(y) + 1e6!r}\n" if index % 1000 == 500 else None
+
+
+def goal_cliff(scale):
+    """(3e): no cliff: the 1M-point job with one subnormal, one huge coordinate, or mixed magnitudes."""
+    path, init = dataset(10**6 // scale, 2)
+    files = {"as generated": path,
+             "one subnormal line 5e-324,1.5 appended": variant(path, "subnormal", lambda i, line: "5e-324,1.5\n"
+                                                              if i is None else None),
+             "one huge line 1e150,1.5 appended": variant(path, "huge", lambda i, line: "1e150,1.5\n"
+                                                        if i is None else None),
+             "mixed magnitudes: every 1000th x is 1e-12, every 1000th y gains 1e6": variant(path, "mixed",
+                                                                                           mixed_magnitudes)}
+    walls, commands = {}, []
+    for number, (what, data) in enumerate(files.items()):
+        progress(f"baseline and kmr (3e) on {data.name}")
+        centroids, _, base_times = baseline(data, init, 3)
+        args = job_args(f"cliff{number}", data, init, 8, 3)
+        walls[what] = min(checked_job(f"(3e) {what}", args, centroids, base_times)[0] for _ in range(2))
+        commands.append((f"(3e) {number}", args))
+    plain = walls.pop("as generated")
+    rows = [["(3e)", f"whole job, {points(10**6 // scale)} points, D=2, K=8, 3 iterations, --combiner, M=R=2, {what}, "
+             "against the file as generated (best of 2 each)", secs(wall), secs(plain), f"{wall / plain:.2f}x",
+             "<= 1.20x", met(wall <= 1.2 * plain)] for what, wall in walls.items()]
+    return commands, rows, ["(3e) each file's kmr run ended on the baseline's centroids, bit for bit"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -489,7 +536,7 @@ def main():
     WORK.mkdir(parents=True)
     commands, rows, notes = [], [], []
     for goal in (goals_a_b(scale, iterations), goal_c(scale, iterations), goal_d(scale), goal_e(),
-                 goal_round_three(scale)):
+                 goal_round_three(scale), goal_cliff(scale)):
         commands += goal[0]
         rows += goal[1]
         notes += goal[2]

@@ -155,11 +155,15 @@ def test_points_are_skipped_on_well_separated_data():
     assert list(state.keys) == [kmr.nearest(p, [(1.0, 0.0), (59.0, 0.0)]) for p in points]
 
 
-@pytest.mark.parametrize("points", [[(1e-120, 0.0), (3e-120, 0.0)], [(1e120, 1.0), (-1e120, 2.0)]])
-def test_coordinates_beyond_the_prune_limits_are_examined_every_time(points):
+@pytest.mark.parametrize("points", [[(1e-120, 0.0), (3e-120, 0.0)], [(1e120, 1.0), (-1e120, 2.0)],
+                                    [(5e-324, 1.0), (0.0, 3.0)], [(1e150, 1.0), (-1e150, 2.0)]])
+def test_coordinates_beyond_the_tame_range_keep_exact_keys_and_sse(points):
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    assert kmr.square_terms(columns, magnitudes) is None
-    state = kmr.new_assignment(columns, points, None, magnitudes, None)
+    assert not kmr.is_tame(magnitudes)
+    state = kmr.new_assignment(columns, points, None, magnitudes, kmr.square_terms(columns, magnitudes))
+    assert math.fsum(state.sse_terms) == 0.0
     moved = kmr.reassign(state, columns, None, points[::-1], magnitudes)
     assert list(state.keys) == [1, 0] and moved == 2
+    expected = from_scratch(points, points[::-1])
+    assert math.fsum(state.sse_terms) == expected[3]
