@@ -84,11 +84,15 @@ MAX_WORKERS = 256             # bound on M, R and the worker processes a master 
 MAX_CLUSTERS = 100_000        # bound on K
 MAX_DIM = 4096                # bound on D
 MAX_RESTARTS = 1000
+INITS = ("random", "k-means++", "k-means||")   # --init, besides a file of centroids
+PARALLEL_ROUNDS = 5           # k-means|| rounds (Bahmani et al.: about 5 suffice)
+OVERSAMPLE_DIVISOR = 2        # k-means|| expects K / 2 candidates per round (l = 0.5 K)
 BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
 IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins its content for a job
 
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
+MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
 TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares are summed as short integers
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
@@ -644,6 +648,111 @@ def weighted_index(weights, fraction):
     return index
 
 
+@functools.lru_cache(maxsize=64)
+def candidate_updater(count, dim):
+    """A compiled loop bringing each point's D^2 and nearest candidate up to date with `count` new
+    candidates (k-means||); of equal distances the earlier candidate stays."""
+    body = ["def update(columns, candidates, weights, owners, first):",
+            f"    ({', '.join('(' + ''.join(f'c{k}_{d}, ' for d in range(dim)) + ')' for k in range(count))},) "
+            "= candidates",
+            "    i = -1",
+            f"    for {''.join(f'x{d}, ' for d in range(dim))}b in zip(*columns, weights):",
+            "        i += 1; k = -1"]
+    for key in range(count):
+        body += [f"        {'; '.join(f'd{d} = x{d} - c{key}_{d}' for d in range(dim))}",
+                 f"        d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}",
+                 f"        if d < b: b = d; k = {key}"]
+    body.append("        if k >= 0: weights[i] = b; owners[i] = first + k")
+    namespace = {}
+    exec(compile("\n".join(body), f"<k-means|| update {count} x D={dim}>", "exec"), namespace)
+    return namespace["update"]
+
+
+@functools.lru_cache(maxsize=64)
+def pruned_updater(dim):
+    """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
+    new one can be nearer only if it lies within twice the point's distance of that candidate
+    (triangle inequality), so each point measures only those, nearest first from `near`; of equal
+    distances the lower number wins."""
+    unrolled = dim <= MAX_UNROLLED_DIM
+    point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
+    body = ["def update(columns, near, weights, owners):",
+            f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
+            "        twice = TWICE * sqrt(b); o = k",
+            f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
+            "            if far >= twice: break"]
+    if unrolled:
+        body += [f"            {'; '.join(f'd{d} = x{d} - e{d}' for d in range(dim))}",
+                 f"            d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
+    else:
+        body.append("            d = squared_distance(point, candidate)")
+    body += ["            if d < b or d == b and j < k: b = d; k = j",
+             "        if k != o: weights[i] = b; owners[i] = k"]
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "TWICE": 2.0 + 1e-9, "squared_distance": squared_distance}
+    exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
+    return namespace["update"]
+
+
+def update_candidates(columns, candidates, seen, weights, owners):
+    """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
+    after the first `seen` joined them. The first ones are measured against every
+    point, in blocks the compiled loop takes; later ones only where the triangle inequality lets
+    them compete (a margin of 1e-9 above rounding)."""
+    dim = len(columns)
+    if seen == 0:
+        block = max(1, MAX_UNROLLED // dim)
+        for low in range(0, len(candidates), block):
+            part = candidates[low:low + block]
+            candidate_updater(len(part), dim)(columns, part, weights, owners, low)
+        return
+    unrolled = dim <= MAX_UNROLLED_DIM
+    near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
+                   for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
+    pruned_updater(dim)(columns, near, weights, owners)
+
+
+def oversampled(priorities, weights, mass, oversample):
+    """The k-means|| picks of a round: each point whose priority x mass < l x D^2, so picked with
+    probability min(1, l D^2 / mass) (Bahmani et al.); their indices, ascending."""
+    return list(itertools.compress(range(len(weights)), map(operator.lt, map(mass.__mul__, priorities),
+                                                            map(float(oversample).__mul__, weights))))
+
+
+def recluster(candidates, weights, clusters, rng, rounds=30):
+    """K centroids from k-means|| candidates, each weighing the points nearest to it: k-means++ with
+    D^2 x weight, then weighted Lloyd until nothing moves (at most `rounds`). Fewer than K when fewer
+    candidates carry weight."""
+    points = [c for c, w in zip(candidates, weights) if w]
+    mass = [float(w) for w in weights if w]
+    if len(points) <= clusters:
+        return points
+    chosen = [points[weighted_index(mass, rng.random())]]
+    distances = [squared_distance(p, chosen[0]) for p in points]
+    while len(chosen) < clusters:
+        weighted = list(map(operator.mul, distances, mass))
+        if not any(weighted):
+            break
+        chosen.append(points[weighted_index(weighted, rng.random())])
+        distances = [min(d, squared_distance(p, chosen[-1])) for d, p in zip(distances, points)]
+    centroids = chosen
+    for _ in range(rounds):
+        members = indices_by_key([nearest(p, centroids) for p in points], len(centroids))
+        moved = [tuple(math.fsum(mass[i] * points[i][d] for i in indices) / math.fsum(mass[i] for i in indices)
+                       for d in range(len(points[0]))) if indices else centroid
+                 for indices, centroid in zip(members, centroids)]
+        if moved == centroids:
+            break
+        centroids = moved
+    return centroids
+
+
+def topped_up(centroids, sample, clusters):
+    """`centroids` without repeats, then points of the uniform sample (K distinct) until there are K."""
+    chosen = list(dict.fromkeys(centroids))
+    seen = set(chosen)
+    return chosen + [point for point in sample if point not in seen][:clusters - len(chosen)]
+
+
 # ####################################################################################################
 # Map across iterations: a split's assignment, kept and updated (Hamerly's bounds)
 # ####################################################################################################
@@ -992,8 +1101,9 @@ class Split:
     texts: list = None      # each point's text, for the plain partition files
     magnitudes: tuple = None   # smallest nonzero and largest |coordinate|: the scale of rounding errors
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
-    weights: list = None    # D^2 of the last Weigh, so the next k-means++ round is one pass
-    weights_for: tuple = ()  # (run, how many centroids they were weighed against)
+    weights: list = None    # D^2 of the last Weigh, so the next k-means++ or k-means|| round is one pass
+    weights_for: tuple = ()  # (run, how many centroids they were weighed against, the init)
+    owners: array = None    # k-means||: each point's nearest candidate
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
     def nbytes(self):
@@ -1004,7 +1114,7 @@ class Split:
         if state is not None:
             size += points * (state.keys.itemsize + 16) + (points * (8 * dim + 24) if state.buckets else 0)
         if self.weights is not None:
-            size += 32 * len(self.weights)   # a list of floats, kept between k-means++ rounds
+            size += 32 * len(self.weights)   # floats kept between rounds (k-means||: and owners), 32 B at most
         return size
 
     @functools.cached_property
@@ -1796,23 +1906,48 @@ class MapperTasks:
                 plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
         return draws, plot, ""
 
-    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters):
+    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample):
         """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
         D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead;
-        (mass terms, candidate, counts)."""
+        (mass terms, candidate, counts, picks). With `oversample`, a k-means|| round (picks) or its
+        candidates' weights (count_clusters) instead."""
         split = self.load(self.jobs.state(job), task, span, pinned, len(centroids[0]), False)
+        if oversample:
+            with split.lock:
+                return self.oversample_round(split, run, span[1], centroids, draw_seed, count_clusters, oversample)
         if count_clusters:
             with split.lock:
                 split.assign(centroids)
-                return split.assignment.sse_terms, [], split.assignment.counts
-        known = split.weights if split.weights_for == (run, len(centroids) - 1) else None
+                return split.assignment.sse_terms, [], split.assignment.counts, []
+        known = split.weights if split.weights_for == (run, len(centroids) - 1, "k-means++") else None
         weights = nearest_distances(split.columns, centroids, known)
-        split.weights, split.weights_for = weights, (run, len(centroids))
+        split.weights, split.weights_for = weights, (run, len(centroids), "k-means++")
         mass = exact_terms(weights)
         if not mass:
-            return mass, [], []
+            return mass, [], [], []
         index = weighted_index(weights, random.Random(draw_seed).random())
-        return mass, [column[index] for column in split.columns], []
+        return mass, [column[index] for column in split.columns], [], []
+
+    @staticmethod
+    def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
+        """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen,
+        then its mass and the points whose priority x that mass < l x D^2 as (priority, index, point,
+        D^2): the round's picks are among them, as the whole mass is at least the split's. Or, with
+        count_clusters, the points nearest to each candidate. Call with the split's lock held."""
+        run_before, seen, init = split.weights_for or (None, 0, None)
+        if (run_before, init) != (run, "k-means||") or seen > len(candidates):
+            seen, size = 0, len(split.columns[0])
+            split.weights, split.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
+        update_candidates(split.columns, candidates, seen, split.weights, split.owners)
+        split.weights_for = (run, len(candidates), "k-means||")
+        mass = exact_terms(split.weights)
+        if count_clusters:
+            nearest_to = collections.Counter(split.owners)
+            return mass, [], [nearest_to[number] for number in range(len(candidates))], []
+        priorities = point_priorities(draw_seed, start, start + len(split.weights))
+        picked = oversampled(priorities, split.weights, math.fsum(mass), oversample)
+        return mass, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),
+                               split.weights[i]) for i in picked]
 
 
 class ReducerTasks:
@@ -2100,10 +2235,13 @@ class MapperServicer:
         span, pinned = input_span(request, self.core.settings.input_root, context)
         require_centroids(context, request.centroids, "centroids")
         self.faults.refuse(f"Weigh task {request.task}")
-        mass, candidate, counts = self.core.weigh_task(request.job, request.run, request.task, span, pinned,
-                                                       unflatten(request.centroids), request.draw_seed,
-                                                       request.count_clusters)
-        reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts)
+        require(context, request.oversample <= MAX_CLUSTERS, f"oversample is at most {MAX_CLUSTERS}")
+        mass, candidate, counts, picks = self.core.weigh_task(request.job, request.run, request.task, span, pinned,
+                                                              unflatten(request.centroids), request.draw_seed,
+                                                              request.count_clusters, request.oversample)
+        reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts,
+                              picked=draw_message([pick[:3] for pick in picks], request.centroids.dim),
+                              picked_weights=[pick[3] for pick in picks])
         return pb.WeighResponse(status=success(), reply=reply)
 
     def GetPartition(self, request, context):
@@ -3265,8 +3403,10 @@ class TaskScheduler:
 
 def task_runs(options):
     """How many tasks the job may run at most: M for the Sample pass, and per restart M + R per
-    iteration and M per Weigh pass (one per k-means++ round, one for the final SSE)."""
-    weigh_passes = (options.clusters - 1 if options.init == "k-means++" else 0) + 1
+    iteration and M per Weigh pass (one per k-means++ round, PARALLEL_ROUNDS + 1 for k-means||, one for the
+    final SSE)."""
+    seeding = {"k-means++": options.clusters - 1, "k-means||": PARALLEL_ROUNDS + 1}.get(options.init, 0)
+    weigh_passes = seeding + 1
     return options.mappers + options.restarts * (options.iterations * (options.mappers + options.reducers)
                                                  + weigh_passes * options.mappers)
 
@@ -3568,7 +3708,7 @@ class Recorder:
 
 def job_identity(options):
     """What a checkpoint must share with the command that resumes it: whatever decides the answer."""
-    init = options.init if options.init in ("random", "k-means++") else os.path.abspath(options.init)
+    init = options.init if options.init in INITS else os.path.abspath(options.init)
     return {"input": os.path.abspath(options.input_path), "M": options.mappers, "R": options.reducers,
             "K": options.clusters, "n": options.iterations, "tol": options.tol, "init": init,
             "restarts": options.restarts, "combiner": options.combine}
@@ -3668,7 +3808,7 @@ def prepare(options):
         raise InputError(f"K={options.clusters} centroids of dimension {dim} are too many to send "
                          f"(limits: D <= {MAX_DIM}, K x D x 8 bytes <= {MAX_MESSAGE_BYTES // 4})")
     given_init = None
-    if options.init not in ("random", "k-means++"):
+    if options.init not in INITS:
         given_init = read_centroids(options.init, options.clusters, dim)
     plan = Plan(os.path.abspath(options.input_path), points, dim, tuple(split_ranges(points, options.mappers)),
                 seeds, given_init, pinned, checkpoint)
@@ -3751,6 +3891,36 @@ def kmeans_plus_plus(first, clusters, weigh, rng):
         chosen.append(tuple(replies[task].candidate))
         log.info("k-means++ round %d: centroid from split %d: %s", len(chosen), task, format_point(chosen[-1]))
     return chosen
+
+
+def kmeans_parallel(first, clusters, weigh, rng):
+    """k-means|| (Bahmani et al., VLDB 2012) in PARALLEL_ROUNDS Weigh passes instead of K - 1: each
+    round every mapper brings its points' D^2 up to date with the new candidates and picks each point
+    with probability min(1, l D^2 / mass), by a priority of the point's index, so any M picks the same
+    (`weigh(candidates, round seed, l, count)` -> {task: WeighReply}). A last pass weighs every
+    candidate by the points nearest to it, and the master reclusters the weighted candidates."""
+    oversample = -(-clusters // OVERSAMPLE_DIVISOR)
+    candidates = [first]
+    log.info("k-means||: oversampling factor l = %d (K/%d), %d rounds", oversample, OVERSAMPLE_DIVISOR,
+             PARALLEL_ROUNDS)
+    for number in range(1, PARALLEL_ROUNDS + 1):
+        log.log(DETAIL, "=== k-means|| round %d: weigh every split ===", number)
+        replies = weigh(candidates, rng.randrange(2**63), oversample, False)
+        mass = math.fsum(term for reply in replies.values() for term in reply.mass_terms)
+        picked = sorted((index, point) for reply in replies.values()
+                        for (priority, index, point), weight in zip(draw_triples(reply.picked), reply.picked_weights)
+                        if priority * mass < oversample * weight)
+        known = set(candidates)
+        new = list(dict.fromkeys(point for _, point in picked if point not in known))
+        candidates += new
+        log.info("k-means|| round %d: %d new candidates, %d in all (D^2 mass %.10g)", number, len(new),
+                 len(candidates), mass)
+        if not mass:
+            break
+    log.log(DETAIL, "=== k-means||: weigh every candidate ===")
+    replies = weigh(candidates, 0, oversample, True)
+    weights = [sum(counts) for counts in zip(*(reply.counts for reply in replies.values()))]
+    return recluster(candidates, weights, clusters, rng)
 
 
 class Master:
@@ -3845,6 +4015,10 @@ class Master:
             elif options.init == "k-means++":
                 with self.recorder.span(SEEDING_PASS):
                     initial = kmeans_plus_plus(sample[0], options.clusters, lambda chosen: self.weigh(chosen, rng), rng)
+            elif options.init == "k-means||":
+                with self.recorder.span(SEEDING_PASS):
+                    initial = topped_up(kmeans_parallel(sample[0], options.clusters, self.oversample_pass, rng), sample,
+                                        options.clusters)
             else:
                 initial = sample
             progress = Progress(number, seed, [initial], events=dict(self.recorder.counted()))
@@ -3970,20 +4144,26 @@ class Master:
         lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
 
-    def weigh(self, centroids, rng, count_clusters=False):
+    def oversample_pass(self, candidates, seed, oversample, count_clusters):
+        """A k-means|| pass: every split weighed against the candidates, with the round's seed."""
+        return self.weigh(candidates, None, count_clusters, {task: seed for task in range(1, self.options.mappers + 1)},
+                          oversample)
+
+    def weigh(self, centroids, rng, count_clusters=False, seeds=None, oversample=0):
         """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
         plan = self.plan
-        seeds = {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
+        seeds = seeds or {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
 
         def send(attempt):
             start, end = plan.ranges[attempt.task - 1]
             request = pb.WeighRequest(job=self.job_id, run=self.recorder.run, task=attempt.task,
                                       attempt=attempt.number, input_path=plan.input_path, start=start, end=end,
                                       input=identity_message(plan.pinned), centroids=flatten(centroids),
-                                      draw_seed=seeds[attempt.task], count_clusters=count_clusters)
+                                      draw_seed=seeds[attempt.task], count_clusters=count_clusters,
+                                      oversample=oversample)
             return self.workers.call(attempt, "Weigh", request, f"task {attempt.task}")
 
-        stage = Stage("mapper", "Weigh", FINAL_PASS if count_clusters else SEEDING_PASS)
+        stage = Stage("mapper", "Weigh", FINAL_PASS if count_clusters and not oversample else SEEDING_PASS)
         return {task: reply for task, (_, reply) in sorted(self.scheduler.run(stage, list(seeds), {}, send).items())}
 
     def final_clusters(self, progress, rng):
@@ -4160,7 +4340,7 @@ def span_label(span, short=False):
     if span["iteration"] == SAMPLE_PASS:
         return "input" if short else "input check"
     if span["iteration"] == SEEDING_PASS:
-        return "k-means++"
+        return "seeding" if short else "k-means++ or ||"
     if span["iteration"] is FINAL_PASS:
         return "SSE" if short else "final SSE"
     return str(span["iteration"]) if short else f"iteration {span['iteration']}"
@@ -5101,9 +5281,9 @@ def parse_args(argv=None):
     master.add_argument("-n", type=int, default=20, help="iterations at most (default 20)")
     master.add_argument("--input", default="points.txt", help="points, one 'x,y,...' per line")
     master.add_argument("--seed", type=int, help="seed of the initial draw (default: random, logged)")
-    master.add_argument("--init", default="random", metavar="random|k-means++|FILE",
+    master.add_argument("--init", default="random", metavar="random|k-means++|k-means|||FILE",
                         help="initial centroids: K distinct input points at random (default), "
-                             "k-means++ (distributed), or a file of K centroids")
+                             "k-means++ (distributed, K - 1 passes), k-means|| (5 passes), or a file of K centroids")
     master.add_argument("--restarts", type=int, default=1,
                         help="complete runs from different seeds; the lowest final SSE wins (default 1)")
     master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")
@@ -5208,8 +5388,8 @@ def parse_args(argv=None):
             raise InputError(f"{flag} must be > 0, got {value}")
     args.tls = tls_files(args)
     check_joining(args)
-    if args.restarts > 1 and args.init not in ("random", "k-means++"):
-        raise InputError("--restarts needs --init random or k-means++ (every run from a file is the same)")
+    if args.restarts > 1 and args.init not in INITS:
+        raise InputError("--restarts needs --init random, k-means++ or k-means|| (every run from a file is the same)")
     if args.ui_drills and args.ui is None:
         raise InputError("--ui-drills needs --ui")
     for flag, path in (("--plot", args.plot), ("--summary", args.summary), ("--timeline", args.timeline),

@@ -23,6 +23,7 @@ centroids bit for bit; the bench fails if they do not.
     (3b) parsing and checking: a mapper's read of a whole D=64 file against the script's parse, per number
     (3c) iteration 1 at D=64 against the baseline's first iteration
     (3e) no cliff: the (a) file with one subnormal, one huge coordinate, or mixed magnitudes, 3 iterations
+    (3g) k-means|| against k-means++: the initialisation of K=64 on the (a) file
 
 Data (seeded Gaussian blobs) is generated once and cached in .bench/; what the runs write goes to
 .bench/work/, emptied at each start.
@@ -524,6 +525,28 @@ def goal_cliff(scale):
     return commands, rows, ["(3e) each file's kmr run ended on the baseline's centroids, bit for bit"]
 
 
+def goal_parallel_init(scale):
+    """(3g): k-means|| against k-means++, K=64 on the 1M-point file: the seeding span of each run."""
+    path, _ = dataset(10**6 // scale, 2)
+    seeding, first_sse, commands = {}, {}, []
+    for init in ("k-means++", "k-means||"):
+        progress(f"kmr (3g) --init {init}, K=64")
+        args = ["-M", 2, "-R", 2, "-K", 64, "-n", 1, "--input", path, "--init", init, "--seed", 1, "--combiner", "-q",
+                "--summary", WORK / "init.json", "--data-dir", WORK / "init"]
+        _, summary = job(args)
+        seeding[init] = sum(span["end"] - span["start"] for span in summary["timeline"]["iterations"]
+                            if span["iteration"] == 0)
+        first_sse[init] = summary["iterations"][0]["sse"]
+        commands.append((f"(3g) {init}", args))
+    ratio = seeding["k-means||"] / seeding["k-means++"]
+    row = ["(3g)", f"initialisation, K=64, {points(10**6 // scale)} points, D=2, M=R=2: --init k-means|| (5 rounds) "
+           "against k-means++ (63 rounds)", secs(seeding["k-means||"]), secs(seeding["k-means++"]), f"{ratio:.2f}x",
+           "<= 0.20x", met(ratio <= 0.2)]
+    note = (f"(3g) SSE after iteration 1: k-means|| {first_sse['k-means||']:.10g}, "
+            f"k-means++ {first_sse['k-means++']:.10g}")
+    return commands, [row], [note]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -536,7 +559,7 @@ def main():
     WORK.mkdir(parents=True)
     commands, rows, notes = [], [], []
     for goal in (goals_a_b(scale, iterations), goal_c(scale, iterations), goal_d(scale), goal_e(),
-                 goal_round_three(scale), goal_cliff(scale)):
+                 goal_round_three(scale), goal_cliff(scale), goal_parallel_init(scale)):
         commands += goal[0]
         rows += goal[1]
         notes += goal[2]
