@@ -1236,22 +1236,25 @@ def parse_flat(block, first_line, name, dim):
     """The points of a block of lines: (their coordinates in one list, point after point, D, the
     non-blank lines), validated.
 
-    Fast path, at C speed: every line's commas counted, every field through one map(float), their
-    max and min against MAX_COORDINATE (which an overflow to infinity fails too), and no
-    'n' in the text (float() reads NaN and infinity only from words with an n). On any problem the
-    block is parsed again line by line, so the error names the line and what is wrong with it.
+    Fast path, at C speed: the lines joined by commas and split once, where D fields a line means
+    D x lines fields with every D-th one ending its line (only a line's last field holds its newline),
+    every field through one map(float), their max and min against MAX_COORDINATE (which an overflow
+    to infinity fails too), and no 'n' in the text (float() reads NaN and infinity only from words
+    with an n). On any problem the block is parsed again line by line, so the error names the line
+    and what is wrong with it.
     """
     lines = [line for line in block if not line.isspace()] if any(map(str.isspace, block)) else block
     if not lines:
         return None, dim, lines
     if dim is None:
         dim = lines[0].count(",") + 1
-    commas = list(map(str.count, lines, itertools.repeat(",")))
     try:
-        if min(commas) != dim - 1 or max(commas) != dim - 1:
-            raise ValueError
         text = ",".join(lines)
-        values = list(map(float, text.split(",")))
+        fields = text.split(",")
+        if len(fields) != dim * len(lines) or \
+                not all(map(str.endswith, fields[dim - 1:-1:dim], itertools.repeat("\n"))):
+            raise ValueError
+        values = list(map(float, fields))
         if "n" in text or "N" in text or max(values) > MAX_COORDINATE or min(values) < -MAX_COORDINATE:
             raise ValueError
     except ValueError:
@@ -1265,7 +1268,10 @@ def magnitudes_of(values):
     """(smallest nonzero, largest) |x| of some finite numbers, as coordinate_range gives them."""
     if not values:
         return math.inf, 0.0
-    return min(map(abs, filter(None, values)), default=math.inf), abs(max(max(values), -min(values)))
+    smallest = min(map(abs, values))
+    if smallest == 0.0:
+        smallest = min(map(abs, filter(None, values)), default=math.inf)
+    return smallest, abs(max(max(values), -min(values)))
 
 
 def count_points(path):
@@ -1312,8 +1318,9 @@ def read_split(path, start, end, dim, keep_text, pinned):
                 mine = values[low * dim:high * dim] if (low, high) != (0, in_block) else values
                 least, most = magnitudes_of(mine)
                 smallest, largest = min(smallest, least), max(largest, most)
+                flat = array("d", mine)   # strided slices of an array are copied at C speed
                 for d, column in enumerate(columns):
-                    column.extend(mine[d::dim])
+                    column.extend(flat[d::dim])
                 if keep_text:
                     texts.extend("".join(line.split()) for line in kept[low:high])
             index += in_block
@@ -3489,7 +3496,7 @@ class AttemptEntry:
     pid: int
     stage: str            # Sample, Map, Reduce (its fetches, then GetResult) or Weigh
     task: int             # the map task, partition, or split sampled or weighed
-    iteration: int        # an iteration, or SAMPLE_PASS, SEEDING_PASS (k-means++), FINAL_PASS (final SSE)
+    iteration: int        # an iteration, or SAMPLE_PASS, SEEDING_PASS (k-means++ or ||), FINAL_PASS (final SSE)
     attempt: int
     backup: bool
     rerun: bool           # a map task run again because its output could not be fetched
@@ -3588,6 +3595,7 @@ class Recorder:
         # the job ended
         self.stage, self.progress, self.plot, self.lanes, self.earlier = None, None, [], [], None
         self.outcome = "running"
+        self.seeding = "k-means++"   # what the seeding pass is (--init k-means++ or k-means||), for its labels
 
     def start(self):
         """The job starts now."""
@@ -3652,7 +3660,12 @@ class Recorder:
         """Note when a pass ran: an iteration, or SAMPLE_PASS, SEEDING_PASS, FINAL_PASS."""
         start = self.now()
         yield
-        self.spans.append({"run": self.run, "iteration": iteration, "start": start, "end": self.now()})
+        self.spans.append({"run": self.run, "iteration": iteration, "start": start, "end": self.now(),
+                           **self.labelled(iteration)})
+
+    def labelled(self, iteration):
+        """{"init": what seeded} for a seeding pass's span or attempt, else nothing."""
+        return {"init": self.seeding} if iteration == SEEDING_PASS else {}
 
     def worker_lost(self, worker, why):
         """A worker is lost now: which process and why. Returns the entry, whose `new_pid` the
@@ -3697,7 +3710,8 @@ class Recorder:
                              "iteration": entry.iteration, "attempt": entry.attempt, "backup": entry.backup,
                              "rerun": entry.rerun, "start": round(entry.start, 6),
                              "collect": None if entry.collect is None else round(entry.collect, 6),
-                             "end": round(end, 6), "outcome": outcome, "reason": reason})
+                             "end": round(end, 6), "outcome": outcome, "reason": reason,
+                             **self.labelled(entry.iteration)})
         spans = [{**span, "start": round(span["start"], 6), "end": round(span["end"], 6)} for span in self.spans]
         losses = [{**loss, "time": round(loss["time"], 6)} for loss in self.losses]
         lanes = sorted(workers, key=lambda lane: (not lane["worker"].startswith("mapper"),
@@ -3931,6 +3945,8 @@ class Master:
         self.options = options
         self.recorder = Recorder()
         self.recorder.start()
+        if options.init == "k-means||":
+            self.recorder.seeding = options.init
         self.plan, self.runs, self.resumed_run = prepare(options)   # runs done, and one under way: --resume
         self.job_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         # workers this master spawns always require a token: a fresh one per run unless --token is set
@@ -4336,11 +4352,11 @@ def plot_legend(counts, shown, points):
 
 
 def span_label(span, short=False):
-    """What the timeline calls a span: an iteration, the k-means++ rounds or the final SSE pass."""
+    """What the timeline calls a span: an iteration, the k-means++ or k-means|| rounds or the final SSE pass."""
     if span["iteration"] == SAMPLE_PASS:
         return "input" if short else "input check"
     if span["iteration"] == SEEDING_PASS:
-        return "seeding" if short else "k-means++ or ||"
+        return span.get("init", "k-means++")
     if span["iteration"] is FINAL_PASS:
         return "SSE" if short else "final SSE"
     return str(span["iteration"]) if short else f"iteration {span['iteration']}"
@@ -5078,7 +5094,7 @@ function render(d) {
   set("iteration-count", d.iterations.length); set("iteration-limit", d.job.n); set("elapsed", d.elapsed.toFixed(1));
   const share = d.state === "running" ? d.iterations.length / Math.max(1, d.job.n) : 1;
   document.getElementById("progress").style.width = (100 * share) + "%";
-  set("stage", d.stage ? d.stage.name + " " + passName(d.stage.iteration) : d.state);
+  set("stage", d.stage ? d.stage.name + " " + passName(d.stage.iteration, d.job.init) : d.state);
   const earlier = d.timeline.resumed;
   set("resumed", earlier ? "resumed from a checkpoint: " + earlier.runs + " run(s) and " + earlier.iterations +
       " iteration(s) of the run under way ran in an earlier master, not shown here" : "");
@@ -5088,8 +5104,8 @@ function render(d) {
   dump.scrollTop = dump.scrollHeight;   // the newest lines in view
 }
 
-function passName(iteration) {
-  return iteration === -1 ? "(input check)" : iteration === 0 ? "(k-means++)" : iteration === null ? "(final SSE)"
+function passName(iteration, init) {
+  return iteration === -1 ? "(input check)" : iteration === 0 ? "(" + init + ")" : iteration === null ? "(final SSE)"
     : "iteration " + iteration;
 }
 

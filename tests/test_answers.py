@@ -141,10 +141,15 @@ def test_kmeans_parallel_picks_the_same_centroids_for_any_split(worker_pool, tmp
 
 def test_kmeans_parallel_logs_its_oversampling_factor_and_rounds(tmp_path):
     result = run_kmr("--role", "master", "-M", 2, "-K", 5, "-n", 3, "--input", DATA / "case5_points.txt",
-                     "--init", "k-means||", "--seed", 4, "--data-dir", tmp_path / "out", cwd=tmp_path)
+                     "--init", "k-means||", "--seed", 4, "--data-dir", tmp_path / "out", "--summary", tmp_path / "s.json",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "k-means||: oversampling factor l = 3 (K/2), 5 rounds" in result.stderr
     assert result.stderr.count("k-means|| round ") >= 1 and "Weigh" in result.stderr
+    timeline = json.loads((tmp_path / "s.json").read_text())["timeline"]
+    assert [span["init"] for span in timeline["iterations"] if span["iteration"] == 0] == ["k-means||"]
+    weighs = [a for a in timeline["attempts"] if a["stage"] == "Weigh" and a["iteration"] == 0]
+    assert len(weighs) == 2 * 6 and {a["init"] for a in weighs} == {"k-means||"}   # 5 rounds and the weights
 
 
 @settings(max_examples=200, deadline=None)
