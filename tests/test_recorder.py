@@ -104,7 +104,8 @@ def test_passes_losses_and_events_belong_to_the_run_under_way():
         clock.now += 0.5
     timeline = record.timeline([{"worker": "mapper 1"}], {"runs": 1, "iterations": 0})
     assert timeline["iterations"] == [
-        {"run": 1, "iteration": -1, "start": 0.0, "end": 1.0}, {"run": 2, "iteration": 0, "start": 1.0, "end": 1.25},
+        {"run": 1, "iteration": -1, "start": 0.0, "end": 1.0},
+        {"run": 2, "iteration": 0, "start": 1.0, "end": 1.25, "init": "k-means++"},
         {"run": 2, "iteration": 1, "start": 1.25, "end": 3.25}, {"run": 2, "iteration": None, "start": 3.25, "end": 3.75}]
     assert timeline["losses"] == [{"run": 2, "worker": "mapper 1", "pid": 11, "time": 1.25,
                                    "reason": "no heartbeat for 2 s", "new_pid": 12}]
