@@ -5613,4 +5613,9 @@ def report(error, code):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    logging.shutdown()
+    with contextlib.suppress(OSError):   # a reader that went away: there is no one left to tell
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)   # workers stopped, files written, logs flushed: skip tearing down gRPC and the interpreter (~35 ms)

@@ -22,6 +22,7 @@ centroids bit for bit; the bench fails if they do not.
     (3a) speed round three: the whole job at D=64 (200k points, K=10) and D=16 (500k, K=16), 2 iterations
     (3b) parsing and checking: a mapper's read of a whole D=64 file against the script's parse, per number
     (3c) iteration 1 at D=64 against the baseline's first iteration
+    (3f) the sample's floor: interpreter, imports, compiling kmr.py, connecting, each pass
     (3e) no cliff: the (a) file with one subnormal, one huge coordinate, or mixed magnitudes, 3 iterations
     (3g) k-means|| against k-means++: the initialisation of K=64 on the (a) file
 
@@ -428,7 +429,34 @@ def goal_e():
              secs(running), "<= 0.12 s", met(running <= 0.12)],
             ["(e)", "bundled points.txt, master wall time, 5 spawned workers, median of 5", secs(spawned), "-",
              secs(spawned), "<= 0.5 s", met(spawned <= 0.5)]]
-    return [("(e)", args + ["[--mapper-addrs A,B,C --reducer-addrs D,E]"])], rows, []
+    return [("(e)", args + ["[--mapper-addrs A,B,C --reducer-addrs D,E]"])], rows, [small_job_floor(args)]
+
+
+def small_job_floor(args):
+    """(3f) where the sample's time goes against running workers: the process floor (interpreter, imports,
+    compiling kmr.py), then the job's passes from its --summary, medians of 7."""
+    def median_run(command):
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, check=True)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    ms = {"interpreter (python -c pass)": median_run([sys.executable, "-c", "pass"]),
+          "+ gRPC and the stubs imported": median_run([sys.executable, "-c", "import grpc, kmeans_pb2, kmeans_pb2_grpc"]),
+          "python kmr.py --help (compiles kmr.py)": median_run([sys.executable, str(KMR), "--help"]),
+          "python -m kmr --help (cached bytecode)": median_run([sys.executable, "-m", "kmr", "--help"])}
+    progress("the sample's passes against running workers (3f)")
+    with standalone(3, 2) as (_, addrs):
+        _, summary = job(args + addrs + ["--summary", WORK / "small.json"])
+    spans = {}
+    for span in summary["timeline"]["iterations"]:
+        name = {-1: "Sample pass", 0: "seeding", None: "final SSE pass"}.get(span["iteration"], "iteration")
+        spans.setdefault(name, []).append(span["end"] - span["start"])
+    passes = [f"{name} {'+'.join(f'{1000 * t:.0f}' for t in times)} ms" for name, times in spans.items()]
+    return ("(3f) the sample's floor: " + ", ".join(f"{what} {1000 * t:.0f} ms" for what, t in ms.items()) +
+            f"; then connecting to the workers {1000 * summary['startup_seconds']:.0f} ms, " + ", ".join(passes))
 
 
 def parse_seconds(path, dim, repeats=2):
