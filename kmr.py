@@ -568,7 +568,7 @@ def fixed(value):
 
 
 # ####################################################################################################
-# Initial centroids: a uniform distinct draw (priorities by index) and k-means++ weights
+# Initial centroids: a uniform distinct draw (priorities by index), k-means++ weights, k-means|| candidates
 # ####################################################################################################
 
 
