@@ -648,6 +648,16 @@ def weighted_index(weights, fraction):
     return index
 
 
+def distance_source(result, centroid, dim, whole=None):
+    """Source setting `result` to the squared distance of a point to a centroid, `nearest`'s arithmetic,
+    for a compiled loop: unrolled over the point's x0, x1, ... and the centroid's coordinates that
+    `centroid` names (a format of d), or, given `whole` (the centroid's name), squared_distance(point, it)."""
+    if whole is not None:
+        return f"{result} = squared_distance(point, {whole})"
+    return (f"{'; '.join(f'd{d} = x{d} - {centroid.format(d=d)}' for d in range(dim))}; "
+            f"{result} = {' + '.join(f'd{d} * d{d}' for d in range(dim))}")
+
+
 @functools.lru_cache(maxsize=64)
 def candidate_updater(count, dim):
     """A compiled loop bringing each point's D^2 and nearest candidate up to date with `count` new
@@ -659,9 +669,7 @@ def candidate_updater(count, dim):
             f"    for {''.join(f'x{d}, ' for d in range(dim))}b in zip(*columns, weights):",
             "        i += 1; k = -1"]
     for key in range(count):
-        body += [f"        {'; '.join(f'd{d} = x{d} - c{key}_{d}' for d in range(dim))}",
-                 f"        d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}",
-                 f"        if d < b: b = d; k = {key}"]
+        body += [f"        {distance_source('d', f'c{key}_{{d}}', dim)}", f"        if d < b: b = d; k = {key}"]
     body.append("        if k >= 0: weights[i] = b; owners[i] = first + k")
     namespace = {}
     exec(compile("\n".join(body), f"<k-means|| update {count} x D={dim}>", "exec"), namespace)
@@ -681,11 +689,7 @@ def pruned_updater(dim):
             "        twice = TWICE * sqrt(b); o = k",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
             "            if far >= twice: break"]
-    if unrolled:
-        body += [f"            {'; '.join(f'd{d} = x{d} - e{d}' for d in range(dim))}",
-                 f"            d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
-    else:
-        body.append("            d = squared_distance(point, candidate)")
+    body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
     body += ["            if d < b or d == b and j < k: b = d; k = j",
              "        if k != o: weights[i] = b; owners[i] = k"]
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "TWICE": 2.0 + 1e-9, "squared_distance": squared_distance}
@@ -791,12 +795,10 @@ def two_nearest_assigner(clusters, dim):
             "    add_key, add_best, add_second = keys.append, best.append, second.append",
             f"    for {', '.join(coords)}, in zip(*columns):"]
     for key in range(clusters):
-        diffs = "; ".join(f"d{d} = x{d} - c{key}_{d}" for d in range(dim))
-        total = " + ".join(f"d{d} * d{d}" for d in range(dim))
         if key == 0:
-            body.append(f"        {diffs}; b = {total}; s = inf; k = 0")
+            body.append(f"        {distance_source('b', 'c0_{d}', dim)}; s = inf; k = 0")
         else:
-            body += [f"        {diffs}; d = {total}",
+            body += [f"        {distance_source('d', f'c{key}_{{d}}', dim)}",
                      f"        if d < b: s = b; b = d; k = {key}",
                      "        elif d < s: s = d"]
     body += ["        add_key(k); add_best(b); add_second(s)", "    return keys, best, second"]
@@ -841,26 +843,17 @@ def bounded_reassigner(clusters, dim, unrolled):
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
     body += ["        if u <= upper_limit[k] or u - l <= gap_limit[k]: continue",
              "        examined += 1"]
-    if unrolled:
-        body += [f"        {'; '.join(f'd{d} = x{d} - own{d}[k]' for d in range(dim))}",
-                 f"        b = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
-    else:
-        body.append("        b = squared_distance(point, centroids[k])")
+    body.append(f"        {distance_source('b', 'own{d}[k]', dim, None if unrolled else 'centroids[k]')}")
     body += ["        reach = sqrt(b) + slack",
              "        upper[i] = reach - grown[k]",
              "        reach += slack",
              "        if reach < half[k] or reach < l - shrunk[k]: continue",
              "        rechecked += 1",
              "        twice = reach + reach; s = beyond = inf; key = k"]
-    if unrolled:
-        body += [f"        for far, j, {''.join(f'e{d}, ' for d in range(dim))}in neighbours[k]:",
-                 "            if far >= twice: beyond = far; break",
-                 f"            {'; '.join(f'd{d} = x{d} - e{d}' for d in range(dim))}",
-                 f"            d = {' + '.join(f'd{d} * d{d}' for d in range(dim))}"]
-    else:
-        body += ["        for far, j, centroid in neighbours[k]:",
-                 "            if far >= twice: beyond = far; break",
-                 "            d = squared_distance(point, centroid)"]
+    names = "".join(f"e{d}, " for d in range(dim)) if unrolled else "centroid, "
+    body += [f"        for far, j, {names}in neighbours[k]:",
+             "            if far >= twice: beyond = far; break",
+             f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'centroid')}"]
     body += ["            if d < b or d == b and j < key: s = b; b = d; key = j",
              "            elif d < s: s = d",
              "        upper[i] = sqrt(b) + slack - grown[key]",
