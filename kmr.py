@@ -87,6 +87,7 @@ MAX_RESTARTS = 1000
 INITS = ("random", "k-means++", "k-means||")   # --init, besides a file of centroids
 PARALLEL_ROUNDS = 5           # k-means|| rounds (Bahmani et al.: about 5 suffice)
 OVERSAMPLE_DIVISOR = 2        # k-means|| expects K / 2 candidates per round (l = 0.5 K)
+RECLUSTER_WORK = 25_000_000   # distances the master's Lloyd rounds on the k-means|| candidates measure at most
 BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
 IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins its content for a job
 
@@ -530,8 +531,8 @@ def two_product(a, b):
 def sse_of_sums(counts, sums, squares, centroids):
     """The exact SSE of clusters against their centroids from counts, exact sums and the exact sum of
     all squares: sum x^2 less, per cluster and dimension, 2 c sum x - n c^2 (every product split
-    exactly into doubles, or beyond EXACT_PRODUCTS taken as integers in units of 2**-2148); as exact
-    terms, the whole rounded once where integers were needed."""
+    exactly into doubles, or beyond EXACT_PRODUCTS taken as integers in units of 2**-2148); as
+    (exact doubles, integer), unrounded: exact_total rounds the job's whole SSE once."""
     terms, exact = list(squares[0]), squares[1]
     for count, sum_terms, centroid in zip(counts, sums, centroids):
         if not count:
@@ -542,13 +543,33 @@ def sse_of_sums(counts, sums, squares, centroids):
                     terms += two_product(-2.0 * c, term)
                 else:
                     exact -= 2 * fixed(c) * fixed(term)
-            if exact_product(c, c) and all(exact_product(float(count), part) for part in two_product(c, c)):
-                terms += [piece for part in two_product(c, c) for piece in two_product(float(count), part)]
+            parts = [part for part in two_product(c, c) if part] if exact_product(c, c) else None
+            if parts is not None and all(exact_product(float(count), part) for part in parts):
+                terms += [piece for part in parts for piece in two_product(float(count), part)]
             else:
                 exact += count * fixed(c) * fixed(c)
-    if not exact:
-        return exact_terms(terms)
-    return integer_terms(exact + sum(fixed(term) << 1074 for term in terms), 2148)
+    return exact_terms(terms), exact
+
+
+def exact_total(parts):
+    """The correctly rounded sum of exact values, each (doubles, integer in units of 2**-2148) as
+    sse_of_sums gives them: fsum when no integer is there, else one integer, divided once (int / int
+    rounds correctly, subnormal results included)."""
+    parts = list(parts)
+    rest = sum(integer for _, integer in parts)
+    if not rest and not any(integer for _, integer in parts):
+        return math.fsum(term for terms, _ in parts for term in terms)
+    return (rest + sum(fixed(term) << 1074 for terms, _ in parts for term in terms)) / (1 << 2148)
+
+
+def integer_bytes(value):
+    """An integer as little-endian two's complement bytes (b"" for 0): how an exact rest travels."""
+    return value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True) if value else b""
+
+
+def bytes_integer(data):
+    """integer_bytes undone."""
+    return int.from_bytes(data, "little", signed=True)
 
 
 def integer_terms(total, shift):
@@ -681,31 +702,34 @@ def pruned_updater(dim):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
     new one can be nearer only if it lies within twice the point's distance of that candidate
     (triangle inequality), so each point measures only those, nearest first from `near`; of equal
-    distances the lower number wins."""
+    distances the lower number wins. The margin covers rounding, and squares that underflow (as in
+    bound_slack)."""
     unrolled = dim <= MAX_UNROLLED_DIM
     point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
     body = ["def update(columns, near, weights, owners):",
             f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
-            "        twice = TWICE * sqrt(b); o = k",
+            "        twice = TWICE * sqrt(b) + UNDERFLOW; o = k",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
             "            if far >= twice: break"]
     body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
     body += ["            if d < b or d == b and j < k: b = d; k = j",
              "        if k != o: weights[i] = b; owners[i] = k"]
-    namespace = {"count": itertools.count, "sqrt": math.sqrt, "TWICE": 2.0 + 1e-9, "squared_distance": squared_distance}
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "TWICE": 2.0 + 1e-9,
+                 "UNDERFLOW": 8 * math.sqrt(dim) * 2.0 ** -537, "squared_distance": squared_distance}
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
     return namespace["update"]
 
 
 def update_candidates(columns, candidates, seen, weights, owners):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
-    after the first `seen` joined them. The first ones are measured against every
-    point, in blocks the compiled loop takes; later ones only where the triangle inequality lets
-    them compete (a margin of 1e-9 above rounding)."""
+    after the first `seen` joined them. New candidates are measured against every point, in blocks
+    the compiled loop takes, or, once points have a nearest candidate, only where the triangle
+    inequality lets them compete, when the table of distances between old and new candidates that
+    this needs costs no more than a pass."""
     dim = len(columns)
-    if seen == 0:
+    if seen == 0 or seen * (len(candidates) - seen) > len(weights):
         block = max(1, MAX_UNROLLED // dim)
-        for low in range(0, len(candidates), block):
+        for low in range(seen, len(candidates), block):
             part = candidates[low:low + block]
             candidate_updater(len(part), dim)(columns, part, weights, owners, low)
         return
@@ -724,23 +748,28 @@ def oversampled(priorities, weights, mass, oversample):
 
 def recluster(candidates, weights, clusters, rng, rounds=30):
     """K centroids from k-means|| candidates, each weighing the points nearest to it: k-means++ with
-    D^2 x weight, then weighted Lloyd until nothing moves (at most `rounds`). Fewer than K when fewer
-    candidates carry weight."""
+    D^2 x weight, then weighted Lloyd until nothing moves (at most `rounds`, fewer at large K so that
+    they measure at most RECLUSTER_WORK distances). Fewer than K when fewer candidates carry weight.
+    The distances are the compiled loops' (update_candidates), `nearest`'s arithmetic and ties."""
     points = [c for c, w in zip(candidates, weights) if w]
     mass = [float(w) for w in weights if w]
     if len(points) <= clusters:
         return points
+    columns = to_columns(points, len(points[0]))
+    distances, owners = array("d", [math.inf]) * len(points), array("q", bytes(8 * len(points)))
     chosen = [points[weighted_index(mass, rng.random())]]
-    distances = [squared_distance(p, chosen[0]) for p in points]
+    update_candidates(columns, chosen, 0, distances, owners)
     while len(chosen) < clusters:
         weighted = list(map(operator.mul, distances, mass))
         if not any(weighted):
             break
         chosen.append(points[weighted_index(weighted, rng.random())])
-        distances = [min(d, squared_distance(p, chosen[-1])) for d, p in zip(distances, points)]
+        update_candidates(columns, chosen, len(chosen) - 1, distances, owners)
     centroids = chosen
-    for _ in range(rounds):
-        members = indices_by_key([nearest(p, centroids) for p in points], len(centroids))
+    for _ in range(min(rounds, max(1, RECLUSTER_WORK // (len(centroids) * len(points))))):
+        distances, owners = array("d", [math.inf]) * len(points), array("q", bytes(8 * len(points)))
+        update_candidates(columns, centroids, 0, distances, owners)
+        members = indices_by_key(owners, len(centroids))
         moved = [tuple(math.fsum(mass[i] * points[i][d] for i in indices) / math.fsum(mass[i] for i in indices)
                        for d in range(len(points[0]))) if indices else centroid
                  for indices, centroid in zip(members, centroids)]
@@ -906,7 +935,7 @@ class Assignment:
     squares: tuple       # the split's square_terms
     buckets: list        # per cluster its Bucket, for plain partitions (None with the combiner)
     slots: array         # per point: its place in its cluster's bucket (None with the combiner)
-    sse_terms: list      # doubles whose exact sum is the exact SSE against `centroids`
+    sse: tuple           # the exact SSE against `centroids`: (doubles, integer), see sse_of_sums
     examined: int        # points of the last step whose bounds did not prove their cluster (all, at first) ...
     rechecked: int       # ... and of those, points measured against other centroids
 
@@ -1015,7 +1044,7 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
                 slots[index] = slot
     state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
                        squares, buckets, slots, [], examined=size, rechecked=size)
-    state.sse_terms = sse_of_sums(counts, sums, squares, centroids)
+    state.sse = sse_of_sums(counts, sums, squares, centroids)
     return state
 
 
@@ -1051,7 +1080,7 @@ def reassign(state, columns, texts, centroids, magnitudes):
         columns, state.keys, state.upper, state.lower, centroids, neighbours, limits, grown, shrunk, half, slack)
     state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
     apply_moves(state, columns, texts, moves)
-    state.sse_terms = sse_of_sums(state.counts, state.sums, state.squares, centroids)
+    state.sse = sse_of_sums(state.counts, state.sums, state.squares, centroids)
     return len(moves)
 
 
@@ -1792,7 +1821,7 @@ class MapSummary:
     points: int
     moved: int
     partition_points: list   # points in each partition
-    sse_terms: list          # the split's exact SSE against the centroids it was mapped to
+    sse: tuple               # the split's exact SSE against the centroids it was mapped to (see sse_of_sums)
 
 
 class MapperTasks:
@@ -1875,7 +1904,7 @@ class MapperTasks:
         points = len(split.columns[0])
         log.debug("Map task %d: SUCCESS %d points, partitions %s, %d moved (%d examined, %d of them measured "
                   "against other centroids)", task, points, sizes, moved, assignment.examined, assignment.rechecked)
-        return MapSummary(points, moved, sizes, assignment.sse_terms)
+        return MapSummary(points, moved, sizes, assignment.sse)
 
     def output_of(self, job, run, iteration, task):
         """The kept partitions of a map task's attempt in this job, run and iteration (None if not kept)."""
@@ -1908,9 +1937,9 @@ class MapperTasks:
 
     def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample):
         """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
-        D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead;
-        (mass terms, candidate, counts, picks). With `oversample`, a k-means|| round (picks) or its
-        candidates' weights (count_clusters) instead."""
+        D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead. With
+        `oversample`, a k-means|| round (picks) or its candidates' weights (count_clusters) instead.
+        Returns (mass terms, the exact rest of an SSE (see sse_of_sums), candidate, counts, picks)."""
         split = self.load(self.jobs.state(job), task, span, pinned, len(centroids[0]), False)
         if oversample:
             with split.lock:
@@ -1918,15 +1947,16 @@ class MapperTasks:
         if count_clusters:
             with split.lock:
                 split.assign(centroids)
-                return split.assignment.sse_terms, [], split.assignment.counts, []
-        known = split.weights if split.weights_for == (run, len(centroids) - 1, "k-means++") else None
-        weights = nearest_distances(split.columns, centroids, known)
-        split.weights, split.weights_for = weights, (run, len(centroids), "k-means++")
+                return *split.assignment.sse, [], split.assignment.counts, []
+        with split.lock:   # a backup copy of this task may weigh the same split
+            known = split.weights if split.weights_for == (run, len(centroids) - 1, "k-means++") else None
+            weights = nearest_distances(split.columns, centroids, known)
+            split.weights, split.weights_for = weights, (run, len(centroids), "k-means++")
         mass = exact_terms(weights)
         if not mass:
-            return mass, [], [], []
+            return mass, 0, [], [], []
         index = weighted_index(weights, random.Random(draw_seed).random())
-        return mass, [column[index] for column in split.columns], [], []
+        return mass, 0, [column[index] for column in split.columns], [], []
 
     @staticmethod
     def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
@@ -1943,10 +1973,10 @@ class MapperTasks:
         mass = exact_terms(split.weights)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
-            return mass, [], [nearest_to[number] for number in range(len(candidates))], []
+            return mass, 0, [], [nearest_to[number] for number in range(len(candidates))], []
         priorities = point_priorities(draw_seed, start, start + len(split.weights))
         picked = oversampled(priorities, split.weights, math.fsum(mass), oversample)
-        return mass, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),
+        return mass, 0, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),
                                split.weights[i]) for i in picked]
 
 
@@ -2206,7 +2236,7 @@ class MapperServicer:
                                   request.combine, unflatten(request.centroids), previous, context.is_active)
         self.faults.crash_point("after-map", iteration, context)
         reply = pb.MapReply(points=done.points, moved=done.moved, partition_points=done.partition_points,
-                            sse_terms=done.sse_terms)
+                            sse_terms=done.sse[0], sse_rest=integer_bytes(done.sse[1]))
         return pb.MapResponse(status=success(), reply=reply)
 
     @task_rpc("SampleResponse")
@@ -2236,10 +2266,10 @@ class MapperServicer:
         require_centroids(context, request.centroids, "centroids")
         self.faults.refuse(f"Weigh task {request.task}")
         require(context, request.oversample <= MAX_CLUSTERS, f"oversample is at most {MAX_CLUSTERS}")
-        mass, candidate, counts, picks = self.core.weigh_task(request.job, request.run, request.task, span, pinned,
-                                                              unflatten(request.centroids), request.draw_seed,
-                                                              request.count_clusters, request.oversample)
-        reply = pb.WeighReply(mass_terms=mass, candidate=candidate, counts=counts,
+        mass, rest, candidate, counts, picks = self.core.weigh_task(
+            request.job, request.run, request.task, span, pinned, unflatten(request.centroids), request.draw_seed,
+            request.count_clusters, request.oversample)
+        reply = pb.WeighReply(mass_terms=mass, mass_rest=integer_bytes(rest), candidate=candidate, counts=counts,
                               picked=draw_message([pick[:3] for pick in picks], request.centroids.dim),
                               picked_weights=[pick[3] for pick in picks])
         return pb.WeighResponse(status=success(), reply=reply)
@@ -4107,7 +4137,7 @@ class Master:
         means, sizes = account_for_points(iteration, self.plan, len(centroids), self.options.reducers, replies,
                                           results)
         moved = sum(reply.moved for reply in replies.values())
-        sse = math.fsum(term for reply in replies.values() for term in reply.sse_terms)
+        sse = exact_total((reply.sse_terms, bytes_integer(reply.sse_rest)) for reply in replies.values())
         phases = {"map": mapped - started, "reduce": reduced - mapped, "compile": time.perf_counter() - reduced}
         return next_centroids(centroids, means), moved, sse, sizes, phases
 
@@ -4184,7 +4214,7 @@ class Master:
         with self.recorder.span(FINAL_PASS):
             replies = self.weigh(progress.centroids, rng, count_clusters=True).values()
         sizes = [sum(counts) for counts in zip(*(reply.counts for reply in replies))]
-        return math.fsum(t for reply in replies for t in reply.mass_terms), sizes
+        return exact_total((reply.mass_terms, bytes_integer(reply.mass_rest)) for reply in replies), sizes
 
     def write_centroids(self, centroids):
         """centroids.txt: the last complete iteration while running, the best run's at the end."""
@@ -5290,9 +5320,10 @@ def parse_args(argv=None):
     master.add_argument("-n", type=int, default=20, help="iterations at most (default 20)")
     master.add_argument("--input", default="points.txt", help="points, one 'x,y,...' per line")
     master.add_argument("--seed", type=int, help="seed of the initial draw (default: random, logged)")
-    master.add_argument("--init", default="random", metavar="random|k-means++|k-means|||FILE",
+    master.add_argument("--init", default="random", metavar="random|k-means++|'k-means||'|FILE",
                         help="initial centroids: K distinct input points at random (default), "
-                             "k-means++ (distributed, K - 1 passes), k-means|| (5 passes), or a file of K centroids")
+                             "k-means++ (distributed, K - 1 passes), 'k-means||' (quoted for the shell; 6 passes), "
+                             "or a file of K centroids")
     master.add_argument("--restarts", type=int, default=1,
                         help="complete runs from different seeds; the lowest final SSE wins (default 1)")
     master.add_argument("--plot", metavar="FILE.svg", help="draw the clusters and centroid paths as SVG")

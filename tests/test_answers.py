@@ -158,13 +158,15 @@ def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, se
     """The pruned update (triangle inequality) leaves every point its D^2 to the nearest candidate and
     that candidate's number, lowest of equals, as measuring all of them would."""
     rng = random.Random(seed)
-    points = [tuple(float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim)) for _ in range(60)]
+    scale = rng.choice([1.0, 2.0 ** -537, 1e-160, 1e140])   # tiny ones: squares that underflow
+    points = [tuple(scale * float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim))
+              for _ in range(60)]
     columns = kmr.to_columns(points, dim)
     weights, owners = array("d", [math.inf]) * len(points), array("q", [0]) * len(points)
     candidates = []
     for count in rounds:
         seen = len(candidates)
-        candidates += [rng.choice(points) if rng.random() < 0.5 else tuple(rng.gauss(0, 5) for _ in range(dim))
+        candidates += [rng.choice(points) if rng.random() < 0.5 else tuple(scale * rng.gauss(0, 5) for _ in range(dim))
                        for _ in range(count)]
         kmr.update_candidates(columns, candidates, seen, weights, owners)
         for point, weight, owner in zip(points, weights, owners):
