@@ -1256,7 +1256,7 @@ def line_blocks(lines):
 
 def parse_flat(block, first_line, name, dim):
     """The points of a block of lines: (their coordinates in one list, point after point, D, the
-    non-blank lines), validated.
+    non-blank lines, the largest |coordinate|), validated.
 
     Fast path, at C speed: the lines joined by commas and split once, where D fields a line means
     D x lines fields with every D-th one ending its line (only a line's last field holds its newline),
@@ -1267,7 +1267,7 @@ def parse_flat(block, first_line, name, dim):
     """
     lines = [line for line in block if not line.isspace()] if any(map(str.isspace, block)) else block
     if not lines:
-        return None, dim, lines
+        return None, dim, lines, 0.0
     if dim is None:
         dim = lines[0].count(",") + 1
     try:
@@ -1277,23 +1277,25 @@ def parse_flat(block, first_line, name, dim):
                 not all(map(str.endswith, fields[dim - 1:-1:dim], itertools.repeat("\n"))):
             raise ValueError
         values = list(map(float, fields))
-        if "n" in text or "N" in text or max(values) > MAX_COORDINATE or min(values) < -MAX_COORDINATE:
+        highest, lowest = max(values), min(values)
+        if "n" in text or "N" in text or highest > MAX_COORDINATE or lowest < -MAX_COORDINATE:
             raise ValueError
     except ValueError:
         for _ in parse_points(block, name, first_line, dim):
             pass
         raise InputError(f"{name}:{first_line}: unreadable block") from None   # parse_points raised first
-    return values, dim, lines
+    return values, dim, lines, abs(max(highest, -lowest))
 
 
-def magnitudes_of(values):
-    """(smallest nonzero, largest) |x| of some finite numbers, as coordinate_range gives them."""
+def magnitudes_of(values, largest=None):
+    """(smallest nonzero, largest) |x| of some finite numbers, as coordinate_range gives them (the
+    largest given, if known)."""
     if not values:
         return math.inf, 0.0
     smallest = min(map(abs, values))
     if smallest == 0.0:
         smallest = min(map(abs, filter(None, values)), default=math.inf)
-    return smallest, abs(max(max(values), -min(values)))
+    return smallest, abs(max(max(values), -min(values))) if largest is None else largest
 
 
 def count_points(path):
@@ -1331,14 +1333,15 @@ def read_split(path, start, end, dim, keep_text, pinned):
             in_block = len(block) - sum(map(str.isspace, block))
             if in_block and index + in_block > start:
                 try:
-                    values, _, kept = parse_flat(block, first_line, path, dim)
+                    values, _, kept, largest = parse_flat(block, first_line, path, dim)
                 except InputError:   # a bad line, or the file rewritten while we read it
                     check_unchanged(path, pinned, identity_of(lines.fileno()))
                     check_unchanged(path, pinned)
                     raise
                 low, high = max(0, start - index), min(in_block, end - index)
-                mine = values[low * dim:high * dim] if (low, high) != (0, in_block) else values
-                least, most = magnitudes_of(mine)
+                whole = (low, high) == (0, in_block)
+                mine = values if whole else values[low * dim:high * dim]
+                least, most = magnitudes_of(mine, largest if whole else None)
                 smallest, largest = min(smallest, least), max(largest, most)
                 flat = array("d", mine)   # strided slices of an array are copied at C speed
                 for d, column in enumerate(columns):

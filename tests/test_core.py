@@ -249,8 +249,8 @@ def test_the_fast_path_lets_no_nan_infinity_or_huge_value_through(text):
 
 
 def test_fast_block_parser_reads_points_after_points():
-    values, dim, lines = kmr.parse_flat(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
-    assert (values, dim, len(lines)) == ([1.0, 2.0, -300.0, 4.5], 2, 2)
+    values, dim, lines, largest = kmr.parse_flat(["1, 2 \r\n", "\n", "-3e2,4.5"], 1, "f", None)
+    assert (values, dim, len(lines), largest) == ([1.0, 2.0, -300.0, 4.5], 2, 2, 300.0)
 
 
 # -- the sequential reference on published cases --------------------------------------------------
