@@ -1333,7 +1333,7 @@ def read_split(path, start, end, dim, keep_text, pinned):
             in_block = len(block) - sum(map(str.isspace, block))
             if in_block and index + in_block > start:
                 try:
-                    values, _, kept, largest = parse_flat(block, first_line, path, dim)
+                    values, _, kept, block_largest = parse_flat(block, first_line, path, dim)
                 except InputError:   # a bad line, or the file rewritten while we read it
                     check_unchanged(path, pinned, identity_of(lines.fileno()))
                     check_unchanged(path, pinned)
@@ -1341,7 +1341,7 @@ def read_split(path, start, end, dim, keep_text, pinned):
                 low, high = max(0, start - index), min(in_block, end - index)
                 whole = (low, high) == (0, in_block)
                 mine = values if whole else values[low * dim:high * dim]
-                least, most = magnitudes_of(mine, largest if whole else None)
+                least, most = magnitudes_of(mine, block_largest if whole else None)
                 smallest, largest = min(smallest, least), max(largest, most)
                 flat = array("d", mine)   # strided slices of an array are copied at C speed
                 for d, column in enumerate(columns):
