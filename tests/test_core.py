@@ -229,13 +229,19 @@ def test_fast_block_parser_falls_back_to_naming_the_line(text, message):
 
 @given(st.integers(1, 3).flatmap(lambda dim: st.tuples(st.just(dim), st.lists(st.lists(
     st.sampled_from([0.0, -0.0, 5e-324, -1e-300, 1e150, -1e150, 2.5]) | st.floats(-1e150, 1e150),
-    min_size=dim, max_size=dim), min_size=1, max_size=60))), st.integers(0, 60), st.integers(0, 60))
-def test_a_split_read_fast_has_the_points_and_magnitudes_of_its_lines(tmp_path_factory, case, low, high):
+    min_size=dim, max_size=dim), min_size=1, max_size=60))), st.integers(0, 60), st.integers(0, 60),
+       st.sampled_from([1, 40, 1 << 20]))
+def test_a_split_read_fast_has_the_points_and_magnitudes_of_its_lines(tmp_path_factory, case, low, high, block):
+    """Any split of any file, read in blocks of any size (a line at a time, a few, all of them)."""
     dim, points = case
     low, high = sorted((min(low, len(points)), min(high, len(points))))
     path = tmp_path_factory.mktemp("split") / "points.txt"
     path.write_text("".join(",".join(map(repr, point)) + "\n" for point in points))
-    columns, _, magnitudes = kmr.read_split(str(path), low, high, dim, False, kmr.input_identity(str(path)))
+    block_bytes, kmr.BLOCK_BYTES = kmr.BLOCK_BYTES, block
+    try:
+        columns, _, magnitudes = kmr.read_split(str(path), low, high, dim, False, kmr.input_identity(str(path)))
+    finally:
+        kmr.BLOCK_BYTES = block_bytes
     mine = points[low:high]
     assert [list(column) for column in columns] == [list(column) for column in zip(*mine)] or not mine
     assert magnitudes == kmr.coordinate_range([[p[d] for p in mine] for d in range(dim)])
