@@ -3934,7 +3934,7 @@ def kmeans_plus_plus(first, clusters, weigh, rng):
 
 
 def kmeans_parallel(first, clusters, weigh, rng):
-    """k-means|| (Bahmani et al., VLDB 2012) in PARALLEL_ROUNDS Weigh passes instead of K - 1: each
+    """k-means|| (Bahmani et al., VLDB 2012) in PARALLEL_ROUNDS + 1 Weigh passes instead of K - 1: each
     round every mapper brings its points' D^2 up to date with the new candidates and picks each point
     with probability min(1, l D^2 / mass), by a priority of the point's index, so any M picks the same
     (`weigh(candidates, round seed, l, count)` -> {task: WeighReply}). A last pass weighs every
