@@ -556,10 +556,9 @@ def exact_total(parts):
     sse_of_sums gives them: fsum when no integer is there, else one integer, divided once (int / int
     rounds correctly, subnormal results included)."""
     parts = list(parts)
-    rest = sum(integer for _, integer in parts)
-    if not rest and not any(integer for _, integer in parts):
+    if not any(integer for _, integer in parts):
         return math.fsum(term for terms, _ in parts for term in terms)
-    return (rest + sum(fixed(term) << 1074 for terms, _ in parts for term in terms)) / (1 << 2148)
+    return sum(integer + sum(fixed(term) << 1074 for term in terms) for terms, integer in parts) / (1 << 2148)
 
 
 def integer_bytes(value):
@@ -643,20 +642,6 @@ def merge_draws(draws, count, distinct=True):
         if key not in best or (priority, index) < best[key][:2]:
             best[key] = (priority, index, point)
     return sorted(best.values())[:count]
-
-
-def nearest_distances(columns, centroids, previous=None):
-    """Each point's squared distance to the nearest of `centroids` (k-means++ weights, D^2).
-
-    `previous` holds the distances to all but the last centroid, so a round costs one pass.
-    """
-    start = 0 if previous is None else len(centroids) - 1
-    weights = previous
-    for centroid in centroids[start:]:
-        distances = [squared_distance(point, centroid) for point in zip(*columns)] if len(columns) != 2 \
-            else [(dx := x - centroid[0]) * dx + (dy := y - centroid[1]) * dy for x, y in zip(*columns)]
-        weights = distances if weights is None else list(map(min, weights, distances))
-    return weights
 
 
 def weighted_index(weights, fraction):
@@ -1123,9 +1108,9 @@ class Split:
     texts: list = None      # each point's text, for the plain partition files
     magnitudes: tuple = None   # smallest nonzero and largest |coordinate|: the scale of rounding errors
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
-    weights: list = None    # D^2 of the last Weigh, so the next k-means++ or k-means|| round is one pass
-    weights_for: tuple = ()  # (run, how many centroids they were weighed against, the init)
-    owners: array = None    # k-means||: each point's nearest candidate
+    weights: array = None   # D^2 to the nearest of the centroids weighed so far (k-means++ or k-means||) ...
+    owners: array = None    # ... the number of that centroid ...
+    weights_for: tuple = ()  # ... and (run, how many centroids, the init): the next round measures only new ones
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
     def nbytes(self):
@@ -1136,7 +1121,7 @@ class Split:
         if state is not None:
             size += points * (state.keys.itemsize + 16) + (points * (8 * dim + 24) if state.buckets else 0)
         if self.weights is not None:
-            size += 32 * len(self.weights)   # floats kept between rounds (k-means||: and owners), 32 B at most
+            size += 16 * len(self.weights)   # D^2 and owner, kept between seeding rounds
         return size
 
     @functools.cached_property
@@ -1148,6 +1133,17 @@ class Split:
     def squares(self):
         """The split's square_terms, once."""
         return square_terms(self.columns, self.magnitudes)
+
+    def weigh(self, run, centroids, init):
+        """Bring weights and owners up to date with `centroids` of this run and init (measuring only the
+        ones added since the last round, or all after another run, init or an out-of-order round).
+        Call with `lock` held."""
+        run_before, seen, init_before = self.weights_for or (None, 0, None)
+        if (run_before, init_before) != (run, init) or seen > len(centroids):
+            seen, size = 0, len(self.columns[0])
+            self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
+        update_candidates(self.columns, centroids, seen, self.weights, self.owners)
+        self.weights_for = (run, len(centroids), init)
 
     def assign(self, centroids, previous=None, keep_buckets=False):
         """Bring the kept assignment to `centroids` (through `previous` first, if given, so that the
@@ -1952,9 +1948,8 @@ class MapperTasks:
                 split.assign(centroids)
                 return *split.assignment.sse, [], split.assignment.counts, []
         with split.lock:   # a backup copy of this task may weigh the same split
-            known = split.weights if split.weights_for == (run, len(centroids) - 1, "k-means++") else None
-            weights = nearest_distances(split.columns, centroids, known)
-            split.weights, split.weights_for = weights, (run, len(centroids), "k-means++")
+            split.weigh(run, centroids, "k-means++")
+            weights = split.weights
         mass = exact_terms(weights)
         if not mass:
             return mass, 0, [], [], []
@@ -1967,12 +1962,7 @@ class MapperTasks:
         then its mass and the points whose priority x that mass < l x D^2 as (priority, index, point,
         D^2): the round's picks are among them, as the whole mass is at least the split's. Or, with
         count_clusters, the points nearest to each candidate. Call with the split's lock held."""
-        run_before, seen, init = split.weights_for or (None, 0, None)
-        if (run_before, init) != (run, "k-means||") or seen > len(candidates):
-            seen, size = 0, len(split.columns[0])
-            split.weights, split.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
-        update_candidates(split.columns, candidates, seen, split.weights, split.owners)
-        split.weights_for = (run, len(candidates), "k-means||")
+        split.weigh(run, candidates, "k-means||")
         mass = exact_terms(split.weights)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)

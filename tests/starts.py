@@ -187,21 +187,21 @@ def crosscheck(per, data=DATA):
                     repr(a) == repr(b) for c1, c2 in zip(ref, mine) for a, b in zip(c1, c2))
                 agree += same
                 iters_agree += (my_it == ref_it)
-            # the D^2 draw itself: same random stream through kmr.nearest_distances + weighted_index
+            # the D^2 draw itself: same random stream through kmr's Split.weigh + weighted_index
             if method == "kpp":
                 columns = kmr.to_columns(points, len(points[0]))
                 for seed in range(per):
                     rng = random.Random(seed)
                     theirs = [points[rng.randrange(len(points))]]
-                    weights = None
+                    split = kmr.Split(columns)
                     while len(theirs) < KS[case]:
-                        weights = kmr.nearest_distances(columns, theirs, weights)
-                        theirs.append(points[kmr.weighted_index(weights, rng.random())])
+                        split.weigh(seed, theirs, "k-means++")
+                        theirs.append(points[kmr.weighted_index(split.weights, rng.random())])
                     kpp_total += 1
                     kpp_agree += theirs == start_kpp(points, KS[case], random.Random(seed))
     return f"{agree}/{total} starts: identical final centroids (bitwise, incl. repr); " \
            f"{iters_agree}/{total} same iteration count; k-means++ draw: {kpp_agree}/{kpp_total} " \
-           f"starts identical to kmr.nearest_distances+weighted_index on the same random stream"
+           f"starts identical to kmr's Split.weigh+weighted_index on the same random stream"
 
 
 def main():

@@ -108,13 +108,17 @@ def test_weighted_index_follows_the_running_sum_and_skips_zero_weights():
     assert [kmr.weighted_index(weights, f) for f in (0.0, 0.2, 0.25, 0.9, 0.999999)] == [1, 1, 3, 3, 3]
 
 
-def test_nearest_distances_one_round_at_a_time_equals_all_at_once():
+def test_squared_distances_one_round_at_a_time_equal_all_at_once():
+    """What k-means++ weighs by: each point's D^2 to the nearest chosen centroid, brought up to date one
+    centroid a round, equals measuring them all at once."""
     points = read_points(DATA / "case3_points.txt")
     columns = kmr.to_columns(points, 2)
     centroids = points[:3]
-    step = kmr.nearest_distances(columns, centroids[:2])
-    assert kmr.nearest_distances(columns, centroids, step) == kmr.nearest_distances(columns, centroids) == \
-        [min(kmr.squared_distance(p, c) for c in centroids) for p in points]
+    split = kmr.Split(columns)
+    for chosen in range(1, 4):
+        split.weigh(1, centroids[:chosen], "k-means++")
+    assert list(split.weights) == [min(kmr.squared_distance(p, c) for c in centroids) for p in points]
+    assert list(split.owners) == [kmr.nearest(p, centroids) for p in points]
 
 
 def test_restarts_with_an_init_file_is_a_usage_error(tmp_path):
