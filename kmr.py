@@ -94,6 +94,8 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
 MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
+ROUNDOFF = 2.0 ** -53            # the largest relative error of one rounded operation on doubles
+FAR_MOVE = 64.0                  # a centroid moving more than this times another's nearest-neighbour distance is far
 TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares are summed as short integers
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
@@ -688,7 +690,7 @@ def pruned_updater(dim):
     new one can be nearer only if it lies within twice the point's distance of that candidate
     (triangle inequality), so each point measures only those, nearest first from `near`; of equal
     distances the lower number wins. The margin covers rounding, and squares that underflow (as in
-    bound_slack)."""
+    bound_factors)."""
     unrolled = dim <= MAX_UNROLLED_DIM
     point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
     body = ["def update(columns, near, weights, owners):",
@@ -781,10 +783,16 @@ def topped_up(centroids, sample, clusters):
 # shrinks by how far any other one moved. A point can change cluster only if its upper bound exceeds
 # both its lower bound and half the distance from its centroid to the nearest other one; only such
 # points are examined again, with exactly `nearest`'s arithmetic, and only against the centroids near
-# enough to their own to compete (Elkan's test on the distances between centroids). Every bound carries
-# a slack larger than all the rounding in it, so a point is skipped only when its centroid is strictly
-# nearest in the computed squared distances too: the keys are always `nearest`'s, ties included. The
-# whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
+# enough to their own to compete (Elkan's test on the distances between centroids). A computed distance
+# is within a relative error (and, where squares underflow, a tiny absolute one) of the true distance,
+# whatever its scale; every bound is widened by those, and every per-cluster limit lies below its exact
+# value by more than its rounding, so a point is skipped only when its centroid is strictly nearest in
+# the computed squared distances too: the keys are always `nearest`'s, ties included. Being relative, the
+# margins do not grow with the largest coordinate: a 1e150 point costs its own split nothing. A centroid
+# that makes a move far larger than the distances between the others (a cluster taking an outlier) is
+# marked far for good: its moves stay out of the other clusters' lower bounds, which one such move would
+# wipe out, and a point is skipped past it only if its own centroid is nearer than half the way to it.
+# The whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
 # comparisons.
 #
 # Plain partitions (no combiner) send every point, so each cluster's points are kept in a Bucket that
@@ -836,18 +844,40 @@ def two_nearest(columns, centroids):
     return keys, best, second
 
 
+@functools.lru_cache(maxsize=None)
+def bound_factors(dim):
+    """What every bound is made with. A distance computed with `nearest`'s arithmetic (D squares summed
+    left to right, then the root) is within rho x the true one + tau of it, and the true one within as
+    much of it: rho = (2D + 16) x ROUNDOFF (twice Higham's bound), tau = 2 sqrt(D) 2**-537 for squares
+    that underflow. Each factor holds a further rho (and tau) for the rounding of the expression that
+    applies it: `swell`, `tiny` make an upper bound on (1 + rho) x a true distance + tau from a computed
+    one; `shrink` a lower bound; `half` half a lower bound on a distance between centroids, less tau;
+    `twice` the reach within which a centroid can compete; `shade` rounds a stored lower bound down."""
+    rho, tau = (2 * dim + 16) * ROUNDOFF, 2 * math.sqrt(dim) * 2.0 ** -537
+    return {"SWELL": 1 + 3 * rho, "SHRINK": 1 - 3 * rho, "TINY": 3 * tau, "HALF": 0.5 - 1.5 * rho,
+            "TWICE": 2 + 6 * rho, "SHADE": 1 - 4 * ROUNDOFF}
+
+
+def below(value, scale):
+    """A float strictly below `value` by more than the rounding of an operation on numbers up to `scale`
+    that gave it: per-cluster limits err only on the side of measuring a point."""
+    if value == math.inf:
+        return value
+    return math.nextafter(value - 8 * ROUNDOFF * scale, -math.inf)
+
+
 @functools.lru_cache(maxsize=64)
-def bounded_reassigner(clusters, dim, unrolled):
+def bounded_reassigner(clusters, dim, unrolled, far):
     """A compiled loop moving a split's points to new centroids with Hamerly's test: a point whose
-    bounds prove its centroid still nearest is skipped; otherwise its own distance tightens the upper
-    bound, and if it is still in doubt it is measured against the centroids that can compete. Those
-    are the ones nearer its centroid than twice its distance (triangle inequality: the others are
-    farther than its own), taken nearest first from `neighbours`. Distances use `nearest`'s arithmetic
-    and a tie goes to the lowest index, so the key is `nearest`'s. Updates keys and bounds in place;
-    returns (moves, examined, rechecked)."""
+    bounds prove its centroid still nearest (and, with `far` centroids, nearer than half the way to
+    them) is skipped; otherwise its own distance tightens the upper bound, and if it is still in doubt
+    it is measured against the centroids that can compete. Those are the ones nearer its centroid than
+    twice its distance (triangle inequality: the others are farther than its own), taken nearest first
+    from `neighbours`. Distances use `nearest`'s arithmetic and a tie goes to the lowest index, so the
+    key is `nearest`'s. Updates keys and bounds in place; returns (moves, examined, rechecked)."""
     body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half,"
-            " slack):",
-            "    upper_limit, gap_limit = limits",
+            " far_half):",
+            "    upper_limit, gap_limit, far_limit = limits",
             "    moves = []; add_move = moves.append; examined = rechecked = 0"]
     if unrolled:
         xs = "".join(f"x{d}, " for d in range(dim))
@@ -855,27 +885,31 @@ def bounded_reassigner(clusters, dim, unrolled):
                  f"    for i, {xs}k, u, l in zip(count(), *columns, keys, upper, lower):"]
     else:
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
-    body += ["        if u <= upper_limit[k] or u - l <= gap_limit[k]: continue",
+    body += [f"        if u <= upper_limit[k] or u - l <= gap_limit[k]{' and u <= far_limit[k]' if far else ''}:"
+             " continue",
              "        examined += 1"]
     body.append(f"        {distance_source('b', 'own{d}[k]', dim, None if unrolled else 'centroids[k]')}")
-    body += ["        reach = sqrt(b) + slack",
+    body += ["        reach = sqrt(b) * SWELL + TINY",
              "        upper[i] = reach - grown[k]",
-             "        reach += slack",
-             "        if reach < half[k] or reach < l - shrunk[k]: continue",
+             f"        if reach < half[k] or reach < l - shrunk[k]{' and reach < far_half[k]' if far else ''}:"
+             " continue",
              "        rechecked += 1",
-             "        twice = reach + reach; s = beyond = inf; key = k"]
+             "        twice = (reach + TINY) * TWICE; s = beyond = inf; key = k"]
     names = "".join(f"e{d}, " for d in range(dim)) if unrolled else "centroid, "
-    body += [f"        for far, j, {names}in neighbours[k]:",
-             "            if far >= twice: beyond = far; break",
+    body += [f"        for distance, j, {names}in neighbours[k]:",
+             "            if distance >= twice: beyond = distance; break",
              f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'centroid')}"]
     body += ["            if d < b or d == b and j < key: s = b; b = d; key = j",
              "            elif d < s: s = d",
-             "        upper[i] = sqrt(b) + slack - grown[key]",
-             "        s = sqrt(s); beyond -= reach   # beyond: every centroid not measured is farther than that",
-             "        lower[i] = (s if s < beyond else beyond) - slack + shrunk[key]",
-             "        if key != k: keys[i] = key; add_move((i, k, key))",
+             "        if key != k:",
+             "            upper[i] = sqrt(b) * SWELL + TINY - grown[key]; keys[i] = key; add_move((i, k, key))",
+             "        low = sqrt(s) * SHRINK - TINY",
+             "        past = beyond * SHRINK - reach - TINY   # below the distance to any centroid not measured",
+             "        if past < low: low = past",
+             "        lower[i] = (low + shrunk[key]) * SHADE if low > 0.0 else -inf",
              "    return moves, examined, rechecked"]
-    namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance}
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance,
+                 **bound_factors(dim)}
     exec(compile("\n".join(body), f"<bounded reassign K={clusters} D={dim}>", "exec"), namespace)
     return namespace["reassign_points"]
 
@@ -910,11 +944,11 @@ class Assignment:
 
     centroids: list
     keys: array          # each point's cluster (the smallest integer type that holds K-1)
-    upper: array         # per point: an upper bound on the distance to its centroid, minus `grown` of it
-    lower: array         # per point: a lower bound on the distance to any other centroid, plus `shrunk` of it
-    grown: list          # per cluster: how far (at most) its centroid moved in all steps so far
-    shrunk: list         # per cluster: how far (at most) any other centroid moved, summed over steps
-    steps: int           # steps since the bounds were set (the slack grows with them)
+    upper: array         # per point: at least (1 + rho) x its distance to its centroid + tau, less `grown` of it
+    lower: array         # per point: at most (1 - rho) x its distance to any other one - tau, plus `shrunk` of it
+    grown: list          # per cluster: at least (1 + rho) x how far its centroid moved in all steps so far
+    shrunk: list         # per cluster: at least that for the farthest move of any other centroid not far, summed
+    far: list            # per cluster: whether its centroid is far (for good), see far_centroids
     counts: list         # points per cluster
     sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
     squares: tuple       # the split's square_terms
@@ -980,18 +1014,15 @@ def is_tame(magnitudes):
     return largest <= TAME_RANGE[1] and (largest == 0.0 or smallest >= TAME_RANGE[0])
 
 
-def bound_slack(dim, centroids, magnitudes, state=None):
-    """An absolute margin above every rounding error in the bounds: each of the few operations per
-    step errs by at most one ulp of a magnitude no larger than every distance plus the drift so far,
-    and a distance's root also by sqrt(D) * 2**-537 at most where tiny products underflow."""
-    largest = max(magnitudes[1], *(abs(x) for c in centroids for x in c))
-    scale = 2.0 * math.sqrt(dim) * largest
-    steps = 0
-    if state is not None:
-        largest = max(largest, *(abs(x) for c in state.centroids for x in c))
-        scale = 2.0 * math.sqrt(dim) * largest + max(state.grown) + max(state.shrunk)
-        steps = state.steps + 1
-    return 16.0 * (dim + 16 + steps) * (sys.float_info.epsilon * scale + math.sqrt(dim) * 2.0 ** -537)
+def far_centroids(far, shifts, neighbours):
+    """Which centroids are far from now on: those that were, and any that moved more than FAR_MOVE
+    times the largest distance from another centroid (not far) to its nearest neighbour, such as one
+    taking an outlier. A far centroid's moves stay out of the other clusters' lower bounds; a point is
+    skipped past it only if nearer its own centroid than half the way to it."""
+    gaps = [row[0][0] if row and not is_far else 0.0 for row, is_far in zip(neighbours, far)]
+    widest, second = (heapq.nlargest(2, gaps) + [0.0])[:2]
+    return [is_far or shift > FAR_MOVE * (second if gap == widest else widest) > 0.0
+            for shift, is_far, gap in zip(shifts, far, gaps)]
 
 
 def key_array(clusters, size):
@@ -1000,11 +1031,12 @@ def key_array(clusters, size):
     return array(typecode, bytes(array(typecode).itemsize * size))
 
 
-def new_assignment(columns, centroids, texts, magnitudes, squares):
+def new_assignment(columns, centroids, texts, squares):
     """Every point of a split examined against the centroids: a fresh Assignment (with buckets of
     the points and their `texts` for plain partitions, unless texts is None)."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
-    slack = bound_slack(dim, centroids, magnitudes)
+    factors = bound_factors(dim)
+    swell, shrink, tiny = factors["SWELL"], factors["SHRINK"], itertools.repeat(factors["TINY"])
     keys = key_array(clusters, size)
     upper, lower = array("d", bytes(8 * size)), array("d", bytes(8 * size))
     counts, members = [0] * clusters, [[] for _ in centroids]
@@ -1013,8 +1045,8 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
         high = min(size, low + ASSIGN_CHUNK)
         part_keys, best, second = two_nearest([column[low:high] for column in columns], centroids)
         keys[low:high] = array(keys.typecode, part_keys)
-        upper[low:high] = array("d", map(operator.add, map(math.sqrt, best), itertools.repeat(slack)))
-        lower[low:high] = array("d", map(operator.sub, map(math.sqrt, second), itertools.repeat(slack)))
+        upper[low:high] = array("d", map(operator.add, map(swell.__mul__, map(math.sqrt, best)), tiny))
+        lower[low:high] = array("d", map(operator.sub, map(shrink.__mul__, map(math.sqrt, second)), tiny))
         for key, indices in enumerate(indices_by_key(part_keys, clusters, low)):
             if indices:
                 counts[key] += len(indices)
@@ -1027,8 +1059,8 @@ def new_assignment(columns, centroids, texts, magnitudes, squares):
         for bucket in buckets:
             for slot, index in enumerate(bucket.indices):
                 slots[index] = slot
-    state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, 0, counts, sums,
-                       squares, buckets, slots, [], examined=size, rechecked=size)
+    state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, [False] * clusters,
+                       counts, sums, squares, buckets, slots, [], examined=size, rechecked=size)
     state.sse = sse_of_sums(counts, sums, squares, centroids)
     return state
 
@@ -1041,29 +1073,38 @@ def add_points(sums, columns, came, went):
                                                       map(operator.neg, gather(column, went))))
 
 
-def reassign(state, columns, texts, centroids, magnitudes):
+def reassign(state, columns, texts, centroids):
     """Move an Assignment to new centroids, examining only points that may have changed cluster;
     returns how many changed. Counts, exact sums, buckets and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
-    slack = bound_slack(dim, centroids, magnitudes, state)
-    shifts = [math.sqrt(squared_distance(a, b)) + slack for a, b in zip(state.centroids, centroids)]
-    if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
-        second_largest, largest = sorted(shifts)[-2:]
-        farthest_other = [second_largest if shift == largest else largest for shift in shifts]
-    else:
-        farthest_other = [0.0]
-    grown = [g + shift for g, shift in zip(state.grown, shifts)]
-    shrunk = [s + other for s, other in zip(state.shrunk, farthest_other)]
+    factors = bound_factors(dim)
+    swell, tiny, bump = factors["SWELL"], factors["TINY"], 1 + 4 * ROUNDOFF   # bump: sums rounded up
+    shifts = [math.sqrt(squared_distance(a, b)) * swell + tiny for a, b in zip(state.centroids, centroids)]
     unrolled = clusters * dim <= MAX_UNROLLED
-    # per centroid, the others nearest first: (distance, index, coordinates); the slack is in `reach`
+    # per centroid, the others nearest first: (distance, index, coordinates)
     neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *(other if unrolled else [other]))
                          for j, other in enumerate(centroids) if j != k) for k, c in enumerate(centroids)]
-    half = [row[0][0] / 2 - slack if row else math.inf for row in neighbours]
-    # a point may have moved if upper + grown > half and upper + grown > lower - shrunk
-    limits = ([h - g - 2 * slack for h, g in zip(half, grown)], [-(g + s) - 2 * slack for g, s in zip(grown, shrunk)])
-    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, unrolled)(
-        columns, state.keys, state.upper, state.lower, centroids, neighbours, limits, grown, shrunk, half, slack)
-    state.centroids, state.grown, state.shrunk, state.steps = list(centroids), grown, shrunk, state.steps + 1
+    far = far_centroids(state.far, shifts, neighbours)
+    near_shifts = [0.0 if is_far else shift for shift, is_far in zip(shifts, far)]
+    if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
+        second_largest, largest = sorted(near_shifts)[-2:]
+        farthest_other = [second_largest if shift == largest else largest for shift in near_shifts]
+    else:
+        farthest_other = [0.0]
+    grown = [(g + shift) * bump for g, shift in zip(state.grown, shifts)]
+    shrunk = [(s + other) * bump for s, other in zip(state.shrunk, farthest_other)]
+    half = [row[0][0] * factors["HALF"] - tiny if row else math.inf for row in neighbours]
+    far_half = [min((row_far[0] for row_far in row if far[row_far[1]]), default=math.inf) * factors["HALF"] - tiny
+                for row in neighbours] if any(far) else None
+    # skip a point if upper + grown < half (all others), or upper + grown < lower - shrunk and (with far
+    # centroids) upper + grown < far_half; grown is rounded up once more for the rounding of upper
+    swollen = [g * bump for g in grown]
+    limits = ([below(h - g, abs(h) + g) for h, g in zip(half, swollen)],
+              [below(-(g + s), g + s) for g, s in zip(swollen, shrunk)],
+              [below(h - g, abs(h) + g) for h, g in zip(far_half, swollen)] if far_half else None)
+    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, unrolled, far_half is not None)(
+        columns, state.keys, state.upper, state.lower, centroids, neighbours, limits, grown, shrunk, half, far_half)
+    state.centroids, state.grown, state.shrunk, state.far = list(centroids), grown, shrunk, far
     apply_moves(state, columns, texts, moves)
     state.sse = sse_of_sums(state.counts, state.sums, state.squares, centroids)
     return len(moves)
@@ -1106,7 +1147,7 @@ class Split:
 
     columns: list           # array('d') per dimension: 8 bytes a coordinate
     texts: list = None      # each point's text, for the plain partition files
-    magnitudes: tuple = None   # smallest nonzero and largest |coordinate|: the scale of rounding errors
+    magnitudes: tuple = None   # smallest nonzero and largest |coordinate|: how square_terms sums the squares
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
     weights: array = None   # D^2 to the nearest of the centroids weighed so far (k-means++ or k-means||) ...
     owners: array = None    # ... the number of that centroid ...
@@ -1155,10 +1196,9 @@ class Split:
         moved = len(self.columns[0])
         for target in ([previous] if previous is not None else []) + [centroids]:
             if state is None:
-                state = new_assignment(self.columns, target, self.texts if keep_buckets else None, self.magnitudes,
-                                       self.squares)
+                state = new_assignment(self.columns, target, self.texts if keep_buckets else None, self.squares)
             elif state.centroids != target:
-                moved = reassign(state, self.columns, self.texts, target, self.magnitudes)
+                moved = reassign(state, self.columns, self.texts, target)
             else:
                 moved = 0
         self.assignment = state

@@ -41,9 +41,14 @@ def scenarios(draw):
     clusters = draw(st.integers(1, 5))
     sequence = []
     for _ in range(draw(st.integers(1, 5))):
-        how = draw(st.sampled_from(["points", "nudge", "lloyd", "fresh"]))
+        how = draw(st.sampled_from(["points", "nudge", "lloyd", "fresh", "fling"]))
         if how == "fresh" or not sequence:
             centroids = [draw(point) for _ in range(clusters)]
+        elif how == "fling":   # one centroid flung far away (a cluster taking an outlier), or back again
+            centroids = list(sequence[-1])
+            flung = draw(st.integers(0, clusters - 1))
+            centroids[flung] = draw(st.sampled_from([tuple(x * 1e100 for x in centroids[flung]),
+                                                     tuple([1e140] * dim), points[0]]))
         elif how == "points":
             centroids = [draw(st.sampled_from(points)) for _ in range(clusters)]
         elif how == "nudge":
@@ -88,36 +93,47 @@ def columns_of(points):
 
 
 @settings(max_examples=300, deadline=None)
-@given(scenarios(), st.integers(1, 7), st.booleans())
-def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled):
+@given(scenarios(), st.integers(1, 7), st.booleans(), st.sampled_from([kmr.FAR_MOVE, 1e-3]))
+def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled, far_move):
+    """(A small far_move marks most moving centroids far, so the test for far ones is taken often.)"""
     points, sequence = scenario
     assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
+    assume(all(abs(x) <= kmr.MAX_COORDINATE for centroids in sequence for c in centroids for x in c))
     columns, texts = columns_of(points), [",".join(map(repr, p)) for p in points]
     magnitudes = kmr.coordinate_range(columns)
     chunk_size, kmr.ASSIGN_CHUNK = kmr.ASSIGN_CHUNK, chunk   # several passes per step, as on big splits
     most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0   # both loops
+    far_before, kmr.FAR_MOVE = kmr.FAR_MOVE, far_move
     try:
-        state = kmr.new_assignment(columns, sequence[0], texts, magnitudes, kmr.square_terms(columns, magnitudes))
+        state = kmr.new_assignment(columns, sequence[0], texts, kmr.square_terms(columns, magnitudes))
         assert held(state, columns, texts) == from_scratch(points, sequence[0])
         for centroids in sequence[1:]:
             old_keys = list(state.keys)
-            moved = kmr.reassign(state, columns, texts, centroids, magnitudes)
+            moved = kmr.reassign(state, columns, texts, centroids)
             expected = from_scratch(points, centroids)
             assert held(state, columns, texts) == expected
             assert moved == sum(a != b for a, b in zip(old_keys, expected[0]))
+            bounds_hold(state, columns)
     finally:
-        kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED = chunk_size, most_unrolled
+        kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED, kmr.FAR_MOVE = chunk_size, most_unrolled, far_before
 
 
 def bounds_hold(state, columns):
-    """Every kept bound is a bound: the upper one at least the distance to the point's centroid, the
-    lower one at most the distance to any other centroid."""
+    """Every kept bound is a bound, in exact arithmetic: the upper one (with its cluster's drift, rounded
+    up once more) at least the true distance to the point's centroid, the lower one at most the true
+    distance to any other centroid not far (far ones have a test of their own)."""
+    def squared(point, centroid):
+        return sum((Fraction(x) - Fraction(c)) ** 2 for x, c in zip(point, centroid))
     for i, point in enumerate(zip(*columns)):
         key = state.keys[i]
-        distances = [math.sqrt(kmr.squared_distance(point, c)) for c in state.centroids]
-        others = distances[:key] + distances[key + 1:]
-        assert state.upper[i] + state.grown[key] >= distances[key]
-        assert state.lower[i] - state.shrunk[key] <= min(others, default=math.inf)
+        reach = Fraction(state.upper[i]) + Fraction(state.grown[key]) * (1 + Fraction(1, 2 ** 53))
+        assert reach >= 0 and reach ** 2 >= squared(point, state.centroids[key])
+        others = [squared(point, c) for j, c in enumerate(state.centroids) if j != key and not state.far[j]]
+        if state.lower[i] == math.inf:
+            assert not others
+        elif state.lower[i] > -math.inf:
+            floor = Fraction(state.lower[i]) - Fraction(state.shrunk[key])
+            assert floor <= 0 or all(floor ** 2 <= other for other in others)
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,10 +149,10 @@ def test_competing_centroids_are_all_measured(dim, clusters, seed, unrolled):
     centroids = rng.sample(points, clusters)
     most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0
     try:
-        state = kmr.new_assignment(columns, centroids, None, magnitudes, kmr.square_terms(columns, magnitudes))
+        state = kmr.new_assignment(columns, centroids, None, kmr.square_terms(columns, magnitudes))
         for _ in range(6):
             centroids = [tuple(x + rng.gauss(0, rng.choice([0.1, 1.0, 5.0])) for x in c) for c in centroids]
-            kmr.reassign(state, columns, None, centroids, magnitudes)
+            kmr.reassign(state, columns, None, centroids)
             assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
             bounds_hold(state, columns)
     finally:
@@ -148,9 +164,8 @@ def test_points_are_skipped_on_well_separated_data():
     points = [(x / 10, 0.0) for x in range(100)] + [(50 + x / 10, 0.0) for x in range(100)]
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], None, magnitudes,
-                               kmr.square_terms(columns, magnitudes))
-    kmr.reassign(state, columns, None, [(1.0, 0.0), (59.0, 0.0)], magnitudes)
+    state = kmr.new_assignment(columns, [(0.0, 0.0), (60.0, 0.0)], None, kmr.square_terms(columns, magnitudes))
+    kmr.reassign(state, columns, None, [(1.0, 0.0), (59.0, 0.0)])
     assert state.examined == 0   # every point is far nearer its own centroid than the other
     assert list(state.keys) == [kmr.nearest(p, [(1.0, 0.0), (59.0, 0.0)]) for p in points]
 
@@ -161,9 +176,9 @@ def test_coordinates_beyond_the_tame_range_keep_exact_keys_and_sse(points):
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
     assert not kmr.is_tame(magnitudes)
-    state = kmr.new_assignment(columns, points, None, magnitudes, kmr.square_terms(columns, magnitudes))
+    state = kmr.new_assignment(columns, points, None, kmr.square_terms(columns, magnitudes))
     assert kmr.exact_total([state.sse]) == 0.0
-    moved = kmr.reassign(state, columns, None, points[::-1], magnitudes)
+    moved = kmr.reassign(state, columns, None, points[::-1])
     assert list(state.keys) == [1, 0] and moved == 2
     expected = from_scratch(points, points[::-1])
     assert kmr.exact_total([state.sse]) == expected[3]
@@ -180,7 +195,37 @@ def test_an_sse_needing_integers_is_rounded_once_for_the_whole_job():
         for piece in pieces:
             columns = columns_of(piece)
             magnitudes = kmr.coordinate_range(columns)
-            parts.append(kmr.new_assignment(columns, centroids, None, magnitudes,
-                                            kmr.square_terms(columns, magnitudes)).sse)
+            parts.append(kmr.new_assignment(columns, centroids, None, kmr.square_terms(columns, magnitudes)).sse)
         assert kmr.exact_total(parts) == exact
     assert kmr.bytes_integer(kmr.integer_bytes(-(3 << 2000))) == -(3 << 2000) and kmr.integer_bytes(0) == b""
+
+
+def test_a_centroid_flung_far_by_an_outlier_leaves_the_other_bounds_alone():
+    """A cluster that takes a 1e150 outlier moves its centroid by about 1e148, then onto the outlier:
+    that centroid is marked far, so its moves stay out of the other clusters' lower bounds, and once
+    the others settle no point is measured. Not marked, those moves leave bounds that can never prove
+    anything again (they carry a drift of 1e150), and some points are measured at every step."""
+    points = [(x + i / 2, y + j / 2) for x, y in [(0, 0), (20, 0), (0, 20), (20, 20)] for i in range(10) for j in range(10)]
+    points.append((1e150, 0.0))
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    start = points[0:400:100]   # one in each block of 100
+    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 9)]
+    # at 1e150 every centroid is equally near the outlier (the differences round alike): the first takes it
+    assert steps[0][0][0] > 1e147 and steps[1][0][0] == 1e150 and steps[-1] == steps[-2]
+    examined, far_before = {}, kmr.FAR_MOVE
+    try:
+        for far_move in (far_before, math.inf):
+            kmr.FAR_MOVE = far_move
+            state = kmr.new_assignment(columns, start, None, kmr.square_terms(columns, magnitudes))
+            examined[far_move] = []
+            for centroids in steps:
+                kmr.reassign(state, columns, None, centroids)
+                assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
+                bounds_hold(state, columns)
+                examined[far_move].append(state.examined)
+            assert state.far == [far_move == far_before, False, False, False]
+    finally:
+        kmr.FAR_MOVE = far_before
+    assert examined[far_before][-3:] == [0, 0, 0], examined
+    assert min(examined[math.inf][-3:]) > 0, examined
