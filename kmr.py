@@ -600,7 +600,7 @@ def point_priorities(seed, start, end):
     priorities = array("d")
     for block in range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1):
         draw = random.Random(f"{seed}/{block}").random
-        drawn = [draw() for _ in range(PRIORITY_BLOCK)]
+        drawn = list(itertools.starmap(draw, itertools.repeat((), PRIORITY_BLOCK)))   # draw() at C speed
         first = block * PRIORITY_BLOCK
         priorities.extend(drawn[max(start, first) - first:min(end, first + PRIORITY_BLOCK) - first])
     return priorities
@@ -687,21 +687,21 @@ def candidate_updater(count, dim):
 @functools.lru_cache(maxsize=64)
 def pruned_updater(dim):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
-    new one can be nearer only if it lies within twice the point's distance of that candidate
-    (triangle inequality), so each point measures only those, nearest first from `near`; of equal
-    distances the lower number wins. The margin covers rounding, and squares that underflow (as in
-    bound_factors)."""
+    new one can be nearer only if it lies within twice the point's distance r of that candidate
+    (triangle inequality), or within r + r' once one at r' is found, so each point measures only
+    those, nearest first from `near`; of equal distances the lower number wins. The margin covers
+    rounding, and squares that underflow (as in bound_factors)."""
     unrolled = dim <= MAX_UNROLLED_DIM
     point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
     body = ["def update(columns, near, weights, owners):",
             f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
-            "        twice = TWICE * sqrt(b) + UNDERFLOW; o = k",
+            "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
-            "            if far >= twice: break"]
+            "            if far >= reach: break"]
     body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
-    body += ["            if d < b or d == b and j < k: b = d; k = j",
+    body += ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
              "        if k != o: weights[i] = b; owners[i] = k"]
-    namespace = {"count": itertools.count, "sqrt": math.sqrt, "TWICE": 2.0 + 1e-9,
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": 1.0 + 5e-10,
                  "UNDERFLOW": 8 * math.sqrt(dim) * 2.0 ** -537, "squared_distance": squared_distance}
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
     return namespace["update"]
@@ -726,11 +726,19 @@ def update_candidates(columns, candidates, seen, weights, owners):
     pruned_updater(dim)(columns, near, weights, owners)
 
 
-def oversampled(priorities, weights, mass, oversample):
-    """The k-means|| picks of a round: each point whose priority x mass < l x D^2, so picked with
-    probability min(1, l D^2 / mass) (Bahmani et al.); their indices, ascending."""
-    return list(itertools.compress(range(len(weights)), map(operator.lt, map(mass.__mul__, priorities),
-                                                            map(float(oversample).__mul__, weights))))
+def may_be_picked(priorities, weights, mass, oversample):
+    """The points of a split that a k-means|| round may pick, their indices ascending. The master picks
+    each point whose priority x the whole D^2 mass < l x D^2 (so with probability min(1, l D^2 / mass),
+    Bahmani et al.); the whole mass is at least the split's `mass`, so each such point has priority x
+    mass / l < D^2 here, with room for the rounding on both sides. (A priority is 0 or at least 2**-53,
+    so that product underflows only for a mass below 2**-900: then the master's own test, with this
+    split's mass.)"""
+    if mass < 2.0 ** -900:
+        offered = map(operator.lt, map(mass.__mul__, priorities), map(float(oversample).__mul__, weights))
+    else:
+        bar = mass / oversample * (1 - 2.0 ** -40)
+        offered = map(operator.lt, map(bar.__mul__, priorities), weights)
+    return list(itertools.compress(range(len(weights)), offered))
 
 
 def recluster(candidates, weights, clusters, rng, rounds=30):
@@ -1999,16 +2007,16 @@ class MapperTasks:
     @staticmethod
     def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
         """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen,
-        then its mass and the points whose priority x that mass < l x D^2 as (priority, index, point,
-        D^2): the round's picks are among them, as the whole mass is at least the split's. Or, with
-        count_clusters, the points nearest to each candidate. Call with the split's lock held."""
+        then its mass and the points the round may pick (may_be_picked) as (priority, index, point,
+        D^2). Or, with count_clusters, the points nearest to each candidate (and no mass: the master
+        does not need it). Call with the split's lock held."""
         split.weigh(run, candidates, "k-means||")
-        mass = exact_terms(split.weights)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
-            return mass, 0, [], [nearest_to[number] for number in range(len(candidates))], []
+            return [], 0, [], [nearest_to[number] for number in range(len(candidates))], []
+        mass = exact_terms(split.weights)
         priorities = point_priorities(draw_seed, start, start + len(split.weights))
-        picked = oversampled(priorities, split.weights, math.fsum(mass), oversample)
+        picked = may_be_picked(priorities, split.weights, math.fsum(mass), oversample)
         return mass, 0, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),
                                split.weights[i]) for i in picked]
 

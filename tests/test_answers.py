@@ -181,8 +181,29 @@ def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, se
 def test_a_kmeans_parallel_round_picks_in_proportion_to_squared_distance():
     """A point is picked when priority x mass < l x D^2: with probability min(1, l D^2 / mass)."""
     priorities = [(i + 0.5) / 1000 for i in range(1000)]
-    assert kmr.oversampled(priorities, [1.0] * 1000, 1000.0, 3) == list(range(3))
-    assert kmr.oversampled(priorities[:4], [0.0, 2.0, 0.0, 5.0], 1.0, 1) == [1, 3]
+    assert kmr.may_be_picked(priorities, [1.0] * 1000, 1000.0, 3) == list(range(3))
+    assert kmr.may_be_picked(priorities[:4], [0.0, 2.0, 0.0, 5.0], 1.0, 1) == [1, 3]
+    assert kmr.may_be_picked(priorities[:4], [0.0] * 4, 0.0, 1) == []
+
+
+PRIORITY = st.integers(0, 2 ** 53 - 1).map(lambda k: k / 2 ** 53)   # what random.random() gives
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(PRIORITY, st.floats(0, 1e6)), min_size=1, max_size=50), st.floats(1, 4),
+       st.integers(1, 64))
+def test_a_split_offers_every_point_the_master_picks(pairs, more, oversample):
+    """A mapper offers the points whose priority x (its split's mass) / l < D^2; the master keeps those
+    whose priority x (the whole mass) < l x D^2. Every point it keeps was offered, right at the edge
+    too, and with weights so small that the products underflow."""
+    weights = [w for _, w in pairs]
+    mass = math.fsum(weights)
+    edges = [math.floor(oversample * w / mass * 2 ** 53) / 2 ** 53 if mass else 0.0 for w in weights]
+    for priorities in ([p for p, _ in pairs], [min(e, 1 - 2 ** -53) for e in edges],
+                       [min(e + 2 ** -53, 1 - 2 ** -53) for e in edges]):
+        offered = set(kmr.may_be_picked(priorities, weights, mass, oversample))
+        for whole in (mass, mass * more, math.nextafter(mass, math.inf)):
+            assert {i for i, (p, w) in enumerate(zip(priorities, weights)) if p * whole < oversample * w} <= offered
 
 
 def test_reclustering_weighs_the_candidates():
