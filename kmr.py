@@ -690,40 +690,46 @@ def pruned_updater(dim):
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
     those, nearest first from `near`; of equal distances the lower number wins. The margin covers
-    rounding, and squares that underflow (as in bound_factors)."""
+    rounding, and squares that underflow (as in bound_factors). Each changed D^2 goes to `dropped`,
+    its new value to `added`."""
     unrolled = dim <= MAX_UNROLLED_DIM
     point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
-    body = ["def update(columns, near, weights, owners):",
+    body = ["def update(columns, near, weights, owners, dropped, added):",
             f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
-            "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k",
+            "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
             "            if far >= reach: break"]
     body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
     body += ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
-             "        if k != o: weights[i] = b; owners[i] = k"]
+             "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": 1.0 + 5e-10,
                  "UNDERFLOW": 8 * math.sqrt(dim) * 2.0 ** -537, "squared_distance": squared_distance}
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
     return namespace["update"]
 
 
-def update_candidates(columns, candidates, seen, weights, owners):
+def update_candidates(columns, candidates, seen, weights, owners, mass=None):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
-    after the first `seen` joined them. New candidates are measured against every point, in blocks
-    the compiled loop takes, or, once points have a nearest candidate, only where the triangle
-    inequality lets them compete, when the table of distances between old and new candidates that
-    this needs costs no more than a pass."""
+    after the first `seen` joined them; returns the exact D^2 mass (exact_terms), from `mass` (that of
+    the weights before) and the D^2 that changed where few did. New candidates are measured against
+    every point, in blocks the compiled loop takes, or, once points have a nearest candidate, only
+    where the triangle inequality lets them compete, when the table of distances between old and new
+    candidates that this needs costs no more than a pass."""
     dim = len(columns)
     if seen == 0 or seen * (len(candidates) - seen) > len(weights):
         block = max(1, MAX_UNROLLED // dim)
         for low in range(seen, len(candidates), block):
             part = candidates[low:low + block]
             candidate_updater(len(part), dim)(columns, part, weights, owners, low)
-        return
+        return exact_terms(weights)
     unrolled = dim <= MAX_UNROLLED_DIM
     near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
                    for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
-    pruned_updater(dim)(columns, near, weights, owners)
+    dropped, added = [], []
+    pruned_updater(dim)(columns, near, weights, owners, dropped.append, added.append)
+    if mass is None or 2 * len(added) > len(weights):
+        return exact_terms(weights)
+    return exact_terms(itertools.chain(mass, added, map(operator.neg, dropped)))
 
 
 def may_be_picked(priorities, weights, mass, oversample):
@@ -1159,6 +1165,7 @@ class Split:
     assignment: Assignment = None   # where the points stood at the last Map or Weigh
     weights: array = None   # D^2 to the nearest of the centroids weighed so far (k-means++ or k-means||) ...
     owners: array = None    # ... the number of that centroid ...
+    mass: list = None       # ... their exact sum (exact_terms) ...
     weights_for: tuple = ()  # ... and (run, how many centroids, the init): the next round measures only new ones
     lock: threading.Lock = field(default_factory=threading.Lock)   # one step of `assignment` at a time
 
@@ -1184,14 +1191,14 @@ class Split:
         return square_terms(self.columns, self.magnitudes)
 
     def weigh(self, run, centroids, init):
-        """Bring weights and owners up to date with `centroids` of this run and init (measuring only the
-        ones added since the last round, or all after another run, init or an out-of-order round).
+        """Bring weights, owners and mass up to date with `centroids` of this run and init (measuring only
+        the ones added since the last round, or all after another run, init or an out-of-order round).
         Call with `lock` held."""
         run_before, seen, init_before = self.weights_for or (None, 0, None)
         if (run_before, init_before) != (run, init) or seen > len(centroids):
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
-        update_candidates(self.columns, centroids, seen, self.weights, self.owners)
+        self.mass = update_candidates(self.columns, centroids, seen, self.weights, self.owners, self.mass)
         self.weights_for = (run, len(centroids), init)
 
     def assign(self, centroids, previous=None, keep_buckets=False):
@@ -1997,8 +2004,7 @@ class MapperTasks:
                 return *split.assignment.sse, [], split.assignment.counts, []
         with split.lock:   # a backup copy of this task may weigh the same split
             split.weigh(run, centroids, "k-means++")
-            weights = split.weights
-        mass = exact_terms(weights)
+            weights, mass = split.weights, split.mass
         if not mass:
             return mass, 0, [], [], []
         index = weighted_index(weights, random.Random(draw_seed).random())
@@ -2014,7 +2020,7 @@ class MapperTasks:
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
             return [], 0, [], [nearest_to[number] for number in range(len(candidates))], []
-        mass = exact_terms(split.weights)
+        mass = split.mass
         priorities = point_priorities(draw_seed, start, start + len(split.weights))
         picked = may_be_picked(priorities, split.weights, math.fsum(mass), oversample)
         return mass, 0, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 from array import array
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -110,13 +111,15 @@ def test_weighted_index_follows_the_running_sum_and_skips_zero_weights():
 
 def test_squared_distances_one_round_at_a_time_equal_all_at_once():
     """What k-means++ weighs by: each point's D^2 to the nearest chosen centroid, brought up to date one
-    centroid a round, equals measuring them all at once."""
+    centroid a round, equals measuring them all at once; the mass, kept from the D^2 that changed, is
+    their exact sum every round."""
     points = read_points(DATA / "case3_points.txt")
     columns = kmr.to_columns(points, 2)
     centroids = points[:3]
     split = kmr.Split(columns)
     for chosen in range(1, 4):
         split.weigh(1, centroids[:chosen], "k-means++")
+        assert sum(map(Fraction, split.mass)) == sum(map(Fraction, split.weights))
     assert list(split.weights) == [min(kmr.squared_distance(p, c) for c in centroids) for p in points]
     assert list(split.owners) == [kmr.nearest(p, centroids) for p in points]
 
@@ -167,15 +170,16 @@ def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, se
               for _ in range(60)]
     columns = kmr.to_columns(points, dim)
     weights, owners = array("d", [math.inf]) * len(points), array("q", [0]) * len(points)
-    candidates = []
+    candidates, mass = [], None
     for count in rounds:
         seen = len(candidates)
         candidates += [rng.choice(points) if rng.random() < 0.5 else tuple(scale * rng.gauss(0, 5) for _ in range(dim))
                        for _ in range(count)]
-        kmr.update_candidates(columns, candidates, seen, weights, owners)
+        mass = kmr.update_candidates(columns, candidates, seen, weights, owners, mass)
         for point, weight, owner in zip(points, weights, owners):
             distances = [kmr.squared_distance(point, c) for c in candidates]
             assert weight == min(distances) and owner == distances.index(weight)
+        assert sum(map(Fraction, mass)) == sum(map(Fraction, weights))   # exact, kept from what changed
 
 
 def test_a_kmeans_parallel_round_picks_in_proportion_to_squared_distance():
