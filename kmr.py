@@ -31,7 +31,6 @@ import hashlib
 import heapq
 import hmac
 import html
-import http.server
 import importlib.util
 import ipaddress
 import itertools
@@ -4974,18 +4973,19 @@ def page_html(data=None):
     return PAGE.replace("__DATA__", embedded)
 
 
-class JobPage(http.server.ThreadingHTTPServer):
+class JobPage:
     """The job's live page (--ui): GET / the page, GET /api/job its data, POST /api/drill the drills
     (--ui-drills). Its own threads serve it from the recorder as it is: the job never waits on it, a browser
     that goes away costs nothing, and the data is built at most twice a second however many browsers
     ask. On 127.0.0.1 only requests naming this host are served (no DNS rebinding); elsewhere every request
-    needs the page's own token."""
+    needs the page's own token. It is served by http.server's ThreadingHTTPServer, joined to it when a
+    page starts (see `serve`)."""
 
     daemon_threads = True
     request_queue_size = 16
 
-    def __init__(self, address, master, drills, token):
-        super().__init__(address, PageRequests)
+    def __init__(self, address, master, drills, token, requests):
+        super().__init__(address, requests)
         self.master, self.drills, self.token = master, drills, token
         self.hosts = {f"{name}:{self.server_port}" for name in ("127.0.0.1", "localhost")}
         self.slots = threading.BoundedSemaphore(PAGE_CONNECTIONS)   # connections served at once
@@ -4996,10 +4996,13 @@ class JobPage(http.server.ThreadingHTTPServer):
     def serve(cls, master, where, drills):
         """Start the page at `where` ((host, port)) and say where it is on the console (only there: the
         token of a page off 127.0.0.1 stays out of dump.txt)."""
+        import http.server   # here, not at the top: 10 ms of every process's start, and only --ui needs it
+        served = type(cls.__name__, (cls, http.server.ThreadingHTTPServer), {})
+        requests = type(PageRequests.__name__, (PageRequests, http.server.BaseHTTPRequestHandler), {})
         host, port = where
         token = None if host in ("127.0.0.1", "localhost") else secrets.token_urlsafe(16)
         try:
-            page = cls((host, port), master, drills, token)
+            page = served((host, port), master, drills, token, requests)
         except OSError as error:
             raise InputError(f"--ui {host}:{port}: cannot listen: {error.strerror}") from None
         # a short poll: closing the page at the end of the job waits for it
@@ -5048,8 +5051,9 @@ class JobPage(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-class PageRequests(http.server.BaseHTTPRequestHandler):
-    """One request to the job page; anything else gets a clean HTTP error."""
+class PageRequests:
+    """One request to the job page; anything else gets a clean HTTP error. Served with http.server's
+    BaseHTTPRequestHandler, joined to it when a page starts (see JobPage.serve)."""
 
     server_version = "kmr"
     timeout = PAGE_TIMEOUT   # a connection that sends nothing, or reads nothing, is dropped
