@@ -94,7 +94,7 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
 MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
 ROUNDOFF = 2.0 ** -53            # the largest relative error of one rounded operation on doubles
-FAR_MOVE = 64.0                  # a centroid moving more than this times another's nearest-neighbour distance is far
+FAR_MOVE = 64.0                  # a centroid that moved more than this x another's nearest-neighbour distance is far
 TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares are summed as short integers
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
@@ -728,7 +728,7 @@ def update_candidates(columns, candidates, seen, weights, owners, mass=None):
     pruned_updater(dim)(columns, near, weights, owners, dropped.append, added.append)
     if mass is None or 2 * len(added) > len(weights):
         return exact_terms(weights)
-    return exact_terms(itertools.chain(mass, added, map(operator.neg, dropped)))
+    return exact_terms(itertools.chain(mass, map(operator.neg, dropped), added))   # never above the old mass
 
 
 def may_be_picked(priorities, weights, mass, oversample):
@@ -803,8 +803,10 @@ def topped_up(centroids, sample, clusters):
 # the computed squared distances too: the keys are always `nearest`'s, ties included. Being relative, the
 # margins do not grow with the largest coordinate: a 1e150 point costs its own split nothing. A centroid
 # that makes a move far larger than the distances between the others (a cluster taking an outlier) is
-# marked far for good: its moves stay out of the other clusters' lower bounds, which one such move would
-# wipe out, and a point is skipped past it only if its own centroid is nearer than half the way to it.
+# marked far: its moves stay out of the other clusters' lower bounds, which one such move would wipe out,
+# and a point is skipped past it only if its own centroid is nearer than half the way to it. If all it
+# moved since is no longer far by that measure, it rejoins the others, and their lower bounds take in
+# that move at once.
 # The whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
 # comparisons.
 #
@@ -961,7 +963,7 @@ class Assignment:
     lower: array         # per point: at most (1 - rho) x its distance to any other one - tau, plus `shrunk` of it
     grown: list          # per cluster: at least (1 + rho) x how far its centroid moved in all steps so far
     shrunk: list         # per cluster: at least that for the farthest move of any other centroid not far, summed
-    far: list            # per cluster: whether its centroid is far (for good), see far_centroids
+    far: list            # per cluster: None, or (as `grown`) how far its centroid moved since it became far
     counts: list         # points per cluster
     sums: list           # per cluster and dimension: doubles whose exact sum is the coordinate sum
     squares: tuple       # the split's square_terms
@@ -1028,14 +1030,25 @@ def is_tame(magnitudes):
 
 
 def far_centroids(far, shifts, neighbours):
-    """Which centroids are far from now on: those that were, and any that moved more than FAR_MOVE
-    times the largest distance from another centroid (not far) to its nearest neighbour, such as one
-    taking an outlier. A far centroid's moves stay out of the other clusters' lower bounds; a point is
-    skipped past it only if nearer its own centroid than half the way to it."""
-    gaps = [row[0][0] if row and not is_far else 0.0 for row, is_far in zip(neighbours, far)]
+    """Which centroids are far after this step, and the moves the other clusters' lower bounds take in.
+    A centroid becomes far when it moves more than FAR_MOVE times the largest distance from another
+    centroid (not far) to its nearest neighbour, such as one taking an outlier; it rejoins the others
+    when all it moved since is no more than that. Returns (far, counted): per cluster, None or how far
+    it moved since it became far; and what the others' lower bounds count of it this step: its shift,
+    nothing while it is far, and all it moved while far when it rejoins."""
+    gaps = [row[0][0] if row and moved is None else 0.0 for row, moved in zip(neighbours, far)]
     widest, second = (heapq.nlargest(2, gaps) + [0.0])[:2]
-    return [is_far or shift > FAR_MOVE * (second if gap == widest else widest) > 0.0
-            for shift, is_far, gap in zip(shifts, far, gaps)]
+    now, counted = [], []
+    for shift, moved, gap in zip(shifts, far, gaps):
+        scale = FAR_MOVE * (second if gap == widest else widest)
+        if moved is not None:
+            moved = (moved + shift) * (1 + 4 * ROUNDOFF)   # rounded up, as `grown`
+            now.append(moved if moved > scale else None)
+            counted.append(0.0 if moved > scale else moved)
+        else:
+            now.append(shift if shift > scale > 0.0 else None)
+            counted.append(0.0 if shift > scale > 0.0 else shift)
+    return now, counted
 
 
 def key_array(clusters, size):
@@ -1072,7 +1085,7 @@ def new_assignment(columns, centroids, texts, squares):
         for bucket in buckets:
             for slot, index in enumerate(bucket.indices):
                 slots[index] = slot
-    state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, [False] * clusters,
+    state = Assignment(list(centroids), keys, upper, lower, [0.0] * clusters, [0.0] * clusters, [None] * clusters,
                        counts, sums, squares, buckets, slots, [], examined=size, rechecked=size)
     state.sse = sse_of_sums(counts, sums, squares, centroids)
     return state
@@ -1097,18 +1110,17 @@ def reassign(state, columns, texts, centroids):
     # per centroid, the others nearest first: (distance, index, coordinates)
     neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *(other if unrolled else [other]))
                          for j, other in enumerate(centroids) if j != k) for k, c in enumerate(centroids)]
-    far = far_centroids(state.far, shifts, neighbours)
-    near_shifts = [0.0 if is_far else shift for shift, is_far in zip(shifts, far)]
+    far, counted = far_centroids(state.far, shifts, neighbours)
     if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
-        second_largest, largest = sorted(near_shifts)[-2:]
-        farthest_other = [second_largest if shift == largest else largest for shift in near_shifts]
+        second_largest, largest = sorted(counted)[-2:]
+        farthest_other = [second_largest if shift == largest else largest for shift in counted]
     else:
         farthest_other = [0.0]
     grown = [(g + shift) * bump for g, shift in zip(state.grown, shifts)]
     shrunk = [(s + other) * bump for s, other in zip(state.shrunk, farthest_other)]
     half = [row[0][0] * factors["HALF"] - tiny if row else math.inf for row in neighbours]
-    far_half = [min((row_far[0] for row_far in row if far[row_far[1]]), default=math.inf) * factors["HALF"] - tiny
-                for row in neighbours] if any(far) else None
+    far_half = [min((entry[0] for entry in row if far[entry[1]] is not None), default=math.inf) * factors["HALF"] - tiny
+                for row in neighbours] if any(moved is not None for moved in far) else None
     # skip a point if upper + grown < half (all others), or upper + grown < lower - shrunk and (with far
     # centroids) upper + grown < far_half; grown is rounded up once more for the rounding of upper
     swollen = [g * bump for g in grown]

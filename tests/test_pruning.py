@@ -128,7 +128,7 @@ def bounds_hold(state, columns):
         key = state.keys[i]
         reach = Fraction(state.upper[i]) + Fraction(state.grown[key]) * (1 + Fraction(1, 2 ** 53))
         assert reach >= 0 and reach ** 2 >= squared(point, state.centroids[key])
-        others = [squared(point, c) for j, c in enumerate(state.centroids) if j != key and not state.far[j]]
+        others = [squared(point, c) for j, c in enumerate(state.centroids) if j != key and state.far[j] is None]
         if state.lower[i] == math.inf:
             assert not others
         elif state.lower[i] > -math.inf:
@@ -205,7 +205,8 @@ def test_a_centroid_flung_far_by_an_outlier_leaves_the_other_bounds_alone():
     that centroid is marked far, so its moves stay out of the other clusters' lower bounds, and once
     the others settle no point is measured. Not marked, those moves leave bounds that can never prove
     anything again (they carry a drift of 1e150), and some points are measured at every step."""
-    points = [(x + i / 2, y + j / 2) for x, y in [(0, 0), (20, 0), (0, 20), (20, 20)] for i in range(10) for j in range(10)]
+    points = [(x + i / 2, y + j / 2) for x, y in [(0, 0), (20, 0), (0, 20), (20, 20)]
+              for i in range(10) for j in range(10)]
     points.append((1e150, 0.0))
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
@@ -224,8 +225,39 @@ def test_a_centroid_flung_far_by_an_outlier_leaves_the_other_bounds_alone():
                 assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
                 bounds_hold(state, columns)
                 examined[far_move].append(state.examined)
-            assert state.far == [far_move == far_before, False, False, False]
+            assert [moved is not None for moved in state.far] == [far_move == far_before, False, False, False]
     finally:
         kmr.FAR_MOVE = far_before
     assert examined[far_before][-3:] == [0, 0, 0], examined
     assert min(examined[math.inf][-3:]) > 0, examined
+
+
+def test_a_centroid_marked_far_at_a_crowded_start_rejoins_the_others():
+    """Five centroids start inside one tight blob; the one that takes the two wide blobs moves 20 units
+    where the others are 0.001 apart, so it is marked far. Once the others spread out, all it moved is
+    no longer far by the same measure: it rejoins them, their lower bounds take in its move at once, and
+    a step later the points examined are those examined with no centroid ever marked far."""
+    points = [(i / 1000,) for i in range(200)] + [(10 + i / 20,) for i in range(200)]
+    points += [(30 + i / 20,) for i in range(200)]
+    columns = columns_of(points)
+    magnitudes = kmr.coordinate_range(columns)
+    start = [(0.0,), (0.001,), (0.002,), (0.003,), (0.199,)]
+    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 12)]
+    examined, marked, far_before = {}, [], kmr.FAR_MOVE
+    try:
+        for far_move in (far_before, math.inf):
+            kmr.FAR_MOVE = far_move
+            state = kmr.new_assignment(columns, start, None, kmr.square_terms(columns, magnitudes))
+            examined[far_move] = []
+            for centroids in steps:
+                kmr.reassign(state, columns, None, centroids)
+                assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
+                bounds_hold(state, columns)
+                examined[far_move].append(state.examined)
+                if far_move == far_before:
+                    marked.append([moved is not None for moved in state.far])
+    finally:
+        kmr.FAR_MOVE = far_before
+    assert marked[0] == [False] * 4 + [True] and marked[-1] == [False] * 5
+    back = marked.index([False] * 5)
+    assert examined[far_before][back + 2:] == examined[math.inf][back + 2:], examined
