@@ -200,49 +200,12 @@ def test_an_sse_needing_integers_is_rounded_once_for_the_whole_job():
     assert kmr.bytes_integer(kmr.integer_bytes(-(3 << 2000))) == -(3 << 2000) and kmr.integer_bytes(0) == b""
 
 
-def test_a_centroid_flung_far_by_an_outlier_leaves_the_other_bounds_alone():
-    """A cluster that takes a 1e150 outlier moves its centroid by about 1e148, then onto the outlier:
-    that centroid is marked far, so its moves stay out of the other clusters' lower bounds, and once
-    the others settle no point is measured. Not marked, those moves leave bounds that can never prove
-    anything again (they carry a drift of 1e150), and some points are measured at every step."""
-    points = [(x + i / 2, y + j / 2) for x, y in [(0, 0), (20, 0), (0, 20), (20, 20)]
-              for i in range(10) for j in range(10)]
-    points.append((1e150, 0.0))
+def examined_with_and_without_far(points, start, steps):
+    """Follow `steps` from `start` with centroids marked far as kmr marks them, then with none ever
+    marked (FAR_MOVE infinite), checking keys and bounds at every step. Returns the points examined per
+    step both ways, and which centroids were far after each step when marked."""
     columns = columns_of(points)
     magnitudes = kmr.coordinate_range(columns)
-    start = points[0:400:100]   # one in each block of 100
-    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 9)]
-    # at 1e150 every centroid is equally near the outlier (the differences round alike): the first takes it
-    assert steps[0][0][0] > 1e147 and steps[1][0][0] == 1e150 and steps[-1] == steps[-2]
-    examined, far_before = {}, kmr.FAR_MOVE
-    try:
-        for far_move in (far_before, math.inf):
-            kmr.FAR_MOVE = far_move
-            state = kmr.new_assignment(columns, start, None, kmr.square_terms(columns, magnitudes))
-            examined[far_move] = []
-            for centroids in steps:
-                kmr.reassign(state, columns, None, centroids)
-                assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
-                bounds_hold(state, columns)
-                examined[far_move].append(state.examined)
-            assert [moved is not None for moved in state.far] == [far_move == far_before, False, False, False]
-    finally:
-        kmr.FAR_MOVE = far_before
-    assert examined[far_before][-3:] == [0, 0, 0], examined
-    assert min(examined[math.inf][-3:]) > 0, examined
-
-
-def test_a_centroid_marked_far_at_a_crowded_start_rejoins_the_others():
-    """Five centroids start inside one tight blob; the one that takes the two wide blobs moves 20 units
-    where the others are 0.001 apart, so it is marked far. Once the others spread out, all it moved is
-    no longer far by the same measure: it rejoins them, their lower bounds take in its move at once, and
-    a step later the points examined are those examined with no centroid ever marked far."""
-    points = [(i / 1000,) for i in range(200)] + [(10 + i / 20,) for i in range(200)]
-    points += [(30 + i / 20,) for i in range(200)]
-    columns = columns_of(points)
-    magnitudes = kmr.coordinate_range(columns)
-    start = [(0.0,), (0.001,), (0.002,), (0.003,), (0.199,)]
-    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 12)]
     examined, marked, far_before = {}, [], kmr.FAR_MOVE
     try:
         for far_move in (far_before, math.inf):
@@ -258,6 +221,37 @@ def test_a_centroid_marked_far_at_a_crowded_start_rejoins_the_others():
                     marked.append([moved is not None for moved in state.far])
     finally:
         kmr.FAR_MOVE = far_before
+    return examined[far_before], examined[math.inf], marked
+
+
+def test_a_centroid_flung_far_by_an_outlier_leaves_the_other_bounds_alone():
+    """A cluster that takes a 1e150 outlier moves its centroid by about 1e148, then onto the outlier:
+    that centroid is marked far, so its moves stay out of the other clusters' lower bounds, and once
+    the others settle no point is measured. Not marked, those moves leave bounds that can never prove
+    anything again (they carry a drift of 1e150), and some points are measured at every step."""
+    points = [(x + i / 2, y + j / 2) for x, y in [(0, 0), (20, 0), (0, 20), (20, 20)]
+              for i in range(10) for j in range(10)]
+    points.append((1e150, 0.0))
+    start = points[0:400:100]   # one in each block of 100
+    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 9)]
+    # at 1e150 every centroid is equally near the outlier (the differences round alike): the first takes it
+    assert steps[0][0][0] > 1e147 and steps[1][0][0] == 1e150 and steps[-1] == steps[-2]
+    marked_far, never_far, marked = examined_with_and_without_far(points, start, steps)
+    assert marked[-1] == [True, False, False, False]
+    assert marked_far[-3:] == [0, 0, 0], marked_far
+    assert min(never_far[-3:]) > 0, never_far
+
+
+def test_a_centroid_marked_far_at_a_crowded_start_rejoins_the_others():
+    """Five centroids start inside one tight blob; the one that takes the two wide blobs moves 20 units
+    where the others are 0.001 apart, so it is marked far. Once the others spread out, all it moved is
+    no longer far by the same measure: it rejoins them, their lower bounds take in its move at once, and
+    a step later the points examined are those examined with no centroid ever marked far."""
+    points = [(i / 1000,) for i in range(200)] + [(10 + i / 20,) for i in range(200)]
+    points += [(30 + i / 20,) for i in range(200)]
+    start = [(0.0,), (0.001,), (0.002,), (0.003,), (0.199,)]
+    steps = [kmr.kmeans_reference(points, start, n)[0] for n in range(1, 12)]
+    marked_far, never_far, marked = examined_with_and_without_far(points, start, steps)
     assert marked[0] == [False] * 4 + [True] and marked[-1] == [False] * 5
     back = marked.index([False] * 5)
-    assert examined[far_before][back + 2:] == examined[math.inf][back + 2:], examined
+    assert marked_far[back + 2:] == never_far[back + 2:], (marked_far, never_far)
