@@ -94,6 +94,7 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
 MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
 ROUNDOFF = 2.0 ** -53            # the largest relative error of one rounded operation on doubles
+ROUND_UP = 1 + 4 * ROUNDOFF      # a rounded sum of two non-negative doubles times this is at least the exact sum
 FAR_MOVE = 64.0                  # a centroid that moved more than this x another's nearest-neighbour distance is far
 TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares are summed as short integers
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
@@ -1042,7 +1043,7 @@ def far_centroids(far, shifts, neighbours):
     for shift, moved, gap in zip(shifts, far, gaps):
         scale = FAR_MOVE * (second if gap == widest else widest)
         if moved is not None:
-            moved = (moved + shift) * (1 + 4 * ROUNDOFF)   # rounded up, as `grown`
+            moved = (moved + shift) * ROUND_UP
             now.append(moved if moved > scale else None)
             counted.append(0.0 if moved > scale else moved)
         else:
@@ -1104,7 +1105,7 @@ def reassign(state, columns, texts, centroids):
     returns how many changed. Counts, exact sums, buckets and SSE change by the points that moved."""
     dim, clusters = len(columns), len(centroids)
     factors = bound_factors(dim)
-    swell, tiny, bump = factors["SWELL"], factors["TINY"], 1 + 4 * ROUNDOFF   # bump: sums rounded up
+    swell, tiny = factors["SWELL"], factors["TINY"]
     shifts = [math.sqrt(squared_distance(a, b)) * swell + tiny for a, b in zip(state.centroids, centroids)]
     unrolled = clusters * dim <= MAX_UNROLLED
     # per centroid, the others nearest first: (distance, index, coordinates)
@@ -1116,14 +1117,14 @@ def reassign(state, columns, texts, centroids):
         farthest_other = [second_largest if shift == largest else largest for shift in counted]
     else:
         farthest_other = [0.0]
-    grown = [(g + shift) * bump for g, shift in zip(state.grown, shifts)]
-    shrunk = [(s + other) * bump for s, other in zip(state.shrunk, farthest_other)]
+    grown = [(g + shift) * ROUND_UP for g, shift in zip(state.grown, shifts)]
+    shrunk = [(s + other) * ROUND_UP for s, other in zip(state.shrunk, farthest_other)]
     half = [row[0][0] * factors["HALF"] - tiny if row else math.inf for row in neighbours]
     far_half = [min((entry[0] for entry in row if far[entry[1]] is not None), default=math.inf) * factors["HALF"] - tiny
                 for row in neighbours] if any(moved is not None for moved in far) else None
     # skip a point if upper + grown < half (all others), or upper + grown < lower - shrunk and (with far
     # centroids) upper + grown < far_half; grown is rounded up once more for the rounding of upper
-    swollen = [g * bump for g in grown]
+    swollen = [g * ROUND_UP for g in grown]
     limits = ([below(h - g, abs(h) + g) for h, g in zip(half, swollen)],
               [below(-(g + s), g + s) for g, s in zip(swollen, shrunk)],
               [below(h - g, abs(h) + g) for h, g in zip(far_half, swollen)] if far_half else None)
