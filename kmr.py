@@ -708,28 +708,26 @@ def pruned_updater(dim):
     return namespace["update"]
 
 
-def update_candidates(columns, candidates, seen, weights, owners, mass=None):
+def update_candidates(columns, candidates, seen, weights, owners):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
-    after the first `seen` joined them; returns the exact D^2 mass (exact_terms), from `mass` (that of
-    the weights before) and the D^2 that changed where few did. New candidates are measured against
-    every point, in blocks the compiled loop takes, or, once points have a nearest candidate, only
-    where the triangle inequality lets them compete, when the table of distances between old and new
-    candidates that this needs costs no more than a pass."""
+    after the first `seen` joined them; returns the D^2 that changed as (dropped, added), or None if
+    every point was measured. New candidates are measured against every point, in blocks the compiled
+    loop takes, or, once points have a nearest candidate, only where the triangle inequality lets them
+    compete, when the table of distances between old and new candidates that this needs costs no more
+    than a pass."""
     dim = len(columns)
     if seen == 0 or seen * (len(candidates) - seen) > len(weights):
         block = max(1, MAX_UNROLLED // dim)
         for low in range(seen, len(candidates), block):
             part = candidates[low:low + block]
             candidate_updater(len(part), dim)(columns, part, weights, owners, low)
-        return exact_terms(weights)
+        return None
     unrolled = dim <= MAX_UNROLLED_DIM
     near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
                    for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
     dropped, added = [], []
     pruned_updater(dim)(columns, near, weights, owners, dropped.append, added.append)
-    if mass is None or 2 * len(added) > len(weights):
-        return exact_terms(weights)
-    return exact_terms(itertools.chain(mass, map(operator.neg, dropped), added))   # never above the old mass
+    return dropped, added
 
 
 def may_be_picked(priorities, weights, mass, oversample):
@@ -1205,12 +1203,17 @@ class Split:
     def weigh(self, run, centroids, init):
         """Bring weights, owners and mass up to date with `centroids` of this run and init (measuring only
         the ones added since the last round, or all after another run, init or an out-of-order round).
-        Call with `lock` held."""
+        The mass changes by the D^2 that changed, where fewer than half did. Call with `lock` held."""
         run_before, seen, init_before = self.weights_for or (None, 0, None)
         if (run_before, init_before) != (run, init) or seen > len(centroids):
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
-        self.mass = update_candidates(self.columns, centroids, seen, self.weights, self.owners, self.mass)
+        changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners)
+        if changed is None or 2 * len(changed[1]) > len(self.weights):
+            self.mass = exact_terms(self.weights)
+        else:   # the old ones out first: the running sum never exceeds the old mass
+            dropped, added = changed
+            self.mass = exact_terms(itertools.chain(self.mass, map(operator.neg, dropped), added))
         self.weights_for = (run, len(centroids), init)
 
     def assign(self, centroids, previous=None, keep_buckets=False):

@@ -11,7 +11,6 @@ import json
 import math
 import random
 import shutil
-from array import array
 from fractions import Fraction
 
 import pytest
@@ -168,18 +167,16 @@ def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, se
     scale = rng.choice([1.0, 2.0 ** -537, 1e-160, 1e140])   # tiny ones: squares that underflow
     points = [tuple(scale * float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim))
               for _ in range(60)]
-    columns = kmr.to_columns(points, dim)
-    weights, owners = array("d", [math.inf]) * len(points), array("q", [0]) * len(points)
-    candidates, mass = [], None
+    split = kmr.Split(kmr.to_columns(points, dim))
+    candidates = []
     for count in rounds:
-        seen = len(candidates)
         candidates += [rng.choice(points) if rng.random() < 0.5 else tuple(scale * rng.gauss(0, 5) for _ in range(dim))
                        for _ in range(count)]
-        mass = kmr.update_candidates(columns, candidates, seen, weights, owners, mass)
-        for point, weight, owner in zip(points, weights, owners):
+        split.weigh(1, candidates, "k-means||")   # measures only the new candidates
+        for point, weight, owner in zip(points, split.weights, split.owners):
             distances = [kmr.squared_distance(point, c) for c in candidates]
             assert weight == min(distances) and owner == distances.index(weight)
-        assert sum(map(Fraction, mass)) == sum(map(Fraction, weights))   # exact, kept from what changed
+        assert sum(map(Fraction, split.mass)) == sum(map(Fraction, split.weights))   # exact, kept from what changed
 
 
 def test_a_kmeans_parallel_round_picks_in_proportion_to_squared_distance():
