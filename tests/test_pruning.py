@@ -93,9 +93,10 @@ def columns_of(points):
 
 
 @settings(max_examples=300, deadline=None)
-@given(scenarios(), st.integers(1, 7), st.booleans(), st.sampled_from([kmr.FAR_MOVE, 1e-3]))
-def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled, far_move):
-    """(A small far_move marks most moving centroids far, so the test for far ones is taken often.)"""
+@given(scenarios(), st.integers(1, 7), st.booleans(), st.sampled_from([kmr.FAR_MOVE, 1e-3]), st.booleans())
+def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled, far_move, measured):
+    """(A small far_move marks most moving centroids far, so the test for far ones is taken often;
+    `measured` makes the first assignment take math.dist's distances at any D, as it does from D=8.)"""
     points, sequence = scenario
     assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
     assume(all(abs(x) <= kmr.MAX_COORDINATE for centroids in sequence for c in centroids for x in c))
@@ -104,9 +105,11 @@ def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled
     chunk_size, kmr.ASSIGN_CHUNK = kmr.ASSIGN_CHUNK, chunk   # several passes per step, as on big splits
     most_unrolled, kmr.MAX_UNROLLED = kmr.MAX_UNROLLED, kmr.MAX_UNROLLED if unrolled else 0   # both loops
     far_before, kmr.FAR_MOVE = kmr.FAR_MOVE, far_move
+    norm_from, kmr.NORM_FROM_DIM = kmr.NORM_FROM_DIM, 1 if measured else math.inf
     try:
         state = kmr.new_assignment(columns, sequence[0], texts, kmr.square_terms(columns, magnitudes))
         assert held(state, columns, texts) == from_scratch(points, sequence[0])
+        bounds_hold(state, columns)
         for centroids in sequence[1:]:
             old_keys = list(state.keys)
             moved = kmr.reassign(state, columns, texts, centroids)
@@ -116,6 +119,7 @@ def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled
             bounds_hold(state, columns)
     finally:
         kmr.ASSIGN_CHUNK, kmr.MAX_UNROLLED, kmr.FAR_MOVE = chunk_size, most_unrolled, far_before
+        kmr.NORM_FROM_DIM = norm_from
 
 
 def bounds_hold(state, columns):
@@ -157,6 +161,40 @@ def test_competing_centroids_are_all_measured(dim, clusters, seed, unrolled):
             bounds_hold(state, columns)
     finally:
         kmr.MAX_UNROLLED = most_unrolled
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 70).flatmap(lambda dim: st.tuples(st.tuples(*[COORDINATES] * dim),
+                                                          st.tuples(*[COORDINATES] * dim))))
+def test_math_dist_is_within_the_error_every_bound_allows(pair):
+    """measured_bounds makes bounds from math.dist as from `nearest`'s distances, which needs it within
+    rho x the true distance + tau; it is within 3 ulps' worth (3 ROUNDOFF), checked in exact arithmetic."""
+    point, centroid = pair
+    assume(all(abs(x) <= kmr.MAX_COORDINATE for x in point + centroid))
+    exact = sum((Fraction(x) - Fraction(c)) ** 2 for x, c in zip(point, centroid))
+    measured = Fraction(math.dist(point, centroid))
+    tau = Fraction(2 * math.sqrt(len(point)) * 2.0 ** -537)
+    low, high = 1 - 3 * Fraction(kmr.ROUNDOFF), 1 + 3 * Fraction(kmr.ROUNDOFF)
+    assert measured <= tau or ((measured - tau) / high) ** 2 <= exact   # measured <= high x true + tau
+    assert ((measured + tau) / low) ** 2 >= exact                        # measured >= low x true - tau
+
+
+@pytest.mark.parametrize("dim", [8, 16, 64])
+def test_a_first_assignment_by_math_dist_keeps_nearest_keys_on_ties(dim):
+    """From D=8 the first assignment measures with math.dist; points on a bisector, a few ulps off it,
+    and duplicate centroids are settled by `nearest`'s own arithmetic, and every bound holds."""
+    rng = random.Random(dim)
+    centroids = [tuple(rng.uniform(-50, 50) for _ in range(dim)) for _ in range(5)]
+    centroids.append(centroids[2])   # a duplicate: its points tie exactly
+    points = [tuple(rng.gauss(0, 30) for _ in range(dim)) for _ in range(300)]
+    for first, second in [(0, 1), (1, 3), (2, 4), (3, 5)]:
+        middle = tuple((a + b) / 2 for a, b in zip(centroids[first], centroids[second]))
+        points += [middle] + [tuple(nudged(x, steps) for x in middle) for steps in (-2, -1, 1, 2)]
+    columns = columns_of(points)
+    state = kmr.new_assignment(columns, centroids, None, kmr.square_terms(columns, kmr.coordinate_range(columns)))
+    assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
+    bounds_hold(state, columns)
+    assert 5 not in state.keys   # the duplicate loses every tie to the first one
 
 
 def test_points_are_skipped_on_well_separated_data():
