@@ -87,7 +87,7 @@ INITS = ("random", "k-means++", "k-means||")   # --init, besides a file of centr
 PARALLEL_ROUNDS = 5           # k-means|| rounds (Bahmani et al.: about 5 suffice)
 OVERSAMPLE_DIVISOR = 2        # k-means|| expects K / 2 candidates per round (l = 0.5 K)
 RECLUSTER_WORK = 25_000_000   # distances the master's Lloyd rounds on the k-means|| candidates measure at most
-BLOCK_BYTES = 1 << 20         # input is read and parsed in blocks of lines of about this size
+BLOCK_BYTES = 1 << 17         # input is read and parsed in blocks of lines of about this size (their strings stay in cache)
 IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins its content for a job
 
 # map across iterations (the bounds engine)
