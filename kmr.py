@@ -882,51 +882,78 @@ def below(value, scale):
 
 
 @functools.lru_cache(maxsize=64)
-def bounded_reassigner(clusters, dim, unrolled, far):
+def bounded_reassigner(clusters, dim, measured, far):
     """A compiled loop moving a split's points to new centroids with Hamerly's test: a point whose
     bounds prove its centroid still nearest (and, with `far` centroids, nearer than half the way to
     them) is skipped; otherwise its own distance tightens the upper bound, and if it is still in doubt
     it is measured against the centroids that can compete. Those are the ones nearer its centroid than
     twice its distance (triangle inequality: the others are farther than its own), taken nearest first
     from `neighbours`. Distances use `nearest`'s arithmetic and a tie goes to the lowest index, so the
-    key is `nearest`'s. Updates keys and bounds in place; returns (moves, examined, rechecked)."""
+    key is `nearest`'s. The loop is unrolled over the coordinates, or, `measured`, takes math.dist's
+    distances, and a point whose nearest is not clearly apart from the next (see measured_bounds) is
+    settled with `nearest`'s arithmetic. Updates keys and bounds in place; returns (moves, examined,
+    rechecked)."""
+    root = "" if measured else "sqrt"   # measured distances are distances, the others squared
     body = ["def reassign_points(columns, keys, upper, lower, centroids, neighbours, limits, grown, shrunk, half,"
             " far_half):",
             "    upper_limit, gap_limit, far_limit = limits",
             "    moves = []; add_move = moves.append; examined = rechecked = 0"]
-    if unrolled:
+    if not measured:
         xs = "".join(f"x{d}, " for d in range(dim))
         body += [f"    {''.join(f'own{d}, ' for d in range(dim))}= map(list, zip(*centroids))",
                  f"    for i, {xs}k, u, l in zip(count(), *columns, keys, upper, lower):"]
     else:
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
+
+    def distance(result, coordinates, whole):
+        return f"{result} = dist(point, {whole})" if measured else distance_source(result, coordinates, dim)
+
     body += [f"        if u <= upper_limit[k] or u - l <= gap_limit[k]{' and u <= far_limit[k]' if far else ''}:"
              " continue",
-             "        examined += 1"]
-    body.append(f"        {distance_source('b', 'own{d}[k]', dim, None if unrolled else 'centroids[k]')}")
-    body += ["        reach = sqrt(b) * SWELL + TINY",
+             "        examined += 1",
+             f"        {distance('b', 'own{d}[k]', 'centroids[k]')}",
+             f"        reach = {root}(b) * SWELL + TINY",
              "        upper[i] = reach - grown[k]",
              f"        if reach < half[k] or reach < l - shrunk[k]{' and reach < far_half[k]' if far else ''}:"
              " continue",
              "        rechecked += 1",
              "        twice = (reach + TINY) * TWICE; s = beyond = inf; key = k"]
-    names = "".join(f"e{d}, " for d in range(dim)) if unrolled else "centroid, "
+    names = "centroid, " if measured else "".join(f"e{d}, " for d in range(dim))
     body += [f"        for distance, j, {names}in neighbours[k]:",
              "            if distance >= twice: beyond = distance; break",
-             f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'centroid')}"]
-    body += ["            if d < b or d == b and j < key: s = b; b = d; key = j",
-             "            elif d < s: s = d",
-             "        if key != k:",
-             "            upper[i] = sqrt(b) * SWELL + TINY - grown[key]; keys[i] = key; add_move((i, k, key))",
-             "        low = sqrt(s) * SHRINK - TINY",
+             f"            {distance('d', 'e{d}', 'centroid')}",
+             "            if d < b or d == b and j < key: s = b; b = d; key = j",
+             "            elif d < s: s = d"]
+    if measured:
+        body.append("        if not b * SWELL + TINY < s * SHRINK - TINY: key, b, s = settled(point, k, centroids, "
+                    "neighbours[k], twice)")
+    body += ["        if key != k:",
+             f"            upper[i] = {root}(b) * SWELL + TINY - grown[key]; keys[i] = key; add_move((i, k, key))",
+             f"        low = {root}(s) * SHRINK - TINY",
              "        past = beyond * SHRINK - reach - TINY   # below the distance to any centroid not measured",
              "        if past < low: low = past",
              "        lower[i] = (low + shrunk[key]) * SHADE if low > 0.0 else -inf",
              "    return moves, examined, rechecked"]
-    namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "squared_distance": squared_distance,
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "inf": math.inf, "dist": math.dist, "settled": settled,
                  **bound_factors(dim)}
-    exec(compile("\n".join(body), f"<bounded reassign K={clusters} D={dim}>", "exec"), namespace)
+    exec(compile("\n".join(body), f"<bounded reassign K={clusters} D={dim}{' measured' if measured else ''}>", "exec"),
+         namespace)
     return namespace["reassign_points"]
+
+
+def settled(point, own, centroids, row, twice):
+    """(key, distance, second distance) of a point in doubt among its own centroid and the neighbours
+    `row` nearer it than `twice`, with `nearest`'s arithmetic and ties: what the compiled loops compute."""
+    best, second, key = squared_distance(point, centroids[own]), math.inf, own
+    for distance, index, centroid in row:
+        if distance >= twice:
+            break
+        candidate = squared_distance(point, centroid)
+        if candidate < best or candidate == best and index < key:
+            best, second, key = candidate, best, index
+        elif candidate < second:
+            second = candidate
+    return key, math.sqrt(best), math.sqrt(second)
 
 
 def square_terms(columns, magnitudes):
@@ -1057,6 +1084,11 @@ def key_array(clusters, size):
     return array(typecode, bytes(array(typecode).itemsize * size))
 
 
+def by_norm(clusters, dim):
+    """Whether the assignment measures with math.dist (high D, or too many centroids to unroll the loop)."""
+    return dim >= NORM_FROM_DIM or clusters * dim > MAX_UNROLLED
+
+
 def exact_bounds(columns, centroids):
     """(keys, upper, lower) of some points: `nearest`'s key and Hamerly's two bounds, from the two
     smallest squared distances `two_nearest` computes with `nearest`'s arithmetic."""
@@ -1105,7 +1137,7 @@ def new_assignment(columns, centroids, texts, squares):
     """Every point of a split examined against the centroids: a fresh Assignment (with buckets of
     the points and their `texts` for plain partitions, unless texts is None)."""
     dim, clusters, size = len(columns), len(centroids), len(columns[0])
-    first_bounds = measured_bounds if dim >= NORM_FROM_DIM or clusters * dim > MAX_UNROLLED else exact_bounds
+    first_bounds = measured_bounds if by_norm(clusters, dim) else exact_bounds
     keys = key_array(clusters, size)
     upper, lower = array("d", bytes(8 * size)), array("d", bytes(8 * size))
     counts, members = [0] * clusters, [[] for _ in centroids]
@@ -1147,9 +1179,9 @@ def reassign(state, columns, texts, centroids):
     factors = bound_factors(dim)
     swell, tiny = factors["SWELL"], factors["TINY"]
     shifts = [math.sqrt(squared_distance(a, b)) * swell + tiny for a, b in zip(state.centroids, centroids)]
-    unrolled = clusters * dim <= MAX_UNROLLED
+    measured = by_norm(clusters, dim)
     # per centroid, the others nearest first: (distance, index, coordinates)
-    neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *(other if unrolled else [other]))
+    neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *([tuple(other)] if measured else other))
                          for j, other in enumerate(centroids) if j != k) for k, c in enumerate(centroids)]
     far, counted = far_centroids(state.far, shifts, neighbours)
     if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
@@ -1168,8 +1200,9 @@ def reassign(state, columns, texts, centroids):
     limits = ([below(h - g, abs(h) + g) for h, g in zip(half, swollen)],
               [below(-(g + s), g + s) for g, s in zip(swollen, shrunk)],
               [below(h - g, abs(h) + g) for h, g in zip(far_half, swollen)] if far_half else None)
-    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, unrolled, far_half is not None)(
-        columns, state.keys, state.upper, state.lower, centroids, neighbours, limits, grown, shrunk, half, far_half)
+    moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, measured, far_half is not None)(
+        columns, state.keys, state.upper, state.lower, [tuple(c) for c in centroids], neighbours, limits, grown, shrunk,
+        half, far_half)
     state.centroids, state.grown, state.shrunk, state.far = list(centroids), grown, shrunk, far
     apply_moves(state, columns, texts, moves)
     state.sse = sse_of_sums(state.counts, state.sums, state.squares, centroids)

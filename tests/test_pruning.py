@@ -180,9 +180,9 @@ def test_math_dist_is_within_the_error_every_bound_allows(pair):
 
 
 @pytest.mark.parametrize("dim", [8, 16, 64])
-def test_a_first_assignment_by_math_dist_keeps_nearest_keys_on_ties(dim):
-    """From D=8 the first assignment measures with math.dist; points on a bisector, a few ulps off it,
-    and duplicate centroids are settled by `nearest`'s own arithmetic, and every bound holds."""
+def test_assignment_by_math_dist_keeps_nearest_keys_on_ties(dim):
+    """From D=8 the assignment measures with math.dist; points on a bisector, a few ulps off it, and
+    duplicate centroids are settled by `nearest`'s own arithmetic, and every bound holds."""
     rng = random.Random(dim)
     centroids = [tuple(rng.uniform(-50, 50) for _ in range(dim)) for _ in range(5)]
     centroids.append(centroids[2])   # a duplicate: its points tie exactly
@@ -195,6 +195,12 @@ def test_a_first_assignment_by_math_dist_keeps_nearest_keys_on_ties(dim):
     assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
     bounds_hold(state, columns)
     assert 5 not in state.keys   # the duplicate loses every tie to the first one
+    for steps in (1, -2, 3):   # points in doubt are measured with math.dist too: the same ties, a few ulps apart
+        centroids = [tuple(nudged(x, steps) for x in c) if k in (0, 3) else c for k, c in enumerate(centroids)]
+        kmr.reassign(state, columns, None, centroids)
+        assert list(state.keys) == [kmr.nearest(p, centroids) for p in points]
+        assert state.rechecked > 0 and 5 not in state.keys
+        bounds_hold(state, columns)
 
 
 def test_points_are_skipped_on_well_separated_data():
