@@ -808,7 +808,9 @@ def topped_up(centroids, sample, clusters):
 # moved since is no longer far by that measure, it rejoins the others, and their lower bounds take in
 # that move at once.
 # The whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
-# comparisons.
+# comparisons. From D=8 both loops take their distances from math.dist, at C speed: it is within the
+# error every bound allows a computed distance, so the bounds come from it alike, and a point whose
+# nearest centroid it does not clearly set apart from the next is measured with `nearest`'s arithmetic.
 #
 # Plain partitions (no combiner) send every point, so each cluster's points are kept in a Bucket that
 # changes by the points that moved, rather than gathered from the whole split every iteration.
@@ -3256,15 +3258,20 @@ class Workers:
         if worker is None or not (worker.alive or worker.left):
             self.members.pop(member, None)
             raise JoinRefused("NOT_FOUND", "this master does not know that worker (lost, or a new master): join again")
-        if worker.left:
-            return True
         if leaving and not worker.leaving:
             worker.leaving = True
             log.info("%s asks to leave: no new task for it; released once its calls end and the reducers have "
                      "its map outputs", worker.name)
+        return self.release(worker)
+
+    def release(self, worker):
+        """Release a member that asked to leave once no call runs there and no reducer needs its map
+        outputs (it hears so at its next beat); whether it is released."""
         with self.lock:
-            if not (worker.leaving and worker.calls == 0 and id(worker) not in self.held):
-                return False
+            if worker.left:
+                return True
+            if not (worker.alive and worker.leaving and worker.calls == 0 and id(worker) not in self.held):
+                return False   # a lost one is lost, not released
             worker.alive, worker.left = False, True
         if worker.channel is not None:
             worker.channel.close()
@@ -3275,9 +3282,13 @@ class Workers:
     def hold_outputs(self, mappers):
         """These mappers hold map outputs the reducers still need: the winners once a map stage is over,
         none once the iteration is reduced (every Map sent holds its mapper until then). A leaving mapper
-        is released only when it holds none."""
+        is released only when it holds none: at once, so that it leaves within the iteration it was
+        needed for, however soon the job ends."""
         with self.lock:
             self.held = {id(worker) for worker in mappers}
+        for worker in list(self.members.values()):
+            if worker.leaving:
+                self.release(worker)
 
     def end_job(self):
         """Tell the live workers this master did not spawn that the job is over, so they drop its state
