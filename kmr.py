@@ -93,7 +93,7 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
 MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
-NORM_FROM_DIM = 8                # D from which a first assignment measures with math.dist (C speed) first
+NORM_FROM_DIM = 6                # D from which the assignment loops take their distances from math.dist (C speed)
 ROUNDOFF = 2.0 ** -53            # the largest relative error of one rounded operation on doubles
 ROUND_UP = 1 + 4 * ROUNDOFF      # a rounded sum of two non-negative doubles times this is at least the exact sum
 FAR_MOVE = 64.0                  # a centroid that moved more than this x another's nearest-neighbour distance is far
@@ -808,7 +808,7 @@ def topped_up(centroids, sample, clusters):
 # moved since is no longer far by that measure, it rejoins the others, and their lower bounds take in
 # that move at once.
 # The whole step is one compiled loop per (K, D), like the assignment loop: a skipped point costs a few
-# comparisons. From D=8 both loops take their distances from math.dist, at C speed: it is within the
+# comparisons. From D=6 both loops take their distances from math.dist, at C speed: it is within the
 # error every bound allows a computed distance, so the bounds come from it alike, and a point whose
 # nearest centroid it does not clearly set apart from the next is measured with `nearest`'s arithmetic.
 #

@@ -14,8 +14,9 @@ coordinates = st.one_of(
 
 @st.composite
 def datasets(draw):
-    """Points (duplicates likely), K distinct initial centroids drawn from them, M, R and n."""
-    dim = draw(st.integers(1, 4))
+    """Points (duplicates likely), K distinct initial centroids drawn from them, M, R and n; D up to 7, so
+    that the assignment also takes math.dist's distances (it does from D=6)."""
+    dim = draw(st.sampled_from([1, 2, 3, 4, 6, 7]))
     pool = draw(st.lists(st.tuples(*[coordinates] * dim), min_size=1, max_size=40, unique=True))
     points = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=300))
     distinct = sorted(set(points))

@@ -96,7 +96,7 @@ def columns_of(points):
 @given(scenarios(), st.integers(1, 7), st.booleans(), st.sampled_from([kmr.FAR_MOVE, 1e-3]), st.booleans())
 def test_kept_assignment_equals_nearest_point_by_point(scenario, chunk, unrolled, far_move, measured):
     """(A small far_move marks most moving centroids far, so the test for far ones is taken often;
-    `measured` makes the first assignment take math.dist's distances at any D, as it does from D=8.)"""
+    `measured` makes the assignment take math.dist's distances at any D, as it does from D=6.)"""
     points, sequence = scenario
     assume(all(abs(x) <= kmr.MAX_COORDINATE for p in points for x in p))
     assume(all(abs(x) <= kmr.MAX_COORDINATE for centroids in sequence for c in centroids for x in c))
@@ -179,9 +179,9 @@ def test_math_dist_is_within_the_error_every_bound_allows(pair):
     assert ((measured + tau) / low) ** 2 >= exact                        # measured >= low x true - tau
 
 
-@pytest.mark.parametrize("dim", [8, 16, 64])
+@pytest.mark.parametrize("dim", [6, 16, 64])
 def test_assignment_by_math_dist_keeps_nearest_keys_on_ties(dim):
-    """From D=8 the assignment measures with math.dist; points on a bisector, a few ulps off it, and
+    """From D=6 the assignment measures with math.dist; points on a bisector, a few ulps off it, and
     duplicate centroids are settled by `nearest`'s own arithmetic, and every bound holds."""
     rng = random.Random(dim)
     centroids = [tuple(rng.uniform(-50, 50) for _ in range(dim)) for _ in range(5)]
