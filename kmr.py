@@ -945,7 +945,8 @@ def bounded_reassigner(clusters, dim, measured, far):
 
 def settled(point, own, centroids, row, twice):
     """(key, distance, second distance) of a point in doubt among its own centroid and the neighbours
-    `row` nearer it than `twice`, with `nearest`'s arithmetic and ties: what the compiled loops compute."""
+    in `row` nearer it than `twice`, with `nearest`'s arithmetic and ties: the key the compiled loops
+    compute, and bounds as valid as theirs."""
     best, second, key = squared_distance(point, centroids[own]), math.inf, own
     for distance, index, centroid in row:
         if distance >= twice:
@@ -1106,8 +1107,9 @@ def measured_bounds(columns, centroids):
 
     math.dist runs at C speed (4.5x the compiled loop at D=64). Its result is the norm of the rounded
     differences within 1 ulp (Python >= 3.10, documented for hypot, the same routine): within 3
-    ROUNDOFF x the true distance, well inside the rho every bound already allows a computed distance
-    (test_pruning checks it in exact arithmetic). So the bounds are made from it as from
+    ROUNDOFF x the true distance, or half the smallest subnormal where it underflows, well inside the
+    rho and tau every bound already allows a computed distance (test_pruning checks it in exact
+    arithmetic). So the bounds are made from it as from
     `nearest`'s, and where the upper bound to the nearest lies below the lower bound to every other
     centroid, `nearest`'s own computed distances order the same way, strictly: the key is
     `nearest`'s, ties and near-ties excepted. Those few points are measured again by exact_bounds.
@@ -3281,7 +3283,7 @@ class Workers:
 
     def hold_outputs(self, mappers):
         """These mappers hold map outputs the reducers still need: the winners once a map stage is over,
-        none once the iteration is reduced (every Map sent holds its mapper until then). A leaving mapper
+        none once the iteration is reduced (every Map sent holds its mapper until then). A leaving member
         is released only when it holds none: at once, so that it leaves within the iteration it was
         needed for, however soon the job ends."""
         with self.lock:

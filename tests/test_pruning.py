@@ -168,7 +168,7 @@ def test_competing_centroids_are_all_measured(dim, clusters, seed, unrolled):
                                                           st.tuples(*[COORDINATES] * dim))))
 def test_math_dist_is_within_the_error_every_bound_allows(pair):
     """measured_bounds makes bounds from math.dist as from `nearest`'s distances, which needs it within
-    rho x the true distance + tau; it is within 3 ulps' worth (3 ROUNDOFF), checked in exact arithmetic."""
+    rho x the true distance + tau; it is within 3 ROUNDOFF x it + tau, checked in exact arithmetic."""
     point, centroid = pair
     assume(all(abs(x) <= kmr.MAX_COORDINATE for x in point + centroid))
     exact = sum((Fraction(x) - Fraction(c)) ** 2 for x, c in zip(point, centroid))
