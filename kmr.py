@@ -907,13 +907,13 @@ def bounded_reassigner(clusters, dim, measured, far):
     else:
         body.append("    for i, point, k, u, l in zip(count(), zip(*columns), keys, upper, lower):")
 
-    def distance(result, coordinates, whole):
+    def measure(result, coordinates, whole):
         return f"{result} = dist(point, {whole})" if measured else distance_source(result, coordinates, dim)
 
     body += [f"        if u <= upper_limit[k] or u - l <= gap_limit[k]{' and u <= far_limit[k]' if far else ''}:"
              " continue",
              "        examined += 1",
-             f"        {distance('b', 'own{d}[k]', 'centroids[k]')}",
+             f"        {measure('b', 'own{d}[k]', 'centroids[k]')}",
              f"        reach = {root}(b) * SWELL + TINY",
              "        upper[i] = reach - grown[k]",
              f"        if reach < half[k] or reach < l - shrunk[k]{' and reach < far_half[k]' if far else ''}:"
@@ -923,7 +923,7 @@ def bounded_reassigner(clusters, dim, measured, far):
     names = "centroid, " if measured else "".join(f"e{d}, " for d in range(dim))
     body += [f"        for distance, j, {names}in neighbours[k]:",
              "            if distance >= twice: beyond = distance; break",
-             f"            {distance('d', 'e{d}', 'centroid')}",
+             f"            {measure('d', 'e{d}', 'centroid')}",
              "            if d < b or d == b and j < key: s = b; b = d; key = j",
              "            elif d < s: s = d"]
     if measured:
@@ -1109,10 +1109,10 @@ def measured_bounds(columns, centroids):
     differences within 1 ulp (Python >= 3.10, documented for hypot, the same routine): within 3
     ROUNDOFF x the true distance, or half the smallest subnormal where it underflows, well inside the
     rho and tau every bound already allows a computed distance (test_pruning checks it in exact
-    arithmetic). So the bounds are made from it as from
-    `nearest`'s, and where the upper bound to the nearest lies below the lower bound to every other
-    centroid, `nearest`'s own computed distances order the same way, strictly: the key is
-    `nearest`'s, ties and near-ties excepted. Those few points are measured again by exact_bounds.
+    arithmetic). So the bounds are made from it as from `nearest`'s, and where the upper bound to the
+    nearest lies below the lower bound to every other centroid, `nearest`'s own computed distances
+    order the same way, strictly: the key is `nearest`'s. Ties and near-ties fail that test, and those
+    few points are measured again by exact_bounds.
     """
     factors = bound_factors(len(columns))
     swell, shrink, tiny = factors["SWELL"], factors["SHRINK"], factors["TINY"]
