@@ -87,7 +87,7 @@ INITS = ("random", "k-means++", "k-means||")   # --init, besides a file of centr
 PARALLEL_ROUNDS = 5           # k-means|| rounds (Bahmani et al.: about 5 suffice)
 OVERSAMPLE_DIVISOR = 2        # k-means|| expects K / 2 candidates per round (l = 0.5 K)
 RECLUSTER_WORK = 25_000_000   # distances the master's Lloyd rounds on the k-means|| candidates measure at most
-BLOCK_BYTES = 1 << 17         # input is read and parsed in blocks of lines of about this size (their strings stay in cache)
+BLOCK_BYTES = 1 << 17         # input is read and parsed in blocks of lines of about this size (kept in cache)
 IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins its content for a job
 
 # map across iterations (the bounds engine)
@@ -1183,10 +1183,10 @@ def reassign(state, columns, texts, centroids):
     factors = bound_factors(dim)
     swell, tiny = factors["SWELL"], factors["TINY"]
     shifts = [math.sqrt(squared_distance(a, b)) * swell + tiny for a, b in zip(state.centroids, centroids)]
-    measured = by_norm(clusters, dim)
+    measured, targets = by_norm(clusters, dim), [tuple(c) for c in centroids]   # math.dist takes tuples as they are
     # per centroid, the others nearest first: (distance, index, coordinates)
-    neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *([tuple(other)] if measured else other))
-                         for j, other in enumerate(centroids) if j != k) for k, c in enumerate(centroids)]
+    neighbours = [sorted((math.sqrt(squared_distance(c, other)), j, *([other] if measured else other))
+                         for j, other in enumerate(targets) if j != k) for k, c in enumerate(targets)]
     far, counted = far_centroids(state.far, shifts, neighbours)
     if clusters > 1:   # a cluster's points are closer to the others by at most the farthest other shift
         second_largest, largest = sorted(counted)[-2:]
@@ -1205,8 +1205,7 @@ def reassign(state, columns, texts, centroids):
               [below(-(g + s), g + s) for g, s in zip(swollen, shrunk)],
               [below(h - g, abs(h) + g) for h, g in zip(far_half, swollen)] if far_half else None)
     moves, state.examined, state.rechecked = bounded_reassigner(clusters, dim, measured, far_half is not None)(
-        columns, state.keys, state.upper, state.lower, [tuple(c) for c in centroids], neighbours, limits, grown, shrunk,
-        half, far_half)
+        columns, state.keys, state.upper, state.lower, targets, neighbours, limits, grown, shrunk, half, far_half)
     state.centroids, state.grown, state.shrunk, state.far = list(centroids), grown, shrunk, far
     apply_moves(state, columns, texts, moves)
     state.sse = sse_of_sums(state.counts, state.sums, state.squares, centroids)
