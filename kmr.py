@@ -102,6 +102,7 @@ EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 PRIORITY_BLOCK = 4096            # points whose random priorities come from one generator
+PICK_PRIORITY = 2.0 ** -8        # k-means|| rounds draw whole priorities below this (first byte 0) for every point
 
 # files
 CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
@@ -500,20 +501,35 @@ def kmeans_reference(points, centroids, n, tol=0.0):
 # ####################################################################################################
 
 
-def exact_terms(values):
-    """A few doubles whose exact sum is the exact sum of `values`.
+def exact_terms(values, terms=()):
+    """A few doubles whose exact sum is the exact sum of `values` and of earlier such `terms`.
 
     fsum is correctly rounded, so fsum(values) is the sum's leading double; fsum of the values
     minus the terms found so far is the next one, until nothing is left.  Each term adds ~53 bits.
+    Every value is a whole multiple of u, the ulp of the smallest nonzero |value| (or the lowest bit
+    of a term), and so are the sum and its leading double (or the sum is exact in one double); the
+    rest is at most half the leading double's ulp, so if that is at most 2**53 u the rest is one
+    double, and fsum gives it exactly.
     """
-    pending = list(values)
-    terms = []
-    while True:
-        term = math.fsum(pending)
-        if term == 0.0:
-            return terms
-        terms.append(term)
+    values = values if isinstance(values, (list, array)) else list(values)
+    first = math.fsum(itertools.chain(terms, values))
+    if first == 0.0:
+        return []
+    unit = min([math.ulp(min(map(abs, filter(None, values)), default=math.inf))] + [lowest_bit(t) for t in terms if t])
+    if math.ulp(first) <= 2.0 ** 54 * unit:
+        rest = math.fsum(itertools.chain(terms, values, (-first,)))
+        return [first, rest] if rest else [first]
+    found, pending = [first], [*terms, *values, -first]
+    while term := math.fsum(pending):
+        found.append(term)
         pending.append(-term)
+    return found
+
+
+def lowest_bit(value):
+    """The largest power of two that divides a nonzero double."""
+    numerator, denominator = value.as_integer_ratio()
+    return 1 / denominator if denominator > 1 else float(numerator & -numerator)
 
 
 def exact_product(a, b):
@@ -685,37 +701,101 @@ def candidate_updater(count, dim):
     return namespace["update"]
 
 
+def reach_margins(dim):
+    """(factor, term): a candidate whose distance from a point, by the triangle inequality, is at least
+    factor x (the point's computed distance to its nearest) + term cannot be nearer in the computed
+    squared distances either: the factor covers rounding, the term squares that underflow (as in
+    bound_factors)."""
+    return 1.0 + 5e-10, 8 * math.sqrt(dim) * 2.0 ** -537
+
+
+def reach_below(distance, dim):
+    """The largest D^2 of a point that a candidate at least `distance` away cannot beat (reach_margins,
+    squared), or -1 if there is none."""
+    factor, term = reach_margins(dim)
+    return ((distance - term) / factor) ** 2 * (1 - 2.0 ** -50) if distance > term else -1.0
+
+
 @functools.lru_cache(maxsize=64)
 def pruned_updater(dim):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
-    those, nearest first from `near`; of equal distances the lower number wins. The margin covers
-    rounding, and squares that underflow (as in bound_factors). Each changed D^2 goes to `dropped`,
-    its new value to `added`."""
+    those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
+    distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
+    `dropped`, its new value to `added`."""
     unrolled = dim <= MAX_UNROLLED_DIM
     point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
-    body = ["def update(columns, near, weights, owners, dropped, added):",
+    body = ["def update(columns, near, gates, weights, owners, dropped, added):",
             f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
+            "        if gates[k] >= b: continue",
             "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
             "            if far >= reach: break"]
     body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
     body += ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
              "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
-    namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": 1.0 + 5e-10,
-                 "UNDERFLOW": 8 * math.sqrt(dim) * 2.0 ** -537, "squared_distance": squared_distance}
+    reach, underflow = reach_margins(dim)
+    namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": reach, "UNDERFLOW": underflow,
+                 "squared_distance": squared_distance}
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
     return namespace["update"]
+
+
+@functools.lru_cache(maxsize=8)
+def cell_updater(dim):
+    """A compiled loop like pruned_updater's for D <= 2, where the table is by cell of a grid over the
+    points rather than by nearest candidate: a new candidate can be nearer to a point only if it lies
+    within the point's distance r of the point's cell, so each point measures only the candidates that
+    near[its cell] lists within r, nearest first, and within r' once one at r' is found."""
+    cell = "int((x0 - low0) * scale0)" + (" * width + int((x1 - low1) * scale1)" if dim == 2 else "")
+    body = ["def update(columns, near, lows, scales, width, weights, owners):",
+            f"    ({''.join(f'low{d}, ' for d in range(dim))}), ({''.join(f'scale{d}, ' for d in range(dim))}) = lows, scales",
+            f"    for i, {''.join(f'x{d}, ' for d in range(dim))}b, k in zip(count(), *columns, weights, owners):",
+            "        o = k",
+            f"        for far, j, {''.join(f'e{d}, ' for d in range(dim))}in near[{cell}]:",
+            "            if far >= b: break",
+            f"            {distance_source('d', 'e{d}', dim)}",
+            "            if d < b or d == b and j < k: b = d; k = j",
+            "        if k != o: weights[i] = b; owners[i] = k"]
+    namespace = {"count": itertools.count}
+    exec(compile("\n".join(body), f"<k-means|| cell update D={dim}>", "exec"), namespace)
+    return namespace["update"]
+
+
+def grid_of(columns, new, first):
+    """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate:
+    (per cell, each new candidate's (largest D^2 it cannot beat from the cell (reach_below), number
+    from `first`, coordinates), in that order; the lowest coordinates; cells per unit; cells per
+    row). A point's cell is int((x - low) x scale) per coordinate, its highest one included; each
+    cell's box is widened to hold every point whose rounded index is the cell's."""
+    dim = len(columns)
+    per_axis = max(1, math.isqrt(16 * len(new))) if dim == 2 else 16 * len(new)
+    axes = []
+    for column in columns:
+        low, high = min(column), max(column)
+        scale = per_axis / (high - low) if high - low > 2.0 ** -1000 else 0.0
+        pad = 4 * math.ulp(max(abs(low), abs(high))) + (2.0 ** -20 / scale if scale else 0.0)
+        cells = int((high - low) * scale) + 1
+        edges = [(low + i / scale - pad, low + (i + 1) / scale + pad) if scale else (low - pad, high + pad)
+                 for i in range(cells)]
+        axes.append((low, scale, edges))
+    boxes = itertools.product(*(edges for _, _, edges in axes))
+    near = [sorted((reach_below(math.sqrt(sum(max(lower - e, e - upper, 0.0) ** 2
+                                              for (lower, upper), e in zip(box, candidate))), dim),
+                    number, *candidate) for number, candidate in enumerate(new, first)) for box in boxes]
+    return near, [low for low, _, _ in axes], [scale for _, scale, _ in axes], len(axes[-1][2])
 
 
 def update_candidates(columns, candidates, seen, weights, owners):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
     after the first `seen` joined them; returns the D^2 that changed as (dropped, added), or None if
-    every point was measured. New candidates are measured against every point, in blocks the compiled
-    loop takes, or, once points have a nearest candidate, only where the triangle inequality lets them
-    compete, when the table of distances between old and new candidates that this needs costs no more
-    than a pass."""
+    they are to be summed afresh. New candidates are measured against every point, in blocks the
+    compiled loop takes, or, once points have a nearest candidate, only where the triangle inequality
+    lets them compete, when the table of distances between old and new candidates that this needs
+    costs no more than a pass: from each point's cell of a grid where D <= 2 and the new candidates
+    outnumber the old (k-means|| round 2: one old candidate tells the points little), else from each
+    point's nearest candidate."""
     dim = len(columns)
     if seen == 0 or seen * (len(candidates) - seen) > len(weights):
         block = max(1, MAX_UNROLLED // dim)
@@ -723,27 +803,63 @@ def update_candidates(columns, candidates, seen, weights, owners):
             part = candidates[low:low + block]
             candidate_updater(len(part), dim)(columns, part, weights, owners, low)
         return None
+    if dim <= 2 and seen < len(candidates) - seen:
+        cell_updater(dim)(columns, *grid_of(columns, candidates[seen:], seen), weights, owners)
+        return None   # most points changed: their mass is summed afresh
+    dropped, added = [], []
     unrolled = dim <= MAX_UNROLLED_DIM
     near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
                    for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
-    dropped, added = [], []
-    pruned_updater(dim)(columns, near, weights, owners, dropped.append, added.append)
+    gates = [reach_below(table[0][0], dim) / 4 if table else math.inf for table in near]   # reach 2r short of all
+    pruned_updater(dim)(columns, near, gates, weights, owners, dropped.append, added.append)
     return dropped, added
 
 
-def may_be_picked(priorities, weights, mass, oversample):
-    """The points of a split that a k-means|| round may pick, their indices ascending. The master picks
-    each point whose priority x the whole D^2 mass < l x D^2 (so with probability min(1, l D^2 / mass),
-    Bahmani et al.); the whole mass is at least the split's `mass`, so each such point has priority x
-    mass / l < D^2 here, with room for the rounding on both sides. (A priority is 0 or at least 2**-53,
-    so that product underflows only for a mass below 2**-900: then the master's own test, with this
-    split's mass.)"""
+def round_priorities(seed, start, end, also=()):
+    """(index from start, priority) of the points of [start, end) whose k-means|| round priority is
+    below PICK_PRIORITY, and of the points `also` (indices from start), ascending by index. A priority
+    is a multiple of 2**-53 in [0, 1) that depends on the seed and the point's index only (any M): its
+    first 8 bits are a random byte per point (PRIORITY_BLOCK points share a generator), scanned for 0
+    at C speed, its other 45 a hash of the seed and the index, taken only for the points returned."""
+    blocks = range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
+    heads = b"".join(random.Random(f"k-means||/{seed}/{block}").randbytes(PRIORITY_BLOCK) for block in blocks)
+    offset = start - blocks.start * PRIORITY_BLOCK   # heads[offset + i]: the first byte of point start + i
+    chosen, at = set(also), heads.find(0, offset, offset + end - start)
+    while at >= 0:
+        chosen.add(at - offset)
+        at = heads.find(0, at + 1, offset + end - start)
+    indices = sorted(chosen)
+    rest = (int.from_bytes(hashlib.blake2b(f"{seed}/{start + i}".encode(), digest_size=6).digest(), "little") >> 3
+            for i in indices)
+    return [(i, (heads[offset + i] * 2 ** 45 + low) / 2 ** 53) for i, low in zip(indices, rest)]
+
+
+def may_be_picked(candidates, weights, mass, oversample):
+    """Of `candidates` ((index, priority) pairs, ascending), those a k-means|| round may pick. The
+    master picks each point whose priority x the whole D^2 mass < l x D^2 (so with probability
+    min(1, l D^2 / mass), Bahmani et al.); the whole mass is at least the split's `mass`, so each such
+    point has priority x mass / l < D^2 here, with room for the rounding on both sides. (A priority is
+    0 or at least 2**-53, so that product underflows only for a mass below 2**-900: then the master's
+    own test, with this split's mass.)"""
     if mass < 2.0 ** -900:
-        offered = map(operator.lt, map(mass.__mul__, priorities), map(float(oversample).__mul__, weights))
+        return [(i, p) for i, p in candidates if mass * p < oversample * weights[i]]
+    bar = mass / oversample * (1 - 2.0 ** -40)
+    return [(i, p) for i, p in candidates if bar * p < weights[i]]
+
+
+def round_picks(seed, start, weights, mass, oversample):
+    """The points of a split that a k-means|| round may pick (may_be_picked), as (index from start,
+    priority). Only priorities below PICK_PRIORITY are drawn for every point: a point with a larger
+    one is offered only if its D^2 exceeds PICK_PRIORITY x mass / l, and the few such heavy points
+    (at most l / PICK_PRIORITY) are looked at whatever their priority."""
+    if not mass:
+        return []
+    if mass < 2.0 ** -900:
+        heavy = range(len(weights))   # the products underflow: every priority
     else:
-        bar = mass / oversample * (1 - 2.0 ** -40)
-        offered = map(operator.lt, map(bar.__mul__, priorities), weights)
-    return list(itertools.compress(range(len(weights)), offered))
+        line = mass / oversample * (1 - 2.0 ** -40) * PICK_PRIORITY
+        heavy = itertools.compress(range(len(weights)), map(line.__le__, weights)) if max(weights) >= line else ()
+    return may_be_picked(round_priorities(seed, start, start + len(weights), heavy), weights, mass, oversample)
 
 
 def recluster(candidates, weights, clusters, rng, rounds=30):
@@ -1172,8 +1288,8 @@ def add_points(sums, columns, came, went):
     """A cluster's exact sums after the points `came` joined it and `went` left: their coordinates
     added and subtracted without rounding."""
     for dimension, column in enumerate(columns):
-        sums[dimension] = exact_terms(itertools.chain(sums[dimension], gather(column, came),
-                                                      map(operator.neg, gather(column, went))))
+        sums[dimension] = exact_terms(itertools.chain(gather(column, came), map(operator.neg, gather(column, went))),
+                                      sums[dimension])
 
 
 def reassign(state, columns, texts, centroids):
@@ -1278,20 +1394,23 @@ class Split:
         """The split's square_terms, once."""
         return square_terms(self.columns, self.magnitudes)
 
-    def weigh(self, run, centroids, init):
-        """Bring weights, owners and mass up to date with `centroids` of this run and init (measuring only
-        the ones added since the last round, or all after another run, init or an out-of-order round).
-        The mass changes by the D^2 that changed, where fewer than half did. Call with `lock` held."""
+    def weigh(self, run, centroids, init, mass=True):
+        """Bring weights, owners and (if asked) mass up to date with `centroids` of this run and init
+        (measuring only the ones added since the last round, or all after another run, init or an
+        out-of-order round). The mass changes by the D^2 that changed, where fewer than half did.
+        Call with `lock` held."""
         run_before, seen, init_before = self.weights_for or (None, 0, None)
         if (run_before, init_before) != (run, init) or seen > len(centroids):
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
         changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners)
-        if changed is None or 2 * len(changed[1]) > len(self.weights):
+        if not mass:
+            self.mass = None   # the last pass of k-means|| counts owners only
+        elif changed is None or self.mass is None or 2 * len(changed[1]) > len(self.weights):
             self.mass = exact_terms(self.weights)
         else:   # the old ones out first: the running sum never exceeds the old mass
             dropped, added = changed
-            self.mass = exact_terms(itertools.chain(self.mass, map(operator.neg, dropped), added))
+            self.mass = exact_terms(itertools.chain(map(operator.neg, dropped), added), self.mass)
         self.weights_for = (run, len(centroids), init)
 
     def assign(self, centroids, previous=None, keep_buckets=False):
@@ -2109,15 +2228,14 @@ class MapperTasks:
         then its mass and the points the round may pick (may_be_picked) as (priority, index, point,
         D^2). Or, with count_clusters, the points nearest to each candidate (and no mass: the master
         does not need it). Call with the split's lock held."""
-        split.weigh(run, candidates, "k-means||")
+        split.weigh(run, candidates, "k-means||", mass=not count_clusters)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
             return [], 0, [], [nearest_to[number] for number in range(len(candidates))], []
         mass = split.mass
-        priorities = point_priorities(draw_seed, start, start + len(split.weights))
-        picked = may_be_picked(priorities, split.weights, math.fsum(mass), oversample)
-        return mass, 0, [], [], [(priorities[i], start + i, tuple(column[i] for column in split.columns),
-                               split.weights[i]) for i in picked]
+        picked = round_picks(draw_seed, start, split.weights, math.fsum(mass), oversample)
+        return mass, 0, [], [], [(priority, start + i, tuple(column[i] for column in split.columns),
+                                  split.weights[i]) for i, priority in picked]
 
 
 class ReducerTasks:

@@ -7,6 +7,7 @@ seeds and (M, R), not one.
 """
 
 import collections
+import itertools
 import json
 import math
 import random
@@ -161,17 +162,19 @@ def test_kmeans_parallel_logs_its_oversampling_factor_and_rounds(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 3), st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(0, 2**32))
 def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, seed):
-    """The pruned update (triangle inequality) leaves every point its D^2 to the nearest candidate and
-    that candidate's number, lowest of equals, as measuring all of them would."""
+    """The pruned updates (triangle inequality: from each point's nearest candidate, or from its cell
+    of a grid where D <= 2) leave every point its D^2 to the nearest candidate and that candidate's
+    number, lowest of equals, as measuring all of them would."""
     rng = random.Random(seed)
-    scale = rng.choice([1.0, 2.0 ** -537, 1e-160, 1e140])   # tiny ones: squares that underflow
-    points = [tuple(scale * float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim))
+    scale = rng.choice([1.0, 2.0 ** -537, 1e-160, 1e140, 1e-9])   # tiny ones: squares that underflow
+    offset = rng.choice([0.0, 0.0, 1e6, -7.5e12]) if scale == 1e-9 else 0.0   # grid cells of a few ulps
+    points = [tuple(offset + scale * float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim))
               for _ in range(60)]
     split = kmr.Split(kmr.to_columns(points, dim))
     candidates = []
     for count in rounds:
-        candidates += [rng.choice(points) if rng.random() < 0.5 else tuple(scale * rng.gauss(0, 5) for _ in range(dim))
-                       for _ in range(count)]
+        candidates += [rng.choice(points) if rng.random() < 0.5 else
+                       tuple(offset + scale * rng.gauss(0, 5) for _ in range(dim)) for _ in range(count)]
         split.weigh(1, candidates, "k-means||")   # measures only the new candidates
         for point, weight, owner in zip(points, split.weights, split.owners):
             distances = [kmr.squared_distance(point, c) for c in candidates]
@@ -179,11 +182,33 @@ def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, se
         assert sum(map(Fraction, split.mass)) == sum(map(Fraction, split.weights))   # exact, kept from what changed
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+def test_the_grid_update_keeps_ties_and_cell_edges_exact(monkeypatch, dim):
+    """Points on a lattice whose lines are the grid's cell edges, candidates at equal distances from
+    many of them (ties to the lower number) and one far point: the grid update gives every point what
+    measuring every candidate gives."""
+    used, compiled = [], kmr.cell_updater
+    monkeypatch.setattr(kmr, "cell_updater", lambda d: used.append(d) or compiled(d))
+    lattice = [i / 8 for i in range(-16, 17)]
+    points = [p[:dim] for p in itertools.product(lattice, lattice)] + [(1e9,) * dim]
+    split = kmr.Split(kmr.to_columns(points, dim))
+    candidates = [(0.0,) * dim]
+    split.weigh(1, candidates, "k-means||")   # every point measured: the first round
+    for new in ([(1.0,) * dim, (-1.0,) * dim, (0.5,) * dim, (0.25, -0.25)[:dim], (-0.25, 0.25)[:dim]],
+                [(1.5,) * dim, (-1.5, 1.5)[:dim], (0.75, 0.0)[:dim], (0.0, 0.75)[:dim], (2.0, 2.0)[:dim]] * 2):
+        candidates += new
+        split.weigh(1, candidates, "k-means||")
+        for point, weight, owner in zip(points, split.weights, split.owners):
+            distances = [kmr.squared_distance(point, c) for c in candidates]
+            assert (weight, owner) == (min(distances), distances.index(min(distances)))
+    assert used == [dim, dim]
+
+
 def test_a_kmeans_parallel_round_picks_in_proportion_to_squared_distance():
     """A point is picked when priority x mass < l x D^2: with probability min(1, l D^2 / mass)."""
-    priorities = [(i + 0.5) / 1000 for i in range(1000)]
-    assert kmr.may_be_picked(priorities, [1.0] * 1000, 1000.0, 3) == list(range(3))
-    assert kmr.may_be_picked(priorities[:4], [0.0, 2.0, 0.0, 5.0], 1.0, 1) == [1, 3]
+    priorities = list(enumerate((i + 0.5) / 1000 for i in range(1000)))
+    assert [i for i, _ in kmr.may_be_picked(priorities, [1.0] * 1000, 1000.0, 3)] == list(range(3))
+    assert [i for i, _ in kmr.may_be_picked(priorities[:4], [0.0, 2.0, 0.0, 5.0], 1.0, 1)] == [1, 3]
     assert kmr.may_be_picked(priorities[:4], [0.0] * 4, 0.0, 1) == []
 
 
@@ -202,9 +227,43 @@ def test_a_split_offers_every_point_the_master_picks(pairs, more, oversample):
     edges = [math.floor(oversample * w / mass * 2 ** 53) / 2 ** 53 if mass else 0.0 for w in weights]
     for priorities in ([p for p, _ in pairs], [min(e, 1 - 2 ** -53) for e in edges],
                        [min(e + 2 ** -53, 1 - 2 ** -53) for e in edges]):
-        offered = set(kmr.may_be_picked(priorities, weights, mass, oversample))
+        offered = {i for i, _ in kmr.may_be_picked(list(enumerate(priorities)), weights, mass, oversample)}
         for whole in (mass, mass * more, math.nextafter(mass, math.inf)):
             assert {i for i, (p, w) in enumerate(zip(priorities, weights)) if p * whole < oversample * w} <= offered
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2 ** 63), st.integers(0, 9000), st.integers(1, 9000), st.integers(1, 64),
+       st.sampled_from([1.0, 1e-280, 2.0 ** -1074]), st.integers(0, 2 ** 32))
+def test_a_round_draws_only_the_priorities_that_can_matter(seed, start, size, oversample, scale, weights_seed):
+    """round_picks draws whole priorities only below PICK_PRIORITY and for the heavy points, yet offers
+    exactly what the test over every point's priority offers: light and heavy points, one point
+    holding most of the mass, and masses so small that the products underflow."""
+    rng = random.Random(weights_seed)
+    weights = [scale * rng.choice([0.0, rng.random(), rng.expovariate(1.0) ** 4, 1e3 * rng.random()])
+               for _ in range(size)]
+    if rng.random() < 0.3:
+        weights[rng.randrange(size)] = scale * 1e9   # one point far from every candidate
+    mass = math.fsum(weights)
+    every = kmr.round_priorities(seed, start, start + size, range(size))
+    assert [i for i, _ in every] == list(range(size))
+    assert kmr.round_picks(seed, start, weights, mass, oversample) == kmr.may_be_picked(every, weights, mass, oversample)
+
+
+def test_round_priorities_are_uniform_and_the_same_for_any_split():
+    """A point's priority depends on the seed and its index only, whatever split asks; priorities are
+    multiples of 2**-53 in [0, 1), spread evenly, and the drawn ones are exactly those below PICK_PRIORITY."""
+    size = 200_000
+    every = dict(kmr.round_priorities(7, 0, size, range(size)))
+    values = list(every.values())
+    assert all(0.0 <= p < 1.0 and p * 2 ** 53 == int(p * 2 ** 53) for p in values)
+    for low, high in ((0.0, 2 ** -8), (0.0, 0.5), (0.25, 0.75), (0.9, 1.0)):
+        share = sum(low <= p < high for p in values) / size
+        assert abs(share - (high - low)) < 4 * math.sqrt((high - low) / size)   # 4 standard deviations
+    for start, end in kmr.split_ranges(size, 7):
+        drawn = kmr.round_priorities(7, start, end)
+        assert drawn == [(i - start, p) for i, p in every.items() if start <= i < end and p < kmr.PICK_PRIORITY]
+    assert kmr.round_priorities(8, 0, 1000, range(1000)) != [(i, every[i]) for i in range(1000)]
 
 
 def test_reclustering_weighs_the_candidates():
