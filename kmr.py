@@ -764,21 +764,21 @@ def cell_updater(dim):
 
 
 def grid_of(columns, new, first):
-    """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate:
-    (per cell, each new candidate's (largest D^2 it cannot beat from the cell (reach_below), number
-    from `first`, coordinates), in that order; the lowest coordinates; cells per unit; cells per
-    row). A point's cell is int((x - low) x scale) per coordinate, its highest one included; each
-    cell's box is widened to hold every point whose rounded index is the cell's."""
-    dim = len(columns)
-    per_axis = max(1, math.isqrt(16 * len(new))) if dim == 2 else 16 * len(new)
+    """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate,
+    fewer where its table would cost more than a third of a pass: (per cell, each new candidate's
+    (largest D^2 it cannot beat from the cell (reach_below), number from `first`, coordinates), in
+    that order; the lowest coordinates; cells per unit; cells per row). A point's cell is
+    int((x - low) x scale) per coordinate, its highest one included; each cell's box is widened to
+    hold every point whose rounded index is the cell's."""
+    dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
+    per_axis = math.isqrt(cells) if dim == 2 else cells
     axes = []
     for column in columns:
         low, high = min(column), max(column)
         scale = per_axis / (high - low) if high - low > 2.0 ** -1000 else 0.0
         pad = 4 * math.ulp(max(abs(low), abs(high))) + (2.0 ** -20 / scale if scale else 0.0)
-        cells = int((high - low) * scale) + 1
         edges = [(low + i / scale - pad, low + (i + 1) / scale + pad) if scale else (low - pad, high + pad)
-                 for i in range(cells)]
+                 for i in range(int((high - low) * scale) + 1)]
         axes.append((low, scale, edges))
     boxes = itertools.product(*(edges for _, _, edges in axes))
     near = [sorted((reach_below(math.sqrt(sum(max(lower - e, e - upper, 0.0) ** 2
