@@ -501,35 +501,17 @@ def kmeans_reference(points, centroids, n, tol=0.0):
 # ####################################################################################################
 
 
-def exact_terms(values, terms=()):
-    """A few doubles whose exact sum is the exact sum of `values` and of earlier such `terms`.
+def exact_terms(values):
+    """A few doubles whose exact sum is the exact sum of `values`.
 
     fsum is correctly rounded, so fsum(values) is the sum's leading double; fsum of the values
     minus the terms found so far is the next one, until nothing is left.  Each term adds ~53 bits.
-    Every value is a whole multiple of u, the ulp of the smallest nonzero |value| (or the lowest bit
-    of a term), and so are the sum and its leading double (or the sum is exact in one double); the
-    rest is at most half the leading double's ulp, so if that is at most 2**53 u the rest is one
-    double, and fsum gives it exactly.
     """
-    values = values if isinstance(values, (list, array)) else list(values)
-    first = math.fsum(itertools.chain(terms, values))
-    if first == 0.0:
-        return []
-    unit = min([math.ulp(min(map(abs, filter(None, values)), default=math.inf))] + [lowest_bit(t) for t in terms if t])
-    if math.ulp(first) <= 2.0 ** 54 * unit:
-        rest = math.fsum(itertools.chain(terms, values, (-first,)))
-        return [first, rest] if rest else [first]
-    found, pending = [first], [*terms, *values, -first]
-    while term := math.fsum(pending):
-        found.append(term)
-        pending.append(-term)
-    return found
-
-
-def lowest_bit(value):
-    """The largest power of two that divides a nonzero double."""
-    numerator, denominator = value.as_integer_ratio()
-    return 1 / denominator if denominator > 1 else float(numerator & -numerator)
+    values = values if isinstance(values, (list, array)) else list(values)   # a list or array is read, not copied
+    terms = []
+    while term := math.fsum(itertools.chain(values, map(operator.neg, terms))):
+        terms.append(term)
+    return terms
 
 
 def exact_product(a, b):
@@ -1288,8 +1270,8 @@ def add_points(sums, columns, came, went):
     """A cluster's exact sums after the points `came` joined it and `went` left: their coordinates
     added and subtracted without rounding."""
     for dimension, column in enumerate(columns):
-        sums[dimension] = exact_terms(itertools.chain(gather(column, came), map(operator.neg, gather(column, went))),
-                                      sums[dimension])
+        sums[dimension] = exact_terms(itertools.chain(sums[dimension], gather(column, came),
+                                                      map(operator.neg, gather(column, went))))
 
 
 def reassign(state, columns, texts, centroids):
@@ -1410,7 +1392,7 @@ class Split:
             self.mass = exact_terms(self.weights)
         else:   # the old ones out first: the running sum never exceeds the old mass
             dropped, added = changed
-            self.mass = exact_terms(itertools.chain(map(operator.neg, dropped), added), self.mass)
+            self.mass = exact_terms(itertools.chain(self.mass, map(operator.neg, dropped), added))
         self.weights_for = (run, len(centroids), init)
 
     def assign(self, centroids, previous=None, keep_buckets=False):
