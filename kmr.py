@@ -691,11 +691,12 @@ def reach_margins(dim):
     return 1.0 + 5e-10, 8 * math.sqrt(dim) * 2.0 ** -537
 
 
-def reach_below(distance, dim):
-    """The largest D^2 of a point that a candidate at least `distance` away cannot beat (reach_margins,
-    squared), or -1 if there is none."""
+def reach_below(distances, dim):
+    """Per distance, the largest D^2 of a point that a candidate at least that far away cannot beat
+    (reach_margins, squared), or -1 if there is none."""
     factor, term = reach_margins(dim)
-    return ((distance - term) / factor) ** 2 * (1 - 2.0 ** -50) if distance > term else -1.0
+    return [((distance - term) / factor) ** 2 * (1 - 2.0 ** -50) if distance > term else -1.0
+            for distance in distances]
 
 
 @functools.lru_cache(maxsize=64)
@@ -754,19 +755,20 @@ def grid_of(columns, new, first):
     hold every point whose rounded index is the cell's."""
     dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
     per_axis = math.isqrt(cells) if dim == 2 else cells
-    axes = []
-    for column in columns:
+    lows, scales, gaps = [], [], []   # gaps[axis][cell index along it]: each candidate's squared gap to it
+    for column, along in zip(columns, zip(*new)):
         low, high = min(column), max(column)
         scale = per_axis / (high - low) if high - low > 2.0 ** -1000 else 0.0
         pad = 4 * math.ulp(max(abs(low), abs(high))) + (2.0 ** -20 / scale if scale else 0.0)
         edges = [(low + i / scale - pad, low + (i + 1) / scale + pad) if scale else (low - pad, high + pad)
                  for i in range(int((high - low) * scale) + 1)]
-        axes.append((low, scale, edges))
-    boxes = itertools.product(*(edges for _, _, edges in axes))
-    near = [sorted((reach_below(math.sqrt(sum(max(lower - e, e - upper, 0.0) ** 2
-                                              for (lower, upper), e in zip(box, candidate))), dim),
-                    number, *candidate) for number, candidate in enumerate(new, first)) for box in boxes]
-    return near, [low for low, _, _ in axes], [scale for _, scale, _ in axes], len(axes[-1][2])
+        gaps.append([[max(lower - e, e - upper, 0.0) ** 2 for e in along] for lower, upper in edges])
+        lows.append(low)
+        scales.append(scale)
+    numbers, coordinates = range(first, first + len(new)), list(zip(*new))
+    near = [sorted(zip(reach_below(map(math.sqrt, map(operator.add, *parts) if dim == 2 else parts[0]), dim),
+                       numbers, *coordinates)) for parts in itertools.product(*gaps)]
+    return near, lows, scales, len(gaps[-1])
 
 
 def update_candidates(columns, candidates, seen, weights, owners):
@@ -792,7 +794,7 @@ def update_candidates(columns, candidates, seen, weights, owners):
     unrolled = dim <= MAX_UNROLLED_DIM
     near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
                    for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
-    gates = [reach_below(table[0][0], dim) / 4 if table else math.inf for table in near]   # reach 2r short of all
+    gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
     pruned_updater(dim)(columns, near, gates, weights, owners, dropped.append, added.append)
     return dropped, added
 
