@@ -102,7 +102,7 @@ EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
 PRIORITY_BLOCK = 4096            # points whose random priorities come from one generator
-PICK_PRIORITY = 2.0 ** -8        # k-means|| rounds draw whole priorities below this (first byte 0) for every point
+PICK_PRIORITY = 2.0 ** -8        # a k-means|| round priority is below this iff its first byte is 0 (round_priorities)
 
 # files
 CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
@@ -692,8 +692,8 @@ def reach_margins(dim):
 
 
 def reach_below(distances, dim):
-    """Per distance, the largest D^2 of a point that a candidate at least that far away cannot beat
-    (reach_margins, squared), or -1 if there is none."""
+    """Per distance, a D^2 (reach_margins, squared, rounded down) that a candidate at least that far
+    from a point cannot beat if the point's D^2 is at most it, or -1 if there is none."""
     factor, term = reach_margins(dim)
     return [((distance - term) / factor) ** 2 * (1 - 2.0 ** -50) if distance > term else -1.0
             for distance in distances]
@@ -749,25 +749,25 @@ def cell_updater(dim):
 def grid_of(columns, new, first):
     """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate,
     fewer where its table would cost more than a third of a pass: (per cell, each new candidate's
-    (largest D^2 it cannot beat from the cell (reach_below), number from `first`, coordinates), in
+    (a D^2 it cannot beat from the cell (reach_below), number from `first`, coordinates), in
     that order; the lowest coordinates; cells per unit; cells per row). A point's cell is
     int((x - low) x scale) per coordinate, its highest one included; each cell's box is widened to
     hold every point whose rounded index is the cell's."""
     dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
     per_axis = math.isqrt(cells) if dim == 2 else cells
     lows, scales, gaps = [], [], []   # gaps[axis][cell index along it]: each candidate's squared gap to it
-    for column, along in zip(columns, zip(*new)):
-        low, high = min(column), max(column)
-        scale = per_axis / (high - low) if high - low > 2.0 ** -1000 else 0.0
+    numbers, coordinates = range(first, first + len(new)), list(zip(*new))
+    for column, along in zip(columns, coordinates):
+        low, high = min(column), max(column)   # a hair under per_axis cells: the highest point is not alone
+        scale = per_axis * (1 - 2.0 ** -40) / (high - low) if high - low > 2.0 ** -1000 else 0.0
         pad = 4 * math.ulp(max(abs(low), abs(high))) + (2.0 ** -20 / scale if scale else 0.0)
         edges = [(low + i / scale - pad, low + (i + 1) / scale + pad) if scale else (low - pad, high + pad)
                  for i in range(int((high - low) * scale) + 1)]
         gaps.append([[max(lower - e, e - upper, 0.0) ** 2 for e in along] for lower, upper in edges])
         lows.append(low)
         scales.append(scale)
-    numbers, coordinates = range(first, first + len(new)), list(zip(*new))
-    near = [sorted(zip(reach_below(map(math.sqrt, map(operator.add, *parts) if dim == 2 else parts[0]), dim),
-                       numbers, *coordinates)) for parts in itertools.product(*gaps)]
+    near = [sorted(zip(reach_below(map(math.sqrt, map(operator.add, *cell) if dim == 2 else cell[0]), dim),
+                       numbers, *coordinates)) for cell in itertools.product(*gaps)]
     return near, lows, scales, len(gaps[-1])
 
 
@@ -835,7 +835,8 @@ def round_picks(seed, start, weights, mass, oversample):
     """The points of a split that a k-means|| round may pick (may_be_picked), as (index from start,
     priority). Only priorities below PICK_PRIORITY are drawn for every point: a point with a larger
     one is offered only if its D^2 exceeds PICK_PRIORITY x mass / l, and the few such heavy points
-    (at most l / PICK_PRIORITY) are looked at whatever their priority."""
+    (at most l / PICK_PRIORITY) are looked at whatever their priority; every point is, where the
+    mass is so small (below 2**-900) that the test's products underflow."""
     if not mass:
         return []
     if mass < 2.0 ** -900:
