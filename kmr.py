@@ -808,10 +808,11 @@ def round_priorities(seed, start, end, also=()):
     blocks = range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
     heads = b"".join(random.Random(f"k-means||/{seed}/{block}").randbytes(PRIORITY_BLOCK) for block in blocks)
     offset = start - blocks.start * PRIORITY_BLOCK   # heads[offset + i]: the first byte of point start + i
-    chosen, at = set(also), heads.find(0, offset, offset + end - start)
+    stop = offset + end - start
+    chosen, at = set(also), heads.find(0, offset, stop)
     while at >= 0:
         chosen.add(at - offset)
-        at = heads.find(0, at + 1, offset + end - start)
+        at = heads.find(0, at + 1, stop)
     indices = sorted(chosen)
     rest = (int.from_bytes(hashlib.blake2b(f"{seed}/{start + i}".encode(), digest_size=6).digest(), "little") >> 3
             for i in indices)
