@@ -170,7 +170,8 @@ def gone(pid):
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
 def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
     """With spare mappers a killed one is replaced at once; a hung one is outrun by a backup copy
-    of its task (or found silent by heartbeats, whichever comes first)."""
+    of its task, found silent by heartbeats, or (hung after its map task) found when a reducer cannot
+    fetch its output, whichever comes first."""
     master, expected = long_run(tmp_path)
     try:
         dump = tmp_path / "out" / "dump.txt"
@@ -186,8 +187,8 @@ def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
     if signum == signal.SIGKILL:
         assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", log) and "replacing mapper 2: PID" in log
     else:
-        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead \(no heartbeat|"
-                         r"the backup copy \(attempt \d+ on mapper [13] .* attempt 1 on mapper 2 .* is ignored", log)
+        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead \((no heartbeat|its map output could not "
+                         r"be fetched)|the backup copy \(attempt \d+ on mapper [13] .* attempt 1 on mapper 2 .* is ignored", log)
     assert gone(victim)
 
 
