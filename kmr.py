@@ -803,10 +803,12 @@ def round_priorities(seed, start, end, also=()):
     """(index from start, priority) of the points of [start, end) whose k-means|| round priority is
     below PICK_PRIORITY, and of the points `also` (indices from start), ascending by index. A priority
     is a multiple of 2**-53 in [0, 1) that depends on the seed and the point's index only (any M): its
-    first 8 bits are a random byte per point (PRIORITY_BLOCK points share a generator), scanned for 0
-    at C speed, its other 45 a hash of the seed and the index, taken only for the points returned."""
+    first 8 bits are a byte per point of a SHAKE-128 stream of the seed and the point's block of
+    PRIORITY_BLOCK (the same on every Python, which random's randbytes does not promise), scanned for
+    0 at C speed, its other 45 a hash of the seed and the index, taken only for the points returned."""
     blocks = range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
-    heads = b"".join(random.Random(f"k-means||/{seed}/{block}").randbytes(PRIORITY_BLOCK) for block in blocks)
+    heads = b"".join(hashlib.shake_128(f"k-means||/{seed}/{block}".encode()).digest(PRIORITY_BLOCK)
+                     for block in blocks)
     offset = start - blocks.start * PRIORITY_BLOCK   # heads[offset + i]: the first byte of point start + i
     stop = offset + end - start
     chosen, at = set(also), heads.find(0, offset, stop)
