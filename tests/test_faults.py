@@ -146,13 +146,18 @@ def test_task_failing_every_attempt_stops_the_run_with_one_line(tmp_path):
     assert not (tmp_path / "out" / "centroids.txt").exists()
 
 
-def long_run(tmp_path, *extra, mappers=3, reducers=2):
-    """A master on 60,000 uniform points with K=8: a dozen iterations of a few hundred ms."""
+MID_RUN = 40   # long_run's iterations for a test that acts mid-run: a second or more left after iteration 3
+
+
+def long_run(tmp_path, *extra, mappers=3, reducers=2, iterations=12):
+    """A master on 60,000 uniform points with K=8 (it converges after 170 iterations), 40-120 ms an
+    iteration. 12 end within a second of the first Map: a test that signals a process mid-run asks
+    for MID_RUN, so the job is still running when the signal lands."""
     points = write_points(tmp_path / "points.txt", uniform_points(60_000, seed=3))
     init = write_points(tmp_path / "init.txt", read_points(points)[:8])
-    expected = reference_lines(points, init, 12)   # before the master starts: it takes seconds
-    master = MasterProcess("--role", "master", "-M", mappers, "-R", reducers, "-K", 8, "-n", 12, "--init", init,
-                           "--data-dir", tmp_path / "out", *extra, cwd=tmp_path)
+    expected = reference_lines(points, init, iterations)   # before the master starts: it takes seconds
+    master = MasterProcess("--role", "master", "-M", mappers, "-R", reducers, "-K", 8, "-n", iterations,
+                           "--init", init, "--data-dir", tmp_path / "out", *extra, cwd=tmp_path)
     return master, expected
 
 
@@ -172,7 +177,7 @@ def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
     """With spare mappers a killed one is replaced at once; a hung one is outrun by a backup copy
     of its task, found silent by heartbeats, or (hung after its map task) found when a reducer cannot
     fetch its output, whichever comes first."""
-    master, expected = long_run(tmp_path)
+    master, expected = long_run(tmp_path, iterations=MID_RUN)
     try:
         dump = tmp_path / "out" / "dump.txt"
         victim = spawned_pid(dump, "mapper", 2, master.process)
@@ -196,7 +201,7 @@ def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
 def test_hung_worker_with_no_spare_is_found_by_heartbeats_and_replaced(tmp_path, role):
     """One mapper and one reducer: no backup can outrun a hung worker, so only heartbeats find it,
     long before the task's 300 s deadline; it is killed by PID and its replacement redoes the task."""
-    master, expected = long_run(tmp_path, mappers=1, reducers=1)
+    master, expected = long_run(tmp_path, mappers=1, reducers=1, iterations=MID_RUN)
     try:
         dump = tmp_path / "out" / "dump.txt"
         victim = spawned_pid(dump, role, 1, master.process)
@@ -238,7 +243,7 @@ def test_standalone_mapper_that_dies_leaves_its_tasks_to_the_others(tmp_path):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_master_stops_workers_and_keeps_the_last_complete_iteration(tmp_path, signum, code):
-    master, _ = long_run(tmp_path)
+    master, _ = long_run(tmp_path, iterations=MID_RUN)
     try:
         dump = tmp_path / "out" / "dump.txt"
         wait_for_line(dump, r"=== iteration 3 ===", process=master.process)
