@@ -444,7 +444,7 @@ def test_a_resumed_run_shows_only_the_iterations_it_ran_and_says_so(tmp_path):
     """Killed after iteration 3 and resumed: the timeline and the summary hold only the attempts of
     the iterations the second master ran, and both say what ran before."""
     write_points(tmp_path / "points.txt", uniform_points(60_000, seed=3))
-    job = ["--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 12, "--seed", 5, "--input", "points.txt", "-q"]
+    job = ["--role", "master", "-M", 3, "-R", 2, "-K", 8, "-n", 40, "--seed", 5, "--input", "points.txt", "-q"]
     first = MasterProcess(*job, cwd=tmp_path)
     try:
         wait_for_line(tmp_path / "Data" / "dump.txt", r"iteration +3 +shift", process=first.process)
@@ -463,7 +463,7 @@ def test_a_resumed_run_shows_only_the_iterations_it_ran_and_says_so(tmp_path):
     timeline = json.loads((tmp_path / "s.json").read_text())["timeline"]
     assert timeline["resumed"] == {"runs": 0, "iterations": done}
     ran = sorted({a["iteration"] for a in timeline["attempts"]} - {None, kmr.SAMPLE_PASS})   # final SSE, Sample
-    assert ran == list(range(done + 1, 13)) == [s["iteration"] for s in timeline["iterations"]
+    assert ran == list(range(done + 1, 41)) == [s["iteration"] for s in timeline["iterations"]
                                                  if s["iteration"] not in (None, kmr.SAMPLE_PASS)]
     notes = " ".join(t.text for t in Timeline(tmp_path / "t.svg").of_class("text", "note"))
     assert f"resumed from a checkpoint: iterations 1–{done} ran in an earlier master" in notes
