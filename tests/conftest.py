@@ -29,6 +29,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 TAG_VARIABLE = "KMR_TEST_TAG"
 
+# A suite started in the background (`nohup tox &`) inherits SIGINT ignored, and so would every master
+# it starts: Python leaves an ignored SIGINT ignored, so the tests that press Ctrl-C on a master could
+# not. A handler here is reset to the default in each process the tests start.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def tagged_processes(tag):
     """PIDs of live processes whose environment carries this tag (a run and all it spawned)."""
