@@ -593,11 +593,17 @@ def fixed(value):
 # ####################################################################################################
 
 
+def priority_blocks(start, end):
+    """The blocks of PRIORITY_BLOCK points that the points [start, end) lie in: a point's priority
+    comes from its block's stream, whichever split reads it."""
+    return range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
+
+
 def point_priorities(seed, start, end):
     """Random priorities in [0, 1) of the points [start, end): a function of the seed and each point's
     index only, so every split of the input (any M) gives a point the same priority."""
     priorities = array("d")
-    for block in range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1):
+    for block in priority_blocks(start, end):
         draw = random.Random(f"{seed}/{block}").random
         drawn = list(itertools.starmap(draw, itertools.repeat((), PRIORITY_BLOCK)))   # draw() at C speed
         first = block * PRIORITY_BLOCK
@@ -806,7 +812,7 @@ def round_priorities(seed, start, end, also=()):
     first 8 bits are a byte per point of a SHAKE-128 stream of the seed and the point's block of
     PRIORITY_BLOCK (the same on every Python, which random's randbytes does not promise), scanned for
     0 at C speed, its other 45 a hash of the seed and the index, taken only for the points returned."""
-    blocks = range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
+    blocks = priority_blocks(start, end)
     heads = b"".join(hashlib.shake_128(f"k-means||/{seed}/{block}".encode()).digest(PRIORITY_BLOCK)
                      for block in blocks)
     offset = start - blocks.start * PRIORITY_BLOCK   # heads[offset + i]: the first byte of point start + i
