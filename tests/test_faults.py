@@ -192,8 +192,9 @@ def test_worker_killed_or_hung_mid_run_is_replaced_or_outrun(tmp_path, signum):
     if signum == signal.SIGKILL:
         assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead", log) and "replacing mapper 2: PID" in log
     else:
-        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead \((no heartbeat|its map output could not "
-                         r"be fetched)|the backup copy \(attempt \d+ on mapper [13] .* attempt 1 on mapper 2 .* is ignored", log)
+        assert re.search(r"mapper 2 \(127\.0\.0\.1:\d+\) marked dead \((no heartbeat|its map output could not be "
+                         r"fetched)|the backup copy \(attempt \d+ on mapper [13] .* attempt 1 on mapper 2 .* "
+                         r"is ignored", log)
     assert gone(victim)
 
 
