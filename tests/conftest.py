@@ -283,6 +283,19 @@ class Throttle:
             pass
 
 
+def frozen_at(process, path, pattern):
+    """Wait for a line in a log with the process slowed down (Throttle), then freeze it (SIGSTOP): however
+    late the test notices the line, the process has not got far past it. Returns the match."""
+    throttle = Throttle(process.pid)
+    try:
+        found = wait_for_line(path, pattern, process=process)
+    finally:
+        throttle.done.set()
+        throttle.thread.join()   # its last signal was SIGCONT
+    process.send_signal(signal.SIGSTOP)
+    return found
+
+
 class FakeClock:
     """Time that moves only when a test moves it (the scheduler's and the recorder's clock in unit tests)."""
 

@@ -119,19 +119,19 @@ def test_checkpoint_that_does_not_match_is_refused_in_one_line(tmp_path, uninter
 def test_resume_in_the_middle_of_restarts_with_kmeans_plus_plus_gives_the_uninterrupted_best(tmp_path):
     write_points(tmp_path / "points.txt", uniform_points(20_000, seed=8))
     job = ["--role", "master", "-M", 2, "-R", 2, "-K", 5, "-n", 15, "--seed", 9, "--init", "k-means++",
-           "--restarts", 3, "--input", "points.txt", "--compact"]
+           "--restarts", 5, "--input", "points.txt", "--compact"]   # 5: killed after run 1, some are left
     whole = run_kmr(*job, "--data-dir", "whole", "--summary", "whole.json", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     master = MasterProcess(*job, "--data-dir", "cut", cwd=tmp_path)
     try:
-        wait_for_line(tmp_path / "cut" / "dump.txt", r"run 1 of 3: seed", process=master.process)
+        wait_for_line(tmp_path / "cut" / "dump.txt", r"run 1 of 5: seed", process=master.process)
         master.process.send_signal(signal.SIGKILL)
         master.process.wait(10)
     finally:
         master.stop()
     resumed = run_kmr(*job, "--data-dir", "cut", "--summary", "cut.json", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "1 of 3 runs done" in resumed.stderr or "2 of 3 runs done" in resumed.stderr
+    assert re.search(r"[1-4] of 5 runs done", resumed.stderr), resumed.stderr
     assert resumed.stdout == whole.stdout
     assert without_timings(json.loads((tmp_path / "cut.json").read_text())) == \
         without_timings(json.loads((tmp_path / "whole.json").read_text()))
