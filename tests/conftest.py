@@ -283,17 +283,27 @@ class Throttle:
             pass
 
 
-def frozen_at(process, path, pattern):
-    """Wait for a line in a log with the process slowed down (Throttle), then freeze it (SIGSTOP): however
-    late the test notices the line, the process has not got far past it. Returns the match."""
-    throttle = Throttle(process.pid)
-    try:
-        found = wait_for_line(path, pattern, process=process)
-    finally:
-        throttle.done.set()
-        throttle.thread.join()   # its last signal was SIGCONT
-    process.send_signal(signal.SIGSTOP)
-    return found
+def freeze_at_line(process, path, pattern, timeout=60, burst=0.02):
+    """Run a process in bursts of `burst` s until a line matching the regex is in the log file, looking
+    only while it is stopped; returns the match with the process left stopped (SIGSTOP), at most one
+    burst past the line, however slow the machine (wait_for_line and then SIGSTOP leave it running for
+    as long as the test process is not scheduled)."""
+    import re
+    deadline = time.monotonic() + timeout
+    while True:
+        process.send_signal(signal.SIGSTOP)
+        if Path(path).exists():
+            text = Path(path).read_text()
+            found = re.search(pattern, text[:text.rfind("\n") + 1])   # whole lines only
+            if found:
+                return found
+        if process.poll() is not None:
+            raise AssertionError(f"process ended (exit {process.returncode}) before {pattern!r} appeared")
+        if time.monotonic() > deadline:
+            process.send_signal(signal.SIGCONT)
+            raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s")
+        process.send_signal(signal.SIGCONT)
+        time.sleep(burst)
 
 
 class FakeClock:

@@ -15,8 +15,8 @@ import signal
 import time
 
 import kmr
-from conftest import MasterProcess, Throttle, WorkerPool, centroid_lines, frozen_at, read_points, uniform_points, \
-    wait_for_line, write_points
+from conftest import MasterProcess, Throttle, WorkerPool, centroid_lines, freeze_at_line, read_points, \
+    uniform_points, wait_for_line, write_points
 
 RUNS = int(os.environ.get("KMR_CHAOS_RUNS", "12"))
 MAPPERS, REDUCERS, ITERATIONS = 3, 2, 6
@@ -136,7 +136,7 @@ def test_two_jobs_at_once_on_shared_standalone_workers_survive_faults_exactly(tm
                 "--role", "master", "-M", 3, "-R", 3, "-K", clusters, "-n", 12, "--init", tmp_path / name / "init.txt",
                 "--input", tmp_path / name / "points.txt", "--data-dir", tmp_path / name / "Data", "--fail-prob", 0.2,
                 "--mapper-addrs", ",".join(pool.mappers), "--reducer-addrs", ",".join(pool.reducers), cwd=tmp_path)
-            frozen_at(masters[name].process, tmp_path / name / "Data" / "dump.txt", r"workers ready in")
+            freeze_at_line(masters[name].process, tmp_path / name / "Data" / "dump.txt", r"workers ready in")
         hung, killed = pool.workers[0].process, pool.workers[5].process   # mapper 1, reducer 3
         hung.send_signal(signal.SIGSTOP)
         killed.send_signal(signal.SIGKILL)

@@ -303,32 +303,36 @@ def test_workers_join_before_and_after_the_master_and_two_jobs_on_them_are_exact
         stop_all(workers)
 
 
-def test_a_mapper_that_joins_during_iteration_3_gets_map_tasks_in_a_later_iteration(tmp_path):
+def test_a_mapper_that_joins_during_an_iteration_gets_map_tasks_only_from_a_later_iteration(tmp_path):
+    """Mapper 3 joins once iteration 3 has begun (the other mappers frozen, so it joins mid-iteration; however
+    late the freeze lands, the job still has iterations to run: these 60k points settle only at iteration
+    100, the job runs 20): its Map tasks all come from iterations after the one it joined during."""
     port = free_port()
     points, init = job_files(tmp_path, 60_000, seed=11, clusters=8)
     workers = two_mappers_and_a_reducer(tmp_path, port)
     try:
-        master = listening_master(tmp_path, port, points, init, 8, 6, 2, 8, "--min-mappers", 2, "--heartbeat", 60,
+        master = listening_master(tmp_path, port, points, init, 8, 6, 2, 20, "--min-mappers", 2, "--heartbeat", 60,
                                   "--timeline", tmp_path / "timeline.svg")
         dump = tmp_path / "Data" / "dump.txt"
         wait_for_line(dump, r"=== iteration 3 ===", process=master.process)
-        with stopped(*workers[:2]):   # iteration 3 cannot end: its map outputs are on these two
+        with stopped(*workers[:2]):   # the iteration cannot end: its map outputs are on these two
             workers.append(joined("mapper", tmp_path, port))
             wait_for_line(dump, r"mapper 3 \(127\.0\.0\.1:\d+\) joined: PID \d+ on .*; tasks from the next stage on",
                           process=master.process)
         stdout, stderr, summary = finished(master)
-        assert centroid_lines(stdout) == expected_lines(points, init, 8)
+        assert centroid_lines(stdout) == expected_lines(points, init, 20)
         timeline = summary["timeline"]
         lane = next(lane for lane in timeline["workers"] if lane["worker"] == "mapper 3")
-        during = next(span["iteration"] for span in timeline["iterations"] if span["start"] <= lane["joined"] <= span["end"])
-        assert during == 3
+        during = [span["iteration"] for span in timeline["iterations"] if span["start"] <= lane["joined"] <= span["end"]]
+        assert during and during[0] >= 3, during
+        during = during[0]
         mine = [attempt for attempt in timeline["attempts"] if attempt["worker"] == "mapper 3"]
         maps = [attempt for attempt in mine if attempt["stage"] == "Map"]
-        assert maps and all(attempt["iteration"] > 3 for attempt in maps)
+        assert maps and all(attempt["iteration"] > during for attempt in maps)
         assert all(attempt["stage"] == "Weigh" and attempt["iteration"] is None for attempt in mine
                    if attempt not in maps)   # and a share of the final SSE's pass
         assert {attempt["outcome"] for attempt in timeline["attempts"]} == {"SUCCESS"}
-        last = [attempt for attempt in maps if attempt["iteration"] == 8]
+        last = [attempt for attempt in maps if attempt["iteration"] == 20]
         assert len(last) == 2   # six tasks on three mappers: its share, two
         assert 'class="joined"' in (tmp_path / "timeline.svg").read_text()
     finally:
@@ -374,7 +378,8 @@ def test_when_the_only_mapper_leaves_the_master_waits_for_another_to_join(tmp_pa
     points, init = job_files(tmp_path, 50_000, seed=12, clusters=8)
     workers = [joined("mapper", tmp_path, port), joined("reducer", tmp_path, port)]
     try:
-        master = listening_master(tmp_path, port, points, init, 8, 3, 1, 6)
+        # 40 iterations (these 50k points settle only at iteration 77): the leave lands long before the job's end
+        master = listening_master(tmp_path, port, points, init, 8, 3, 1, 40)
         dump = tmp_path / "Data" / "dump.txt"
         wait_for_line(dump, r"=== iteration 2 ===", process=master.process)
         workers[0].process.send_signal(signal.SIGTERM)
@@ -384,7 +389,7 @@ def test_when_the_only_mapper_leaves_the_master_waits_for_another_to_join(tmp_pa
         # the leaver serves the map outputs it made until the newcomer has done the rest and the reducer has them all
         assert workers[0].process.wait(60) == 0
         stdout, stderr, summary = finished(master)
-        assert centroid_lines(stdout) == expected_lines(points, init, 6)
+        assert centroid_lines(stdout) == expected_lines(points, init, 40)
         assert summary["failures"] == {"workers left": 1}
         assert {attempt["outcome"] for attempt in summary["timeline"]["attempts"]} == {"SUCCESS"}
     finally:
@@ -419,7 +424,8 @@ def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is
     workers = [joined("mapper", tmp_path, port), joined("mapper", tmp_path, port, "--port", str(mapper_port)),
                joined("reducer", tmp_path, port)]
     try:
-        master = listening_master(tmp_path, port, points, init, 8, 4, 2, 6, "--min-mappers", 2, "--heartbeat", 60)
+        # 32 iterations (these 100k points settle only at iteration 63): the job runs > 1.5 s after the kill
+        master = listening_master(tmp_path, port, points, init, 8, 4, 2, 32, "--min-mappers", 2, "--heartbeat", 60)
         dump = tmp_path / "Data" / "dump.txt"
         wait_for_line(dump, r"=== iteration 2 ===", process=master.process)
         with stopped(workers[2]):
@@ -430,7 +436,7 @@ def test_a_killed_joined_mapper_is_recovered_and_a_new_process_at_its_address_is
                                             "--input-root", tmp_path, "--port", str(mapper_port)))
             wait_for_line(dump, r"mapper 3 \(127\.0\.0\.1:%d\) joined" % mapper_port, process=master.process)
         stdout, stderr, summary = finished(master)
-        assert centroid_lines(stdout) == expected_lines(points, init, 6)
+        assert centroid_lines(stdout) == expected_lines(points, init, 32)
         assert summary["failures"].get("workers lost", 0) >= 1
         lanes = {lane["pid"]: lane for lane in summary["timeline"]["workers"]}
         killed, fresh = lanes[victim], lanes[workers[3].process.pid]

@@ -3,7 +3,9 @@ words, and spawned workers that are slow to start.
 
 Answers are checked bit for bit against kmr.kmeans_reference from the same initial centroids (an --init file).
 Masters are frozen with SIGSTOP where a test must act at a given point of a job (the input changed, a fourth
-job arriving): nothing then depends on how fast the machine is.
+job arriving): freeze_at_line runs such a master in short bursts and looks for the line only while it is
+stopped, so it is frozen at most one burst past the line, and the jobs acted on do not converge within their -n
+for many iterations past it: nothing then depends on how fast the machine is.
 """
 
 import errno
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FakeClock, MasterProcess, WorkerPool, centroid_lines, read_points, run_kmr, uniform_points, \
-    wait_for_line, write_points
+from conftest import FakeClock, MasterProcess, WorkerPool, centroid_lines, freeze_at_line, read_points, run_kmr, \
+    uniform_points, wait_for_line, write_points
 
 import kmr
 
@@ -75,8 +77,7 @@ def test_three_masters_at_once_on_one_pool_are_exact_and_a_fourth_is_refused_cle
         for name, _, _, clusters, mappers, reducers, extra in jobs:   # each one frozen once the workers took it
             masters.append(master_of(tmp_path / name, pool, clusters, mappers, reducers, 30, "--fail-prob", "0.3",
                                      "--heartbeat", "20", *extra))
-            wait_for_line(tmp_path / name / "Data" / "dump.txt", r"workers ready in", process=masters[-1].process)
-            masters[-1].process.send_signal(signal.SIGSTOP)
+            freeze_at_line(masters[-1].process, tmp_path / name / "Data" / "dump.txt", r"workers ready in")
         job_files(tmp_path / "d", 100, 14, 2)
         fourth = run_kmr("--role", "master", "--input", tmp_path / "d" / "points.txt", "-K", 2, "-M", 2, "-R", 2,
                          "--fail-prob", "0.3", "--data-dir", tmp_path / "d" / "Data", *pool_args(pool),
@@ -105,11 +106,12 @@ def test_a_vanished_master_frees_its_slot_once_its_job_expires(tmp_path):
     it has been silent for --job-expiry the worker drops its job by itself, the next job gets the worker,
     and sequential jobs that end normally (EndJob) follow each other at once."""
     points, init = job_files(tmp_path, 4000, 21, 5)
+    job_files(tmp_path / "killed", 5000, 4, 8)   # its own input, not converged by -n 50 (it needs 52)
     pool = WorkerPool(tmp_path, 1, 1, "--max-jobs", "1", "--job-expiry", "6")
     try:
-        killed = master_of(tmp_path, pool, 5, 2, 1, 50, "--heartbeat", "20")
+        killed = master_of(tmp_path / "killed", pool, 8, 2, 1, 50, "--heartbeat", "20")
         try:
-            wait_for_line(tmp_path / "Data" / "dump.txt", r"workers ready in", process=killed.process)   # job taken
+            freeze_at_line(killed.process, tmp_path / "killed" / "Data" / "dump.txt", r"workers ready in")   # taken
             killed.process.send_signal(signal.SIGKILL)
             killed.process.wait()
         finally:
@@ -183,14 +185,13 @@ def truncate(path):
 def test_an_input_changed_during_the_job_ends_it_in_one_line(tmp_path, change, at):
     """The input replaced, rewritten in place or truncated while the job runs: one line naming the file and
     the change, exit 1, never exit 0 with an answer over two data sets."""
-    points, init = job_files(tmp_path, 5000, 41, 4)
-    master = MasterProcess("--role", "master", "--input", points, "--init", init, "-K", 4, "-M", 3, "-R", 2,
+    points, init = job_files(tmp_path, 5000, 4, 8)   # converges only at iteration 52: still running at -n 40
+    master = MasterProcess("--role", "master", "--input", points, "--init", init, "-K", 8, "-M", 3, "-R", 2,
                            "-n", 40, "--heartbeat", "20", cwd=tmp_path)
     dump = tmp_path / "Data" / "dump.txt"
     try:
-        wait_for_line(dump, r"=== iteration 1 ===" if at == "after the sample pass" else r"=== iteration 3 ===",
-                      process=master.process)
-        master.process.send_signal(signal.SIGSTOP)
+        freeze_at_line(master.process, dump,
+                       r"=== iteration 1 ===" if at == "after the sample pass" else r"=== iteration 3 ===")
         change(points)
         if at.endswith("respawned"):
             mapper = int(wait_for_line(dump, r"spawned mapper 1, PID (\d+),").group(1))
@@ -305,14 +306,13 @@ def test_a_full_disk_under_the_workers_is_named_in_kmrs_words(tmp_path):
 def test_a_full_disk_under_the_master_is_one_line_and_keeps_the_previous_files(tmp_path):
     """The master's own data dir fills up mid-job (its workers write elsewhere): one line naming the file,
     exit 1, and centroids.txt still holds the last complete iteration, whole."""
-    points, init = job_files(tmp_path, 3000, 61, 4)
+    points, init = job_files(tmp_path, 5000, 4, 8)   # converges only at iteration 52: still running at -n 40
     pool = WorkerPool(tmp_path, 2, 1, "--input-root", str(tmp_path))
     disk = tiny_disk(tmp_path / "disk", "512k")
-    master = MasterProcess("--role", "master", "--input", points, "--init", init, "-K", 4, "-M", 2, "-R", 1, "-n", 40,
+    master = MasterProcess("--role", "master", "--input", points, "--init", init, "-K", 8, "-M", 2, "-R", 1, "-n", 40,
                            "--heartbeat", "20", "--data-dir", disk / "Data", *pool_args(pool), cwd=tmp_path)
     try:
-        wait_for_line(disk / "Data" / "dump.txt", r"=== iteration 3 ===", process=master.process)
-        master.process.send_signal(signal.SIGSTOP)
+        freeze_at_line(master.process, disk / "Data" / "dump.txt", r"=== iteration 3 ===")
         before = (disk / "Data" / "centroids.txt").read_bytes()
         try:   # fill the disk to the last byte
             with open(disk / "filler", "wb") as filler:
@@ -332,7 +332,7 @@ def test_a_full_disk_under_the_master_is_one_line_and_keeps_the_previous_files(t
     error = stderr.strip().splitlines()[-1]
     assert code == 1 and stdout == "" and "Traceback" not in stderr
     assert error.startswith(f"kmr: error: cannot write {disk / 'Data'}/") and error.endswith("No space left on device")
-    assert after == before and len(kmr.format_centroids([(0.0, 0.0)] * 4).splitlines()) == len(after.splitlines())
+    assert after == before and len(kmr.format_centroids([(0.0, 0.0)] * 8).splitlines()) == len(after.splitlines())
 
 
 def test_a_failed_partition_write_is_a_failure_in_kmrs_words(tmp_path, monkeypatch):
