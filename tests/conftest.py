@@ -182,16 +182,21 @@ def write_points(path, points):
     return Path(path)
 
 
+def line_in(path, pattern):
+    """The first match of the regex in the log file's whole lines so far (no half a PID), or None."""
+    import re
+    if not Path(path).exists():
+        return None
+    text = Path(path).read_text()
+    return re.search(pattern, text[:text.rfind("\n") + 1])
+
+
 def wait_for_line(path, pattern, timeout=60, process=None):
     """Wait until a line matching the regex appears in a log file; returns the match."""
-    import re
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if Path(path).exists():
-            text = Path(path).read_text()
-            found = re.search(pattern, text[:text.rfind("\n") + 1])   # whole lines only: no half a PID
-            if found:
-                return found
+        if found := line_in(path, pattern):
+            return found
         if process is not None and process.poll() is not None:
             raise AssertionError(f"process ended (exit {process.returncode}) before {pattern!r} appeared")
         time.sleep(0.02)
@@ -288,15 +293,11 @@ def freeze_at_line(process, path, pattern, timeout=60, burst=0.02):
     only while it is stopped; returns the match with the process left stopped (SIGSTOP), at most one
     burst past the line, however slow the machine (wait_for_line and then SIGSTOP leave it running for
     as long as the test process is not scheduled)."""
-    import re
     deadline = time.monotonic() + timeout
     while True:
         process.send_signal(signal.SIGSTOP)
-        if Path(path).exists():
-            text = Path(path).read_text()
-            found = re.search(pattern, text[:text.rfind("\n") + 1])   # whole lines only
-            if found:
-                return found
+        if found := line_in(path, pattern):
+            return found
         if process.poll() is not None:
             raise AssertionError(f"process ended (exit {process.returncode}) before {pattern!r} appeared")
         if time.monotonic() > deadline:
