@@ -101,7 +101,7 @@ TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares a
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
-PRIORITY_BLOCK = 4096            # points whose random priorities come from one generator
+PRIORITY_BLOCK = 4096            # points whose priorities come from one stream (a generator, a SHAKE-128 digest)
 PICK_PRIORITY = 2.0 ** -8        # a k-means|| round priority is below this iff its first byte is 0 (round_priorities)
 
 # files
