@@ -92,7 +92,7 @@ IDENTITY_BLOCK = 1 << 16      # bytes at each end of the input whose digest pins
 
 # map across iterations (the bounds engine)
 MAX_UNROLLED = 4096              # K*D up to which the assignment loop is compiled unrolled
-MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update is compiled unrolled
+MAX_UNROLLED_DIM = 256           # D up to which the k-means|| pruned update's D^2 is compiled unrolled
 NORM_FROM_DIM = 6                # D from which the assignment loops take their distances from math.dist (C speed)
 ROUNDOFF = 2.0 ** -53            # the largest relative error of one rounded operation on doubles
 ROUND_UP = 1 + 4 * ROUNDOFF      # a rounded sum of two non-negative doubles times this is at least the exact sum
@@ -706,28 +706,62 @@ def reach_below(distances, dim):
 
 
 @functools.lru_cache(maxsize=64)
-def pruned_updater(dim):
+def pruned_updater(dim, measured):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
     those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
     distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
-    `dropped`, its new value to `added`."""
-    unrolled = dim <= MAX_UNROLLED_DIM
-    point = "".join(f"x{d}, " for d in range(dim)) if unrolled else "point, "
-    body = ["def update(columns, near, gates, weights, owners, dropped, added):",
-            f"    for i, {point}b, k in zip(count(), {'*columns' if unrolled else 'zip(*columns)'}, weights, owners):",
-            "        if gates[k] >= b: continue",
-            "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b",
-            f"        for far, j, {''.join(f'e{d}, ' for d in range(dim)) if unrolled else 'candidate, '}in near[k]:",
-            "            if far >= reach: break"]
-    body.append(f"            {distance_source('d', 'e{d}', dim, None if unrolled else 'candidate')}")
-    body += ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
-             "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
+    `dropped`, its new value to `added`.
+    Where D > 2 (no grid there, so k-means|| round 2 measures every point from the first candidate
+    alone) each row also carries the new candidate's `separations`, and once a point has a new
+    nearest one, a candidate separated from it by more than twice (an upper bound on) the point's
+    distance to it is passed over (Elkan: it is farther, with room for any rounding). The loop is
+    unrolled over the coordinates, or, `measured` (high D), takes math.dist's distances at C speed
+    as the assignment does (measured_bounds): a point whose nearest is clearly apart from the next
+    gets its D^2 with `nearest`'s arithmetic for that candidate, and one in doubt is settled with it
+    (`settled`), so every D^2 and number is the same."""
     reach, underflow = reach_margins(dim)
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": reach, "UNDERFLOW": underflow,
-                 "squared_distance": squared_distance}
-    exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}>", "exec"), namespace)
+                 "dist": math.dist, "inf": math.inf, "squared_distance": squared_distance, "settled": settled,
+                 **bound_factors(dim)}
+    header = "def update(columns, near, gates, weights, owners, dropped, added, candidates):"
+    xs, es = "".join(f"x{d}, " for d in range(dim)), "".join(f"e{d}, " for d in range(dim))
+    skip = "            if apart is not None and apart[j] > twice: continue"
+    if measured:
+        exact = (f"{xs}= point; {es}= candidates[k]; {distance_source('b', 'e{d}', dim)}" if dim <= MAX_UNROLLED_DIM
+                 else "b = squared_distance(point, candidates[k])")
+        body = [header,
+                "    for i, point, b, k in zip(count(), zip(*columns), weights, owners):",
+                "        if gates[k] >= b: continue",
+                "        root = sqrt(b); wide = reach = REACH * (root + root) + UNDERFLOW",
+                "        best = root; o = k; w = b; second = inf; apart = None",
+                "        for far, j, candidate, between in near[o]:",
+                "            if far >= reach: break",
+                skip,
+                "            d = dist(point, candidate)",
+                "            if d < best:",
+                "                second = best; best = d; k = j; apart = between",
+                "                reach = REACH * (root + d) + UNDERFLOW; twice = (d * SWELL + TINY + TINY) * TWICE",
+                "            elif d < second: second = d",
+                "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]",
+                f"        if k != o: {exact}; weights[i] = b; owners[i] = k; dropped(w); added(b)"]
+    else:
+        separated = dim > 2
+        body = [header,
+                f"    for i, {xs}b, k in zip(count(), *columns, weights, owners):",
+                "        if gates[k] >= b: continue",
+                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b; apart = None",
+                f"        for far, j, {es}{'between' if separated else '_'} in near[o]:",
+                "            if far >= reach: break",
+                *([skip] if separated else []),
+                f"            {distance_source('d', 'e{d}', dim)}",
+                "            if d < b or d == b and j < k:",
+                "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
+                *(["                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE"] if separated else []),
+                "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
+    exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}{' measured' if measured else ''}>", "exec"),
+         namespace)
     return namespace["update"]
 
 
@@ -777,6 +811,15 @@ def grid_of(columns, new, first):
     return near, lows, scales, len(gaps[-1])
 
 
+def separations(new, first):
+    """Per new candidate, a lower bound on its true distance to each of the others (math.dist's, less its
+    error), indexed by candidate number (new ones from `first`; the old ones' places hold 0): a point
+    nearer one of them than half that is nearer it than the other."""
+    factors = bound_factors(len(new[0]))
+    shrink, tiny = factors["SHRINK"], factors["TINY"]
+    return [[0.0] * first + [math.dist(a, b) * shrink - tiny for b in new] for a in new]
+
+
 def update_candidates(columns, candidates, seen, weights, owners):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
     after the first `seen` joined them; returns the D^2 that changed as (dropped, added), or None if
@@ -797,11 +840,12 @@ def update_candidates(columns, candidates, seen, weights, owners):
         cell_updater(dim)(columns, *grid_of(columns, candidates[seen:], seen), weights, owners)
         return None   # most points changed: their mass is summed afresh
     dropped, added = [], []
-    unrolled = dim <= MAX_UNROLLED_DIM
-    near = [sorted((math.sqrt(squared_distance(old, new)), j, *(new if unrolled else [new]))
-                   for j, new in enumerate(candidates[seen:], seen)) for old in candidates[:seen]]
+    measured, new = dim >= NORM_FROM_DIM, candidates[seen:]
+    between = separations(new, seen) if dim > 2 and len(new) ** 2 <= len(weights) else itertools.repeat(None)
+    near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate), apart)
+                   for j, candidate, apart in zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
-    pruned_updater(dim)(columns, near, gates, weights, owners, dropped.append, added.append)
+    pruned_updater(dim, measured)(columns, near, gates, weights, owners, dropped.append, added.append, candidates)
     return dropped, added
 
 
@@ -1058,7 +1102,7 @@ def settled(point, own, centroids, row, twice):
     in `row` nearer it than `twice`, with `nearest`'s arithmetic and ties: the key the compiled loops
     compute, and bounds as valid as theirs."""
     best, second, key = squared_distance(point, centroids[own]), math.inf, own
-    for distance, index, centroid in row:
+    for distance, index, centroid, *_ in row:   # a k-means|| row carries more
         if distance >= twice:
             break
         candidate = squared_distance(point, centroid)

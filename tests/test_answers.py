@@ -159,13 +159,23 @@ def test_kmeans_parallel_logs_its_oversampling_factor_and_rounds(tmp_path):
     assert len(weighs) == 2 * 6 and {a["init"] for a in weighs} == {"k-means||"}   # 5 rounds and the weights
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 3), st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(0, 2**32))
-def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, seed):
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 2, 3, 7]), st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(0, 2**32),
+       st.booleans())
+def test_kmeans_parallel_updates_equal_measuring_every_candidate(dim, rounds, seed, measured):
     """The pruned updates (triangle inequality: from each point's nearest candidate, or from its cell
     of a grid where D <= 2) leave every point its D^2 to the nearest candidate and that candidate's
-    number, lowest of equals, as measuring all of them would."""
-    rng = random.Random(seed)
+    number, lowest of equals, as measuring all of them would; also when they take math.dist's
+    distances (`measured`: at any D, as they do from D=6)."""
+    norm_from, kmr.NORM_FROM_DIM = kmr.NORM_FROM_DIM, 1 if measured else math.inf
+    try:
+        check_candidate_updates(dim, rounds, random.Random(seed))
+    finally:
+        kmr.NORM_FROM_DIM = norm_from
+
+
+def check_candidate_updates(dim, rounds, rng):
+    """Rounds of new candidates (data points and others) over 60 points of one scale, checked after each."""
     scale = rng.choice([1.0, 2.0 ** -537, 1e-160, 1e140, 1e-9])   # tiny ones: squares that underflow
     offset = rng.choice([0.0, 0.0, 1e6, -7.5e12]) if scale == 1e-9 else 0.0   # grid cells of a few ulps
     points = [tuple(offset + scale * float(rng.choice([rng.randint(-3, 3), rng.gauss(0, 5)])) for _ in range(dim))
