@@ -840,7 +840,8 @@ def update_candidates(columns, candidates, seen, weights, owners):
         cell_updater(dim)(columns, *grid_of(columns, candidates[seen:], seen), weights, owners)
         return None   # most points changed: their mass is summed afresh
     dropped, added = [], []
-    measured, new = dim >= NORM_FROM_DIM, candidates[seen:]
+    new = candidates[seen:]
+    measured = dim >= NORM_FROM_DIM and len(new) > 1   # one new candidate (k-means++): a mover needs its D^2 anyway
     between = separations(new, seen) if dim > 2 and len(new) ** 2 <= len(weights) else itertools.repeat(None)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate), apart)
                    for j, candidate, apart in zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
