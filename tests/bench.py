@@ -24,7 +24,7 @@ centroids bit for bit; the bench fails if they do not.
     (3c) iteration 1 at D=64 against the baseline's first iteration
     (3f) the sample's floor: interpreter, imports, compiling kmr.py, connecting, each pass
     (3e) no cliff: the (a) file with one subnormal, one huge coordinate, or mixed magnitudes, 3 iterations
-    (3g) k-means|| against k-means++: the initialisation of K=64 on the (a) file
+    (3g) k-means|| against k-means++: the initialisation of K=64 on the (a) file and the (3a) files
 
 Data (seeded Gaussian blobs) is generated once and cached in .bench/; what the runs write goes to
 .bench/work/, emptied at each start.
@@ -554,25 +554,28 @@ def goal_cliff(scale):
 
 
 def goal_parallel_init(scale):
-    """(3g): k-means|| against k-means++, K=64 on the 1M-point file: the seeding span of each run."""
-    path, _ = dataset(10**6 // scale, 2)
-    seeding, first_sse, commands = {}, {}, []
-    for init in ("k-means++", "k-means||"):
-        progress(f"kmr (3g) --init {init}, K=64")
-        args = ["-M", 2, "-R", 2, "-K", 64, "-n", 1, "--input", path, "--init", init, "--seed", 1, "--combiner", "-q",
-                "--summary", WORK / "init.json", "--data-dir", WORK / "init"]
-        _, summary = job(args)
-        seeding[init] = sum(span["end"] - span["start"] for span in summary["timeline"]["iterations"]
-                            if span["iteration"] == 0)
-        first_sse[init] = summary["iterations"][0]["sse"]
-        commands.append((f"(3g) {init}", args))
-    ratio = seeding["k-means||"] / seeding["k-means++"]
-    row = ["(3g)", f"initialisation, K=64, {points(10**6 // scale)} points, D=2, M=R=2: --init k-means|| (5 rounds) "
-           "against k-means++ (63 rounds)", secs(seeding["k-means||"]), secs(seeding["k-means++"]), f"{ratio:.2f}x",
-           "<= 0.20x", met(ratio <= 0.2)]
-    note = (f"(3g) SSE after iteration 1: k-means|| {first_sse['k-means||']:.10g}, "
-            f"k-means++ {first_sse['k-means++']:.10g}")
-    return commands, [row], [note]
+    """(3g): k-means|| against k-means++, K=64: the seeding span of each run, on the (a) file (the goal's
+    1M points) and on the (3a) files, where D is higher."""
+    commands, rows, notes = [], [], []
+    for count, dim, clusters in ((10**6, 2, 8), (500_000, 16, 16), (200_000, 64, 10)):
+        path, _ = dataset(count // scale, dim, clusters=clusters)
+        seeding, first_sse = {}, {}
+        for init in ("k-means++", "k-means||"):
+            progress(f"kmr (3g) --init {init}, K=64, D={dim}")
+            args = ["-M", 2, "-R", 2, "-K", 64, "-n", 1, "--input", path, "--init", init, "--seed", 1, "--combiner",
+                    "-q", "--summary", WORK / "init.json", "--data-dir", WORK / "init"]
+            _, summary = job(args)
+            seeding[init] = sum(span["end"] - span["start"] for span in summary["timeline"]["iterations"]
+                                if span["iteration"] == 0)
+            first_sse[init] = summary["iterations"][0]["sse"]
+            commands.append((f"(3g) D={dim} {init}", args))
+        ratio = seeding["k-means||"] / seeding["k-means++"]
+        rows.append(["(3g)", f"initialisation, K=64, {points(count // scale)} points, D={dim}, M=R=2: --init k-means|| "
+                     "(5 rounds) against k-means++ (63 rounds)", secs(seeding["k-means||"]), secs(seeding["k-means++"]),
+                     f"{ratio:.2f}x", "<= 0.20x", met(ratio <= 0.2)])
+        notes.append(f"(3g) D={dim}: SSE after iteration 1: k-means|| {first_sse['k-means||']:.10g}, "
+                     f"k-means++ {first_sse['k-means++']:.10g}")
+    return commands, rows, notes
 
 
 def main():
