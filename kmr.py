@@ -706,17 +706,17 @@ def reach_below(distances, dim):
 
 
 @functools.lru_cache(maxsize=64)
-def pruned_updater(dim, measured):
+def pruned_updater(dim, measured, separated):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
     those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
     distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
     `dropped`, its new value to `added`.
-    Where D > 2 (no grid there, so k-means|| round 2 measures every point from the first candidate
-    alone) each row also carries the new candidate's `separations`, and once a point has a new
-    nearest one, a candidate separated from it by more than twice (an upper bound on) the point's
-    distance to it is passed over (Elkan: it is farther, with room for any rounding). The loop is
+    Each row ends with the new candidate's `separations` (or None). With `separated` (k-means|| at
+    D > 2: no grid there, so round 2 measures every point from the first candidate alone), once a
+    point has a new nearest one, a candidate separated from it by more than twice (an upper bound on)
+    the point's distance to it is passed over (Elkan: it is farther, with room for any rounding). The loop is
     unrolled over the coordinates, or, `measured` (high D), takes math.dist's distances at C speed
     as the assignment does (measured_bounds): a point whose nearest is clearly apart from the next
     gets its D^2 with `nearest`'s arithmetic for that candidate, and one in doubt is settled with it
@@ -738,7 +738,7 @@ def pruned_updater(dim, measured):
                 "        best = root; o = k; w = b; second = inf; apart = None",
                 "        for far, j, candidate, between in near[o]:",
                 "            if far >= reach: break",
-                skip,
+                *([skip] if separated else []),
                 "            d = dist(point, candidate)",
                 "            if d < best:",
                 "                second = best; best = d; k = j; apart = between",
@@ -747,18 +747,19 @@ def pruned_updater(dim, measured):
                 "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]",
                 f"        if k != o: {exact}; weights[i] = b; owners[i] = k; dropped(w); added(b)"]
     else:
-        separated = dim > 2
         body = [header,
                 f"    for i, {xs}b, k in zip(count(), *columns, weights, owners):",
                 "        if gates[k] >= b: continue",
-                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b; apart = None",
+                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b"
+                + ("; apart = None" if separated else ""),
                 f"        for far, j, {es}{'between' if separated else '_'} in near[o]:",
                 "            if far >= reach: break",
                 *([skip] if separated else []),
                 f"            {distance_source('d', 'e{d}', dim)}",
-                "            if d < b or d == b and j < k:",
-                "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
-                *(["                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE"] if separated else []),
+                *(["            if d < b or d == b and j < k:",
+                   "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
+                   "                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE"] if separated else
+                  ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW"]),
                 "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}{' measured' if measured else ''}>", "exec"),
          namespace)
@@ -841,12 +842,14 @@ def update_candidates(columns, candidates, seen, weights, owners):
         return None   # most points changed: their mass is summed afresh
     dropped, added = [], []
     new = candidates[seen:]
-    measured = dim >= NORM_FROM_DIM and len(new) > 1   # one new candidate (k-means++): a mover needs its D^2 anyway
-    between = separations(new, seen) if dim > 2 and len(new) ** 2 <= len(weights) else itertools.repeat(None)
+    several = len(new) > 1   # k-means||: a k-means++ round adds one, and a point that moves to it needs its D^2 anyway
+    measured, separated = several and dim >= NORM_FROM_DIM, several and dim > 2
+    between = separations(new, seen) if separated and len(new) ** 2 <= len(weights) else itertools.repeat(None)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate), apart)
                    for j, candidate, apart in zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
-    pruned_updater(dim, measured)(columns, near, gates, weights, owners, dropped.append, added.append, candidates)
+    pruned_updater(dim, measured, separated)(columns, near, gates, weights, owners, dropped.append, added.append,
+                                              candidates)
     return dropped, added
 
 
