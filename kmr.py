@@ -713,7 +713,8 @@ def pruned_updater(dim, measured, separated):
     those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
     distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
     `dropped`, its new value to `added`.
-    Each row ends with the new candidate's `separations` (or None). With `separated` (k-means|| at
+    Rows of the measured or `separated` loops end with the new candidate's `separations` (or None).
+    With `separated` (k-means|| at
     D > 2: no grid there, so round 2 measures every point from the first candidate alone), once a
     point has a new nearest one, a candidate separated from it by more than twice (an upper bound on)
     the point's distance to it is passed over (Elkan: it is farther, with room for any rounding). The loop is
@@ -752,7 +753,7 @@ def pruned_updater(dim, measured, separated):
                 "        if gates[k] >= b: continue",
                 "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b"
                 + ("; apart = None" if separated else ""),
-                f"        for far, j, {es}{'between' if separated else '_'} in near[o]:",
+                f"        for far, j, {es}{'between' if separated else ''} in near[o]:",
                 "            if far >= reach: break",
                 *([skip] if separated else []),
                 f"            {distance_source('d', 'e{d}', dim)}",
@@ -845,8 +846,9 @@ def update_candidates(columns, candidates, seen, weights, owners):
     several = len(new) > 1   # k-means||: a k-means++ round adds one, and a point that moves to it needs its D^2 anyway
     measured, separated = several and dim >= NORM_FROM_DIM, several and dim > 2
     between = separations(new, seen) if separated and len(new) ** 2 <= len(weights) else itertools.repeat(None)
-    near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate), apart)
-                   for j, candidate, apart in zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
+    near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate),
+                    *([apart] if measured or separated else [])) for j, candidate, apart in
+                   zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
     pruned_updater(dim, measured, separated)(columns, near, gates, weights, owners, dropped.append, added.append,
                                               candidates)
