@@ -713,15 +713,15 @@ def pruned_updater(dim, measured, separated):
     those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
     distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
     `dropped`, its new value to `added`.
-    Rows of the measured or `separated` loops end with the new candidate's `separations` (or None).
-    With `separated` (k-means|| at
-    D > 2: no grid there, so round 2 measures every point from the first candidate alone), once a
-    point has a new nearest one, a candidate separated from it by more than twice (an upper bound on)
-    the point's distance to it is passed over (Elkan: it is farther, with room for any rounding). The loop is
-    unrolled over the coordinates, or, `measured` (high D), takes math.dist's distances at C speed
-    as the assignment does (measured_bounds): a point whose nearest is clearly apart from the next
-    gets its D^2 with `nearest`'s arithmetic for that candidate, and one in doubt is settled with it
-    (`settled`), so every D^2 and number is the same."""
+    With `separated` (k-means|| at D > 2: no grid there, so round 2 measures every point from the
+    first candidate alone), each row ends with the new candidate's `separations` (or None), and once
+    a point has a new nearest one, a candidate separated from it by more than twice (an upper bound
+    on) the point's distance to it is passed over (Elkan: it is farther, with room for any rounding).
+    The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D; its rows end with
+    the separations too), takes math.dist's distances at C speed as the assignment does
+    (measured_bounds): a point whose nearest is clearly apart from the next gets its D^2 with
+    `nearest`'s arithmetic for that candidate, and one in doubt is settled with it (`settled`), so
+    every D^2 and number is the same."""
     reach, underflow = reach_margins(dim)
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": reach, "UNDERFLOW": underflow,
                  "dist": math.dist, "inf": math.inf, "squared_distance": squared_distance, "settled": settled,
