@@ -717,8 +717,8 @@ def pruned_updater(dim, measured, separated):
     first candidate alone), each row ends with the new candidate's `separations` (or None), and once
     a point has a new nearest one, a candidate separated from it by more than twice (an upper bound
     on) the point's distance to it is passed over (Elkan: it is farther, with room for any rounding).
-    The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D; its rows end with
-    the separations too), takes math.dist's distances at C speed as the assignment does
+    The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes math.dist's
+    distances at C speed as the assignment does
     (measured_bounds): a point whose nearest is clearly apart from the next gets its D^2 with
     `nearest`'s arithmetic for that candidate, and one in doubt is settled with it (`settled`), so
     every D^2 and number is the same."""
@@ -736,14 +736,14 @@ def pruned_updater(dim, measured, separated):
                 "    for i, point, b, k in zip(count(), zip(*columns), weights, owners):",
                 "        if gates[k] >= b: continue",
                 "        root = sqrt(b); wide = reach = REACH * (root + root) + UNDERFLOW",
-                "        best = root; o = k; w = b; second = inf; apart = None",
-                "        for far, j, candidate, between in near[o]:",
+                "        best = root; o = k; w = b; second = inf" + ("; apart = None" if separated else ""),
+                f"        for far, j, candidate{', between' if separated else ''} in near[o]:",
                 "            if far >= reach: break",
                 *([skip] if separated else []),
                 "            d = dist(point, candidate)",
                 "            if d < best:",
-                "                second = best; best = d; k = j; apart = between",
-                "                reach = REACH * (root + d) + UNDERFLOW; twice = (d * SWELL + TINY + TINY) * TWICE",
+                "                second = best; best = d; k = j; reach = REACH * (root + d) + UNDERFLOW",
+                *(["                apart = between; twice = (d * SWELL + TINY + TINY) * TWICE"] if separated else []),
                 "            elif d < second: second = d",
                 "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]",
                 f"        if k != o: {exact}; weights[i] = b; owners[i] = k; dropped(w); added(b)"]
@@ -847,7 +847,7 @@ def update_candidates(columns, candidates, seen, weights, owners):
     measured, separated = several and dim >= NORM_FROM_DIM, several and dim > 2
     between = separations(new, seen) if separated and len(new) ** 2 <= len(weights) else itertools.repeat(None)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate),
-                    *([apart] if measured or separated else [])) for j, candidate, apart in
+                    *([apart] if separated else [])) for j, candidate, apart in
                    zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
     pruned_updater(dim, measured, separated)(columns, near, gates, weights, owners, dropped.append, added.append,
