@@ -689,6 +689,19 @@ def candidate_updater(count, dim):
     return namespace["update"]
 
 
+@functools.lru_cache(maxsize=64)
+def first_distances(dim):
+    """A compiled loop setting each point's D^2 to one candidate, as candidate_updater computes it (the
+    same doubles, inf where a square overflows), without its comparisons: the first round, where every
+    point takes its only candidate."""
+    source = (f"def first(columns, candidate, weights):\n    {''.join(f'c{d}, ' for d in range(dim))}= candidate\n"
+              f"    for i, {''.join(f'x{d}, ' for d in range(dim))}in zip(count(), *columns):\n"
+              f"        {distance_source('weights[i]', 'c{d}', dim)}")
+    namespace = {"count": itertools.count}
+    exec(compile(source, f"<first candidate's D^2, D={dim}>", "exec"), namespace)
+    return namespace["first"]
+
+
 def reach_margins(dim):
     """(factor, term): a candidate whose distance from a point, by the triangle inequality, is at least
     factor x (the point's computed distance to its nearest) + term cannot be nearer in the computed
@@ -711,22 +724,22 @@ def pruned_updater(dim, measured, separated):
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
     those, nearest first from `near`, and none if its D^2 is at most its candidate's gate; of equal
-    distances the lower number wins. The margins are reach_margins'. Each changed D^2 goes to
-    `dropped`, its new value to `added`.
-    With `separated` (k-means|| at D > 2: no grid there, so round 2 measures every point from the
-    first candidate alone), each row ends with the new candidate's `separations` (or None), and once
-    a point has a new nearest one, a candidate separated from it by more than twice (an upper bound
-    on) the point's distance to it is passed over (Elkan: it is farther, with room for any rounding).
-    The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes math.dist's
-    distances at C speed as the assignment does
-    (measured_bounds): a point whose nearest is clearly apart from the next gets its D^2 with
-    `nearest`'s arithmetic for that candidate, and one in doubt is settled with it (`settled`), so
-    every D^2 and number is the same."""
+    distances the lower number wins. The margins are reach_margins'.
+    Without `separated` (a k-means++ round: one new candidate), each changed D^2 goes to `dropped`,
+    its new value to `added`, so the mass follows the few that changed.
+    With `separated` (a k-means|| round at D > 2: no grid there, so round 2 measures every point from
+    the first candidate alone), each row ends with the new candidate's `separations` (or None), and
+    once a point has a new nearest one, a candidate separated from it by more than twice (an upper
+    bound on) the point's distance to it is passed over (Elkan: it is farther, with room for any
+    rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
+    math.dist's distances at C speed as the assignment does (measured_bounds): a point whose nearest is
+    clearly apart from the next gets its D^2 with `nearest`'s arithmetic for that candidate, and one in
+    doubt is settled with it (`settled`), so every D^2 and number is the same."""
     reach, underflow = reach_margins(dim)
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": reach, "UNDERFLOW": underflow,
                  "dist": math.dist, "inf": math.inf, "squared_distance": squared_distance, "settled": settled,
                  **bound_factors(dim)}
-    header = "def update(columns, near, gates, weights, owners, dropped, added, candidates):"
+    header = f"def update(columns, near, gates, weights, owners, candidates{'' if separated else ', dropped, added'}):"
     xs, es = "".join(f"x{d}, " for d in range(dim)), "".join(f"e{d}, " for d in range(dim))
     skip = "            if apart is not None and apart[j] > twice: continue"
     if measured:
@@ -736,31 +749,39 @@ def pruned_updater(dim, measured, separated):
                 "    for i, point, b, k in zip(count(), zip(*columns), weights, owners):",
                 "        if gates[k] >= b: continue",
                 "        root = sqrt(b); wide = reach = REACH * (root + root) + UNDERFLOW",
-                "        best = root; o = k; w = b; second = inf" + ("; apart = None" if separated else ""),
-                f"        for far, j, candidate{', between' if separated else ''} in near[o]:",
+                "        best = root; o = k; second = inf; apart = None",
+                "        for far, j, candidate, between in near[o]:",
                 "            if far >= reach: break",
-                *([skip] if separated else []),
+                skip,
                 "            d = dist(point, candidate)",
                 "            if d < best:",
                 "                second = best; best = d; k = j; reach = REACH * (root + d) + UNDERFLOW",
-                *(["                apart = between; twice = (d * SWELL + TINY + TINY) * TWICE"] if separated else []),
+                "                apart = between; twice = (d * SWELL + TINY + TINY) * TWICE",
                 "            elif d < second: second = d",
                 "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]",
-                f"        if k != o: {exact}; weights[i] = b; owners[i] = k; dropped(w); added(b)"]
+                f"        if k != o: {exact}; weights[i] = b; owners[i] = k"]
+    elif separated:
+        body = [header,
+                f"    for i, {xs}b, k in zip(count(), *columns, weights, owners):",
+                "        if gates[k] >= b: continue",
+                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; apart = None",
+                f"        for far, j, {es}between in near[o]:",
+                "            if far >= reach: break",
+                skip,
+                f"            {distance_source('d', 'e{d}', dim)}",
+                "            if d < b or d == b and j < k:",
+                "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
+                "                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE",
+                "        if k != o: weights[i] = b; owners[i] = k"]
     else:
         body = [header,
                 f"    for i, {xs}b, k in zip(count(), *columns, weights, owners):",
                 "        if gates[k] >= b: continue",
-                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b"
-                + ("; apart = None" if separated else ""),
-                f"        for far, j, {es}{'between' if separated else ''} in near[o]:",
+                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; w = b",
+                f"        for far, j, {es}in near[o]:",
                 "            if far >= reach: break",
-                *([skip] if separated else []),
                 f"            {distance_source('d', 'e{d}', dim)}",
-                *(["            if d < b or d == b and j < k:",
-                   "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
-                   "                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE"] if separated else
-                  ["            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW"]),
+                "            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
                 "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
     exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}{' measured' if measured else ''}>", "exec"),
          namespace)
@@ -772,11 +793,13 @@ def cell_updater(dim):
     """A compiled loop like pruned_updater's for D <= 2, where the table is by cell of a grid over the
     points rather than by nearest candidate: a new candidate can be nearer to a point only if it lies
     within the point's distance r of the point's cell, so each point measures only the candidates that
-    near[its cell] lists within r, nearest first, and within r' once one at r' is found."""
+    near[its cell] lists within r, nearest first, and within r' once one at r' is found; and none if
+    its D^2 is at most its nearest candidate's gate (pruned_updater's)."""
     cell = "int((x0 - low0) * scale0)" + (" * width + int((x1 - low1) * scale1)" if dim == 2 else "")
-    body = ["def update(columns, near, lows, scales, width, weights, owners):",
+    body = ["def update(columns, gates, near, lows, scales, width, weights, owners):",
             f"    ({''.join(f'low{d}, ' for d in range(dim))}), ({''.join(f'scale{d}, ' for d in range(dim))}) = lows, scales",
             f"    for i, {''.join(f'x{d}, ' for d in range(dim))}b, k in zip(count(), *columns, weights, owners):",
+            "        if gates[k] >= b: continue",
             "        o = k",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim))}in near[{cell}]:",
             "            if far >= b: break",
@@ -788,19 +811,19 @@ def cell_updater(dim):
     return namespace["update"]
 
 
-def grid_of(columns, new, first):
+def grid_of(columns, new, first, box=None):
     """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate,
     fewer where its table would cost more than a third of a pass: (per cell, each new candidate's
     (a D^2 it cannot beat from the cell (reach_below), number from `first`, coordinates), in
     that order; the lowest coordinates; cells per unit; cells per row). A point's cell is
     int((x - low) x scale) per coordinate, its highest one included; each cell's box is widened to
-    hold every point whose rounded index is the cell's."""
+    hold every point whose rounded index is the cell's. `box`: each column's (lowest, highest), if known."""
     dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
     per_axis = math.isqrt(cells) if dim == 2 else cells
     lows, scales, gaps = [], [], []   # gaps[axis][cell index along it]: each candidate's squared gap to it
     numbers, coordinates = range(first, first + len(new)), list(zip(*new))
-    for column, along in zip(columns, coordinates):
-        low, high = min(column), max(column)   # a hair under per_axis cells: the highest point is not alone
+    for (low, high), along in zip(box or [(min(column), max(column)) for column in columns], coordinates):
+        # a hair under per_axis cells: the highest point is not alone
         scale = per_axis * (1 - 2.0 ** -40) / (high - low) if high - low > 2.0 ** -1000 else 0.0
         pad = 4 * math.ulp(max(abs(low), abs(high))) + (2.0 ** -20 / scale if scale else 0.0)
         edges = [(low + i / scale - pad, low + (i + 1) / scale + pad) if scale else (low - pad, high + pad)
@@ -822,36 +845,44 @@ def separations(new, first):
     return [[0.0] * first + [math.dist(a, b) * shrink - tiny for b in new] for a in new]
 
 
-def update_candidates(columns, candidates, seen, weights, owners):
+def update_candidates(columns, candidates, seen, weights, owners, box=None):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
-    after the first `seen` joined them; returns the D^2 that changed as (dropped, added), or None if
-    they are to be summed afresh. New candidates are measured against every point, in blocks the
-    compiled loop takes, or, once points have a nearest candidate, only where the triangle inequality
-    lets them compete, when the table of distances between old and new candidates that this needs
-    costs no more than a pass: from each point's cell of a grid where D <= 2 and the new candidates
-    outnumber the old (k-means|| round 2: one old candidate tells the points little), else from each
-    point's nearest candidate."""
+    after the first `seen` joined them; returns the D^2 that changed as (dropped, added) after a
+    k-means++ round (one new candidate, which few points move to), else None: they are to be summed
+    afresh. New candidates are measured against every point, in blocks the compiled loop takes, or,
+    once points have a nearest candidate, only where the triangle inequality lets them compete, when
+    the table of distances between old and new candidates that this needs costs no more than a pass:
+    from each point's cell of a grid where D <= 2 and there are several (k-means||: in round 2 one old
+    candidate tells the points little, and later a cell lists fewer than a candidate's neighbourhood),
+    else from each point's nearest candidate. `box`: each column's (lowest, highest), if known."""
     dim = len(columns)
+    if seen == 0 and len(candidates) == 1:   # every point's D^2 is inf, its owner 0
+        first_distances(dim)(columns, candidates[0], weights)
+        return None
     if seen == 0 or seen * (len(candidates) - seen) > len(weights):
         block = max(1, MAX_UNROLLED // dim)
         for low in range(seen, len(candidates), block):
             part = candidates[low:low + block]
             candidate_updater(len(part), dim)(columns, part, weights, owners, low)
         return None
-    if dim <= 2 and seen < len(candidates) - seen:
-        cell_updater(dim)(columns, *grid_of(columns, candidates[seen:], seen), weights, owners)
-        return None   # most points changed: their mass is summed afresh
-    dropped, added = [], []
     new = candidates[seen:]
     several = len(new) > 1   # k-means||: a k-means++ round adds one, and a point that moves to it needs its D^2 anyway
-    measured, separated = several and dim >= NORM_FROM_DIM, several and dim > 2
-    between = separations(new, seen) if separated and len(new) ** 2 <= len(weights) else itertools.repeat(None)
+    if dim <= 2 and several:
+        nearest_new = (min(math.sqrt(squared_distance(old, candidate)) for candidate in new) for old in candidates[:seen])
+        gates = [limit / 4 for limit in reach_below(nearest_new, dim)]
+        cell_updater(dim)(columns, gates, *grid_of(columns, new, seen, box), weights, owners)
+        return None
+    measured = several and dim >= NORM_FROM_DIM
+    between = separations(new, seen) if several and len(new) ** 2 <= len(weights) else itertools.repeat(None)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate),
-                    *([apart] if separated else [])) for j, candidate, apart in
+                    *([apart] if several else [])) for j, candidate, apart in
                    zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
-    pruned_updater(dim, measured, separated)(columns, near, gates, weights, owners, dropped.append, added.append,
-                                              candidates)
+    if several:
+        pruned_updater(dim, measured, True)(columns, near, gates, weights, owners, candidates)
+        return None
+    dropped, added = [], []
+    pruned_updater(dim, False, False)(columns, near, gates, weights, owners, candidates, dropped.append, added.append)
     return dropped, added
 
 
@@ -875,6 +906,30 @@ def round_priorities(seed, start, end, also=()):
     rest = (int.from_bytes(hashlib.blake2b(f"{seed}/{start + i}".encode(), digest_size=6).digest(), "little") >> 3
             for i in indices)
     return [(i, (heads[offset + i] * 2 ** 45 + low) / 2 ** 53) for i, low in zip(indices, rest)]
+
+
+def block_masses(weights, start):
+    """A k-means|| round's D^2 mass of a split [start, start + len(weights)) in parts the master can put
+    together the same way for any M: per block of PRIORITY_BLOCK points (by index) that the split
+    touches, (block, terms): the block's correctly rounded sum where the split holds all of it, else the
+    exact terms of its part (exact_terms). One pass of fsum, where the split's exact sum takes three."""
+    end, parts = start + len(weights), []
+    for block in priority_blocks(start, end):
+        low, high = max(start, block * PRIORITY_BLOCK) - start, min(end, (block + 1) * PRIORITY_BLOCK) - start
+        part = weights[low:high]
+        parts.append((block, [math.fsum(part)] if high - low == PRIORITY_BLOCK else exact_terms(part)))
+    return parts
+
+
+def whole_mass(parts):
+    """The D^2 mass from block_masses' parts: each block's sum, correctly rounded, summed and correctly
+    rounded again, so a function of the points alone, whatever the split (fsum: in any order). Of
+    some splits' parts only, it is at most the whole mass: every block's sum and both roundings grow
+    with what is added."""
+    by_block = collections.defaultdict(list)
+    for block, terms in parts:
+        by_block[block].extend(terms)
+    return math.fsum(map(math.fsum, by_block.values()))
 
 
 def may_be_picked(candidates, weights, mass, oversample):
@@ -1434,6 +1489,11 @@ class Split:
         return sum(map(len, self.texts)) + 49 * len(self.texts)
 
     @functools.cached_property
+    def box(self):
+        """Each column's lowest and highest coordinate, once: where k-means||'s grids lie (grid_of)."""
+        return [(min(column), max(column)) for column in self.columns]
+
+    @functools.cached_property
     def squares(self):
         """The split's square_terms, once."""
         return square_terms(self.columns, self.magnitudes)
@@ -1447,9 +1507,10 @@ class Split:
         if (run_before, init_before) != (run, init) or seen > len(centroids):
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
-        changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners)
+        box = self.box if len(self.columns) <= 2 and init == "k-means||" else None   # where its rounds lay grids
+        changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners, box)
         if not mass:
-            self.mass = None   # the last pass of k-means|| counts owners only
+            self.mass = None   # k-means|| sums its mass by block (block_masses)
         elif changed is None or self.mass is None or 2 * len(changed[1]) > len(self.weights):
             self.mass = exact_terms(self.weights)
         else:   # the old ones out first: the running sum never exceeds the old mass
@@ -2269,16 +2330,16 @@ class MapperTasks:
     @staticmethod
     def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
         """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen,
-        then its mass and the points the round may pick (may_be_picked) as (priority, index, point,
-        D^2). Or, with count_clusters, the points nearest to each candidate (and no mass: the master
+        then its mass by block (block_masses) and the points the round may pick (may_be_picked) as
+        (priority, index, point, D^2). Or, with count_clusters, the points nearest to each candidate (and no mass: the master
         does not need it). Call with the split's lock held."""
-        split.weigh(run, candidates, "k-means||", mass=not count_clusters)
+        split.weigh(run, candidates, "k-means||", mass=False)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
             return [], 0, [], [nearest_to[number] for number in range(len(candidates))], []
-        mass = split.mass
-        picked = round_picks(draw_seed, start, split.weights, math.fsum(mass), oversample)
-        return mass, 0, [], [], [(priority, start + i, tuple(column[i] for column in split.columns),
+        parts = block_masses(split.weights, start)
+        picked = round_picks(draw_seed, start, split.weights, whole_mass(parts), oversample)
+        return parts, 0, [], [], [(priority, start + i, tuple(column[i] for column in split.columns),
                                   split.weights[i]) for i, priority in picked]
 
 
@@ -2571,7 +2632,9 @@ class MapperServicer:
         mass, rest, candidate, counts, picks = self.core.weigh_task(
             request.job, request.run, request.task, span, pinned, unflatten(request.centroids), request.draw_seed,
             request.count_clusters, request.oversample)
-        reply = pb.WeighReply(mass_terms=mass, mass_rest=integer_bytes(rest), candidate=candidate, counts=counts,
+        masses = ({"block_masses": [pb.BlockMass(block=block, terms=terms) for block, terms in mass]}
+                  if request.oversample else {"mass_terms": mass})
+        reply = pb.WeighReply(**masses, mass_rest=integer_bytes(rest), candidate=candidate, counts=counts,
                               picked=draw_message([pick[:3] for pick in picks], request.centroids.dim),
                               picked_weights=[pick[3] for pick in picks])
         return pb.WeighResponse(status=success(), reply=reply)
@@ -4254,7 +4317,7 @@ def kmeans_parallel(first, clusters, weigh, rng):
     for number in range(1, PARALLEL_ROUNDS + 1):
         log.log(DETAIL, "=== k-means|| round %d: weigh every split ===", number)
         replies = weigh(candidates, rng.randrange(2**63), oversample, False)
-        mass = math.fsum(term for reply in replies.values() for term in reply.mass_terms)
+        mass = whole_mass((part.block, part.terms) for reply in replies.values() for part in reply.block_masses)
         picked = sorted((index, point) for reply in replies.values()
                         for (priority, index, point), weight in zip(draw_triples(reply.picked), reply.picked_weights)
                         if priority * mass < oversample * weight)
