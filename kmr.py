@@ -795,7 +795,8 @@ def cell_updater(dim):
     within the point's distance r of the point's cell, so each point measures only the candidates that
     near[its cell] lists within r, nearest first, and within r' once one at r' is found; and none if
     its D^2 is at most its nearest candidate's gate (pruned_updater's)."""
-    cell = "int((x0 - low0) * scale0)" + (" * width + int((x1 - low1) * scale1)" if dim == 2 else "")
+    # x - low >= 0, so trunc gives int()'s cell, in half the time
+    cell = "trunc((x0 - low0) * scale0)" + (" * width + trunc((x1 - low1) * scale1)" if dim == 2 else "")
     body = ["def update(columns, gates, near, lows, scales, width, weights, owners):",
             f"    ({''.join(f'low{d}, ' for d in range(dim))}), ({''.join(f'scale{d}, ' for d in range(dim))}) = lows, scales",
             f"    for i, {''.join(f'x{d}, ' for d in range(dim))}b, k in zip(count(), *columns, weights, owners):",
@@ -806,7 +807,7 @@ def cell_updater(dim):
             f"            {distance_source('d', 'e{d}', dim)}",
             "            if d < b or d == b and j < k: b = d; k = j",
             "        if k != o: weights[i] = b; owners[i] = k"]
-    namespace = {"count": itertools.count}
+    namespace = {"count": itertools.count, "trunc": math.trunc}
     exec(compile("\n".join(body), f"<k-means|| cell update D={dim}>", "exec"), namespace)
     return namespace["update"]
 
