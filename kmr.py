@@ -719,7 +719,7 @@ def reach_below(distances, dim):
 
 
 @functools.lru_cache(maxsize=64)
-def pruned_updater(dim, measured, separated):
+def pruned_updater(dim, measured, separated, projected=False):
     """A compiled loop like candidate_updater's for points that have a nearest candidate already: a
     new one can be nearer only if it lies within twice the point's distance r of that candidate
     (triangle inequality), or within r + r' once one at r' is found, so each point measures only
@@ -734,7 +734,12 @@ def pruned_updater(dim, measured, separated):
     rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
     math.dist's distances at C speed as the assignment does (measured_bounds): a point whose nearest is
     clearly apart from the next gets its D^2 with `nearest`'s arithmetic for that candidate, and one in
-    doubt is settled with it (`settled`), so every D^2 and number is the same."""
+    doubt is settled with it (`settled`), so every D^2 and number is the same.
+    `projected` (k-means|| round 2 at D > 2: its one anchor orders the new candidates badly), a point
+    takes them instead from its cell of a grid over two coordinates (projected_grid), nearest first by
+    their distance in those two, which is at most the whole: it stops where that passes the point's D^2
+    (cell_updater's test) or, measured, where it passes an upper bound on the best one's distance, so
+    every one left is clearly farther (as the best and second are when apart)."""
     reach, underflow = reach_margins(dim)
     namespace = {"count": itertools.count, "sqrt": math.sqrt, "REACH": reach, "UNDERFLOW": underflow,
                  "dist": math.dist, "inf": math.inf, "squared_distance": squared_distance, "settled": settled,
@@ -742,9 +747,41 @@ def pruned_updater(dim, measured, separated):
     header = f"def update(columns, near, gates, weights, owners, candidates{'' if separated else ', dropped, added'}):"
     xs, es = "".join(f"x{d}, " for d in range(dim)), "".join(f"e{d}, " for d in range(dim))
     skip = "            if apart is not None and apart[j] > twice: continue"
-    if measured:
-        exact = (f"{xs}= point; {es}= candidates[k]; {distance_source('b', 'e{d}', dim)}" if dim <= MAX_UNROLLED_DIM
-                 else "b = squared_distance(point, candidates[k])")
+    exact = (f"{xs}= point; {es}= candidates[k]; {distance_source('b', 'e{d}', dim)}" if dim <= MAX_UNROLLED_DIM
+             else "b = squared_distance(point, candidates[k])")
+    settle = "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]"
+    if projected:
+        namespace["trunc"] = math.trunc
+        header = "def update(columns, near, gates, weights, owners, candidates, cells, lows, scales, width, across):"
+        cell = "cells[trunc((y0 - low0) * scale0) * width + trunc((y1 - low1) * scale1)]"   # as cell_updater's
+        body = [header, "    (low0, low1), (scale0, scale1) = lows, scales"]
+        if measured:
+            body += ["    for i, point, b, k, y0, y1 in zip(count(), zip(*columns), weights, owners, *across):",
+                     "        if gates[k] >= b: continue",
+                     "        root = sqrt(b); wide = REACH * (root + root) + UNDERFLOW",
+                     "        best = root; edge = root * SWELL + TINY; o = k; second = inf; apart = None",
+                     f"        for far, j, candidate, between in {cell}:",
+                     "            if far > edge: break",
+                     skip,
+                     "            d = dist(point, candidate)",
+                     "            if d < best:",
+                     "                second = best; best = d; k = j; edge = d * SWELL + TINY",
+                     "                apart = between; twice = (edge + TINY) * TWICE",
+                     "            elif d < second: second = d",
+                     settle,
+                     f"        if k != o: {exact}; weights[i] = b; owners[i] = k"]
+        else:
+            body += [f"    for i, {xs}b, k, y0, y1 in zip(count(), *columns, weights, owners, *across):",
+                     "        if gates[k] >= b: continue",
+                     "        o = k; apart = None",
+                     f"        for far, j, {es}between in {cell}:",
+                     "            if far >= b: break",
+                     skip,
+                     f"            {distance_source('d', 'e{d}', dim)}",
+                     "            if d < b or d == b and j < k:",
+                     "                b = d; k = j; apart = between; twice = (sqrt(d) * SWELL + TINY + TINY) * TWICE",
+                     "        if k != o: weights[i] = b; owners[i] = k"]
+    elif measured:
         body = [header,
                 "    for i, point, b, k in zip(count(), zip(*columns), weights, owners):",
                 "        if gates[k] >= b: continue",
@@ -758,7 +795,7 @@ def pruned_updater(dim, measured, separated):
                 "                second = best; best = d; k = j; reach = REACH * (root + d) + UNDERFLOW",
                 "                apart = between; twice = (d * SWELL + TINY + TINY) * TWICE",
                 "            elif d < second: second = d",
-                "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]",
+                settle,
                 f"        if k != o: {exact}; weights[i] = b; owners[i] = k"]
     elif separated:
         body = [header,
@@ -783,7 +820,8 @@ def pruned_updater(dim, measured, separated):
                 f"            {distance_source('d', 'e{d}', dim)}",
                 "            if d < b or d == b and j < k: b = d; k = j; reach = REACH * (root + sqrt(d)) + UNDERFLOW",
                 "        if k != o: weights[i] = b; owners[i] = k; dropped(w); added(b)"]
-    exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}{' measured' if measured else ''}>", "exec"),
+    exec(compile("\n".join(body), f"<k-means|| pruned update D={dim}{' measured' if measured else ''}"
+                 f"{' projected' if projected else ''}>", "exec"),
          namespace)
     return namespace["update"]
 
@@ -812,13 +850,15 @@ def cell_updater(dim):
     return namespace["update"]
 
 
-def grid_of(columns, new, first, box=None):
+def grid_of(columns, new, first, box=None, keys=None, payload=None):
     """A grid over the points of D <= 2 columns for cell_updater, about 16 cells per new candidate,
     fewer where its table would cost more than a third of a pass: (per cell, each new candidate's
     (a D^2 it cannot beat from the cell (reach_below), number from `first`, coordinates), in
     that order; the lowest coordinates; cells per unit; cells per row). A point's cell is
     int((x - low) x scale) per coordinate, its highest one included; each cell's box is widened to
-    hold every point whose rounded index is the cell's. `box`: each column's (lowest, highest), if known."""
+    hold every point whose rounded index is the cell's. `box`: each column's (lowest, highest), if known.
+    Over two of more coordinates (projected_grid), `keys` makes the first of each entry from the
+    distances in those two, and `payload` (columns, a value per new candidate) the rest."""
     dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
     per_axis = math.isqrt(cells) if dim == 2 else cells
     lows, scales, gaps = [], [], []   # gaps[axis][cell index along it]: each candidate's squared gap to it
@@ -832,9 +872,30 @@ def grid_of(columns, new, first, box=None):
         gaps.append([[max(lower - e, e - upper, 0.0) ** 2 for e in along] for lower, upper in edges])
         lows.append(low)
         scales.append(scale)
-    near = [sorted(zip(reach_below(map(math.sqrt, map(operator.add, *cell) if dim == 2 else cell[0]), dim),
-                       numbers, *coordinates)) for cell in itertools.product(*gaps)]
+    keys = keys or functools.partial(reach_below, dim=dim)
+    near = [sorted(zip(keys(map(math.sqrt, map(operator.add, *cell) if dim == 2 else cell[0])),
+                       numbers, *(payload or coordinates))) for cell in itertools.product(*gaps)]
     return near, lows, scales, len(gaps[-1])
+
+
+def projected_grid(columns, new, first, between, measured):
+    """A grid over the two coordinates of D > 2 columns along which the new candidates spread most, for
+    pruned_updater's projected loop: (per cell, each new candidate's (a bound from its distance to the
+    cell in those two coordinates, number from `first`, coordinates or, `measured`, the candidate, its
+    separations), in that order; the lowest coordinates; cells per unit; cells per row; the two columns).
+    A distance in two coordinates is at most the whole, so the bound is reach_below's D^2, or, measured,
+    a lower bound on the whole distance (the computed one less its rounding, as bound_factors' SHRINK)."""
+    dim, spread = len(columns), [max(along) - min(along) for along in zip(*new)]
+    axes = sorted(range(dim), key=spread.__getitem__)[-2:]
+    across = [columns[axis] for axis in axes]
+    factors = bound_factors(dim)
+    if measured:
+        shrink, tiny = factors["SHRINK"], factors["TINY"]
+        keys, payload = (lambda distances: [distance * shrink - tiny for distance in distances]), [new, between]
+    else:
+        keys, payload = functools.partial(reach_below, dim=dim), [*zip(*new), between]
+    return (*grid_of(across, [tuple(candidate[axis] for axis in axes) for candidate in new], first, None, keys,
+                     payload), across)
 
 
 def separations(new, first):
@@ -874,13 +935,17 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
         cell_updater(dim)(columns, gates, *grid_of(columns, new, seen, box), weights, owners)
         return None
     measured = several and dim >= NORM_FROM_DIM
-    between = separations(new, seen) if several and len(new) ** 2 <= len(weights) else itertools.repeat(None)
+    between = separations(new, seen) if several and len(new) ** 2 <= len(weights) else [None] * len(new)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate),
                     *([apart] if several else [])) for j, candidate, apart in
                    zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
     gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
-    if several:
+    if several and seen == 1:   # round 2: one anchor orders the new candidates badly
+        pruned_updater(dim, measured, True, True)(columns, near, gates, weights, owners, candidates,
+                                                  *projected_grid(columns, new, seen, between, measured))
+    elif several:
         pruned_updater(dim, measured, True)(columns, near, gates, weights, owners, candidates)
+    if several:
         return None
     dropped, added = [], []
     pruned_updater(dim, False, False)(columns, near, gates, weights, owners, candidates, dropped.append, added.append)

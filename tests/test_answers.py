@@ -213,6 +213,29 @@ def test_the_grid_update_keeps_ties_and_cell_edges_exact(monkeypatch, dim):
     assert used == [dim, dim]
 
 
+@pytest.mark.parametrize("measured", [False, True])
+def test_round_two_at_higher_d_takes_its_candidates_from_a_grid_over_two_coordinates(monkeypatch, measured):
+    """At D > 2 round 2 orders the new candidates by their distance in the two coordinates they spread
+    most along (at most the whole distance): on a lattice whose third coordinate adds little, with
+    many ties and one far point, every point still gets what measuring every candidate gives, with
+    math.dist's distances or without."""
+    monkeypatch.setattr(kmr, "NORM_FROM_DIM", 1 if measured else math.inf)
+    used, compiled = [], kmr.projected_grid
+    monkeypatch.setattr(kmr, "projected_grid", lambda *args: used.append(args[-1]) or compiled(*args))
+    lattice = [i / 8 for i in range(-16, 17)]
+    points = [(x, y, z) for x, y in itertools.product(lattice, lattice) for z in (0.0, 0.125)] + [(1e9, 0.0, 0.0)]
+    split = kmr.Split(kmr.to_columns(points, 3))
+    candidates = [(0.0, 0.0, 0.0)]
+    split.weigh(1, candidates, "k-means||")
+    candidates += [(a, b, c) for a, b in itertools.product((-1.5, -0.5, 0.5, 1.5), (-1.0, 0.0, 1.0))
+                   for c in (0.0, 0.125)] + [(0.25, 0.25, 0.0625), (2.0, 2.0, 0.0)]
+    split.weigh(1, candidates, "k-means||")
+    for point, weight, owner in zip(points, split.weights, split.owners):
+        distances = [kmr.squared_distance(point, c) for c in candidates]
+        assert (weight, owner) == (min(distances), distances.index(min(distances)))
+    assert used == [measured]
+
+
 WEIGHT = st.one_of(st.just(0.0), st.floats(0, 1e6), st.floats(0, 2.0 ** -1000), st.floats(1e290, 1e300),
                    st.sampled_from([1.0, 0.75 * 2.0 ** -53]))   # parts whose roundings add up past half an ulp
 
