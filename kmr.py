@@ -727,9 +727,8 @@ def pruned_updater(dim, measured, separated, projected=False):
     distances the lower number wins. The margins are reach_margins'.
     Without `separated` (a k-means++ round: one new candidate), each changed D^2 goes to `dropped`,
     its new value to `added`, so the mass follows the few that changed.
-    With `separated` (a k-means|| round at D > 2: no grid there, so round 2 measures every point from
-    the first candidate alone), each row ends with the new candidate's `separations` (or None), and
-    once a point has a new nearest one, a candidate separated from it by more than twice (an upper
+    With `separated` (a k-means|| round at D > 2), each row ends with the new candidate's `separations`
+    (or None), and once a point has a new nearest one, a candidate separated from it by more than twice (an upper
     bound on) the point's distance to it is passed over (Elkan: it is farther, with room for any
     rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
     math.dist's distances at C speed as the assignment does (measured_bounds): a point whose nearest is
@@ -857,8 +856,8 @@ def grid_of(columns, new, first, box=None, keys=None, payload=None):
     that order; the lowest coordinates; cells per unit; cells per row). A point's cell is
     int((x - low) x scale) per coordinate, its highest one included; each cell's box is widened to
     hold every point whose rounded index is the cell's. `box`: each column's (lowest, highest), if known.
-    Over two of more coordinates (projected_grid), `keys` makes the first of each entry from the
-    distances in those two, and `payload` (columns, a value per new candidate) the rest."""
+    For a grid over two coordinates of more (projected_grid), `keys` makes the first of each entry from
+    the distances in those two, and `payload` (lists of a value per new candidate) the rest."""
     dim, cells = len(columns), max(1, min(16 * len(new), len(columns[0]) // (3 * len(new))))
     per_axis = math.isqrt(cells) if dim == 2 else cells
     lows, scales, gaps = [], [], []   # gaps[axis][cell index along it]: each candidate's squared gap to it
@@ -898,6 +897,12 @@ def projected_grid(columns, new, first, between, measured):
                      payload), across)
 
 
+def gates_of(nearest_new, dim):
+    """Per old candidate, from its computed distance to the nearest new one: a D^2 up to which a point
+    it owns cannot be nearer any new one (within half that distance, reach_below's margins)."""
+    return [limit / 4 for limit in reach_below(nearest_new, dim)]
+
+
 def separations(new, first):
     """Per new candidate, a lower bound on its true distance to each of the others (math.dist's, less its
     error), indexed by candidate number (new ones from `first`; the old ones' places hold 0): a point
@@ -916,7 +921,8 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
     the table of distances between old and new candidates that this needs costs no more than a pass:
     from each point's cell of a grid where D <= 2 and there are several (k-means||: in round 2 one old
     candidate tells the points little, and later a cell lists fewer than a candidate's neighbourhood),
-    else from each point's nearest candidate. `box`: each column's (lowest, highest), if known."""
+    in round 2 at D > 2 from its cell of a grid over two coordinates (projected_grid), else from each
+    point's nearest candidate. `box`: each column's (lowest, highest), if known."""
     dim = len(columns)
     if seen == 0 and len(candidates) == 1:   # every point's D^2 is inf, its owner 0
         first_distances(dim)(columns, candidates[0], weights)
@@ -930,26 +936,27 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
     new = candidates[seen:]
     several = len(new) > 1   # k-means||: a k-means++ round adds one, and a point that moves to it needs its D^2 anyway
     if dim <= 2 and several:
-        nearest_new = (min(math.sqrt(squared_distance(old, candidate)) for candidate in new) for old in candidates[:seen])
-        gates = [limit / 4 for limit in reach_below(nearest_new, dim)]
-        cell_updater(dim)(columns, gates, *grid_of(columns, new, seen, box), weights, owners)
+        nearest_new = (min(math.sqrt(squared_distance(old, candidate)) for candidate in new)
+                       for old in candidates[:seen])
+        cell_updater(dim)(columns, gates_of(nearest_new, dim), *grid_of(columns, new, seen, box), weights, owners)
         return None
     measured = several and dim >= NORM_FROM_DIM
     between = separations(new, seen) if several and len(new) ** 2 <= len(weights) else [None] * len(new)
     near = [sorted((math.sqrt(squared_distance(old, candidate)), j, *([candidate] if measured else candidate),
                     *([apart] if several else [])) for j, candidate, apart in
                    zip(itertools.count(seen), new, between)) for old in candidates[:seen]]
-    gates = [limit / 4 for limit in reach_below((table[0][0] if table else math.inf for table in near), dim)]
-    if several and seen == 1:   # round 2: one anchor orders the new candidates badly
-        pruned_updater(dim, measured, True, True)(columns, near, gates, weights, owners, candidates,
-                                                  *projected_grid(columns, new, seen, between, measured))
-    elif several:
+    gates = gates_of((table[0][0] if table else math.inf for table in near), dim)
+    if not several:
+        dropped, added = [], []
+        pruned_updater(dim, False, False)(columns, near, gates, weights, owners, candidates, dropped.append,
+                                          added.append)
+        return dropped, added
+    if seen == 1:   # round 2: one anchor orders the new candidates badly
+        pruned_updater(dim, measured, True, projected=True)(columns, near, gates, weights, owners, candidates,
+                                                            *projected_grid(columns, new, seen, between, measured))
+    else:
         pruned_updater(dim, measured, True)(columns, near, gates, weights, owners, candidates)
-    if several:
-        return None
-    dropped, added = [], []
-    pruned_updater(dim, False, False)(columns, near, gates, weights, owners, candidates, dropped.append, added.append)
-    return dropped, added
+    return None
 
 
 def round_priorities(seed, start, end, also=()):
@@ -2397,8 +2404,8 @@ class MapperTasks:
     def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
         """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen,
         then its mass by block (block_masses) and the points the round may pick (may_be_picked) as
-        (priority, index, point, D^2). Or, with count_clusters, the points nearest to each candidate (and no mass: the master
-        does not need it). Call with the split's lock held."""
+        (priority, index, point, D^2). Or, with count_clusters, the points nearest to each candidate
+        (and no mass: the master does not need it). Call with the split's lock held."""
         split.weigh(run, candidates, "k-means||", mass=False)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)

@@ -189,6 +189,7 @@ def check_candidate_updates(dim, rounds, rng):
         for point, weight, owner in zip(points, split.weights, split.owners):
             distances = [kmr.squared_distance(point, c) for c in candidates]
             assert weight == min(distances) and owner == distances.index(weight)
+        assert sum(map(Fraction, split.mass)) == sum(map(Fraction, split.weights))   # exact
 
 
 @pytest.mark.parametrize("dim", [1, 2])
