@@ -749,64 +749,46 @@ def pruned_updater(dim, measured, separated, projected=False):
     exact = (f"{xs}= point; {es}= candidates[k]; {distance_source('b', 'e{d}', dim)}" if dim <= MAX_UNROLLED_DIM
              else "b = squared_distance(point, candidates[k])")
     settle = "        if not best * SWELL + TINY < second * SHRINK - TINY: k = settled(point, o, candidates, near[o], wide)[0]"
+    # where a point's candidates come from, where it stops, and how that follows a nearer one
     if projected:
         namespace["trunc"] = math.trunc
         header = "def update(columns, near, gates, weights, owners, candidates, cells, lows, scales, width, across):"
-        cell = "cells[trunc((y0 - low0) * scale0) * width + trunc((y1 - low1) * scale1)]"   # as cell_updater's
-        body = [header, "    (low0, low1), (scale0, scale1) = lows, scales"]
-        if measured:
-            body += ["    for i, point, b, k, y0, y1 in zip(count(), zip(*columns), weights, owners, *across):",
-                     "        if gates[k] >= b: continue",
-                     "        root = sqrt(b); wide = REACH * (root + root) + UNDERFLOW",
-                     "        best = root; edge = root * SWELL + TINY; o = k; second = inf; apart = None",
-                     f"        for far, j, candidate, between in {cell}:",
-                     "            if far > edge: break",
-                     skip,
-                     "            d = dist(point, candidate)",
-                     "            if d < best:",
-                     "                second = best; best = d; k = j; edge = d * SWELL + TINY",
-                     "                apart = between; twice = (edge + TINY) * TWICE",
-                     "            elif d < second: second = d",
-                     settle,
-                     f"        if k != o: {exact}; weights[i] = b; owners[i] = k"]
-        else:
-            body += [f"    for i, {xs}b, k, y0, y1 in zip(count(), *columns, weights, owners, *across):",
-                     "        if gates[k] >= b: continue",
-                     "        o = k; apart = None",
-                     f"        for far, j, {es}between in {cell}:",
-                     "            if far >= b: break",
-                     skip,
-                     f"            {distance_source('d', 'e{d}', dim)}",
-                     "            if d < b or d == b and j < k:",
-                     "                b = d; k = j; apart = between; twice = (sqrt(d) * SWELL + TINY + TINY) * TWICE",
-                     "        if k != o: weights[i] = b; owners[i] = k"]
-    elif measured:
-        body = [header,
-                "    for i, point, b, k in zip(count(), zip(*columns), weights, owners):",
+        ys, across, prologue = ", y0, y1", ", *across", ["    (low0, low1), (scale0, scale1) = lows, scales"]
+        row = "cells[trunc((y0 - low0) * scale0) * width + trunc((y1 - low1) * scale1)]"   # as cell_updater's
+    else:
+        ys, across, prologue, row = "", "", [], "near[o]"
+    if measured:
+        start, stop, follow = (("edge = root * SWELL + TINY", "far > edge", "edge = d * SWELL + TINY") if projected else
+                               ("reach = wide", "far >= reach", "reach = REACH * (root + d) + UNDERFLOW"))
+        body = [header, *prologue,
+                f"    for i, point, b, k{ys} in zip(count(), zip(*columns), weights, owners{across}):",
                 "        if gates[k] >= b: continue",
-                "        root = sqrt(b); wide = reach = REACH * (root + root) + UNDERFLOW",
+                f"        root = sqrt(b); wide = REACH * (root + root) + UNDERFLOW; {start}",
                 "        best = root; o = k; second = inf; apart = None",
-                "        for far, j, candidate, between in near[o]:",
-                "            if far >= reach: break",
+                f"        for far, j, candidate, between in {row}:",
+                f"            if {stop}: break",
                 skip,
                 "            d = dist(point, candidate)",
                 "            if d < best:",
-                "                second = best; best = d; k = j; reach = REACH * (root + d) + UNDERFLOW",
+                f"                second = best; best = d; k = j; {follow}",
                 "                apart = between; twice = (d * SWELL + TINY + TINY) * TWICE",
                 "            elif d < second: second = d",
                 settle,
                 f"        if k != o: {exact}; weights[i] = b; owners[i] = k"]
     elif separated:
-        body = [header,
-                f"    for i, {xs}b, k in zip(count(), *columns, weights, owners):",
+        start, stop, follow = (("", "far >= b", "") if projected else
+                               ("root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; ", "far >= reach",
+                                "; reach = REACH * (root + root_d) + UNDERFLOW"))
+        body = [header, *prologue,
+                f"    for i, {xs}b, k{ys} in zip(count(), *columns, weights, owners{across}):",
                 "        if gates[k] >= b: continue",
-                "        root = sqrt(b); reach = REACH * (root + root) + UNDERFLOW; o = k; apart = None",
-                f"        for far, j, {es}between in near[o]:",
-                "            if far >= reach: break",
+                f"        {start}o = k; apart = None",
+                f"        for far, j, {es}between in {row}:",
+                f"            if {stop}: break",
                 skip,
                 f"            {distance_source('d', 'e{d}', dim)}",
                 "            if d < b or d == b and j < k:",
-                "                b = d; k = j; root_d = sqrt(d); reach = REACH * (root + root_d) + UNDERFLOW",
+                f"                b = d; k = j; root_d = sqrt(d){follow}",
                 "                apart = between; twice = (root_d * SWELL + TINY + TINY) * TWICE",
                 "        if k != o: weights[i] = b; owners[i] = k"]
     else:
