@@ -727,10 +727,10 @@ def pruned_updater(dim, measured, separated, projected=False):
     distances the lower number wins. The margins are reach_margins'.
     Without `separated` (a k-means++ round: one new candidate), each changed D^2 goes to `dropped`,
     its new value to `added`, so the mass follows the few that changed.
-    With `separated` (a k-means|| round at D > 2), each row ends with the new candidate's `separations`
-    (or None), and once a point has a new nearest one, a candidate separated from it by more than twice (an upper
-    bound on) the point's distance to it is passed over (Elkan: it is farther, with room for any
-    rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
+    With `separated` (a k-means|| round at D > 2), each row ends with the new candidate's
+    `separations` (or None), and once a point has a new nearest one, a candidate separated from it by
+    more than twice (an upper bound on) the point's distance to it is passed over (Elkan: it is
+    farther, with room for any rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
     math.dist's distances at C speed as the assignment does (measured_bounds): a point whose nearest is
     clearly apart from the next gets its D^2 with `nearest`'s arithmetic for that candidate, and one in
     doubt is settled with it (`settled`), so every D^2 and number is the same.
@@ -754,7 +754,7 @@ def pruned_updater(dim, measured, separated, projected=False):
         namespace["trunc"] = math.trunc
         header = "def update(columns, near, gates, weights, owners, candidates, cells, lows, scales, width, across):"
         ys, across, prologue = ", y0, y1", ", *across", ["    (low0, low1), (scale0, scale1) = lows, scales"]
-        row = "cells[trunc((y0 - low0) * scale0) * width + trunc((y1 - low1) * scale1)]"   # as cell_updater's
+        row = f"cells[{grid_cell('y', 2)}]"
     else:
         ys, across, prologue, row = "", "", [], "near[o]"
     if measured:
@@ -807,6 +807,12 @@ def pruned_updater(dim, measured, separated, projected=False):
     return namespace["update"]
 
 
+def grid_cell(name, dim):
+    """Source for the cell of grid_of's grid that a point's coordinates name0, name1 (dim of them) lie
+    in: x - low >= 0, so trunc gives int()'s cell, in half the time."""
+    return " * width + ".join(f"trunc(({name}{d} - low{d}) * scale{d})" for d in range(dim))
+
+
 @functools.lru_cache(maxsize=8)
 def cell_updater(dim):
     """A compiled loop like pruned_updater's for D <= 2, where the table is by cell of a grid over the
@@ -814,8 +820,7 @@ def cell_updater(dim):
     within the point's distance r of the point's cell, so each point measures only the candidates that
     near[its cell] lists within r, nearest first, and within r' once one at r' is found; and none if
     its D^2 is at most its nearest candidate's gate (pruned_updater's)."""
-    # x - low >= 0, so trunc gives int()'s cell, in half the time
-    cell = "trunc((x0 - low0) * scale0)" + (" * width + trunc((x1 - low1) * scale1)" if dim == 2 else "")
+    cell = grid_cell("x", dim)
     body = ["def update(columns, gates, near, lows, scales, width, weights, owners):",
             f"    ({''.join(f'low{d}, ' for d in range(dim))}), ({''.join(f'scale{d}, ' for d in range(dim))}) = lows, scales",
             f"    for i, {''.join(f'x{d}, ' for d in range(dim))}b, k in zip(count(), *columns, weights, owners):",
