@@ -814,17 +814,18 @@ def grid_cell(name, dim):
 
 
 @functools.lru_cache(maxsize=8)
-def cell_updater(dim):
+def cell_updater(dim, gated):
     """A compiled loop like pruned_updater's for D <= 2, where the table is by cell of a grid over the
     points rather than by nearest candidate: a new candidate can be nearer to a point only if it lies
     within the point's distance r of the point's cell, so each point measures only the candidates that
-    near[its cell] lists within r, nearest first, and within r' once one at r' is found; and none if
-    its D^2 is at most its nearest candidate's gate (pruned_updater's)."""
+    near[its cell] lists within r, nearest first, and within r' once one at r' is found; and, `gated`,
+    none if its D^2 is at most its nearest candidate's gate (pruned_updater's). Round 2 is not: its one
+    old candidate's gate holds back few points (5 % on the bench's file), and the test costs all."""
     cell = grid_cell("x", dim)
     body = ["def update(columns, gates, near, lows, scales, width, weights, owners):",
             f"    ({''.join(f'low{d}, ' for d in range(dim))}), ({''.join(f'scale{d}, ' for d in range(dim))}) = lows, scales",
             f"    for i, {''.join(f'x{d}, ' for d in range(dim))}b, k in zip(count(), *columns, weights, owners):",
-            "        if gates[k] >= b: continue",
+            *(["        if gates[k] >= b: continue"] if gated else []),
             "        o = k",
             f"        for far, j, {''.join(f'e{d}, ' for d in range(dim))}in near[{cell}]:",
             "            if far >= b: break",
@@ -925,7 +926,8 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
     if dim <= 2 and several:
         nearest_new = (min(math.sqrt(squared_distance(old, candidate)) for candidate in new)
                        for old in candidates[:seen])
-        cell_updater(dim)(columns, gates_of(nearest_new, dim), *grid_of(columns, new, seen, box), weights, owners)
+        cell_updater(dim, seen > 1)(columns, gates_of(nearest_new, dim), *grid_of(columns, new, seen, box), weights,
+                                    owners)
         return None
     measured = several and dim >= NORM_FROM_DIM
     between = separations(new, seen) if several and len(new) ** 2 <= len(weights) else [None] * len(new)
@@ -990,6 +992,29 @@ def whole_mass(parts):
     for block, terms in parts:
         by_block[block].extend(terms)
     return math.fsum(map(math.fsum, by_block.values()))
+
+
+def mass_bounds(weights):
+    """(low, high) around the exact sum of a split's D^2 from one plain sum at C speed, where its mass
+    by block (block_masses) takes a pass of fsum: adding n nonnegative doubles in any order errs by at
+    most (n - 1) x 2**-53 of the sum (Higham, Accuracy and Stability, 4.2). The margin is twice that and
+    ten roundings more: room for its own products, mass_between's fsum and whole_mass's two roundings.
+    None where the sum is inf or below 2**-900: relative bounds do not hold among subnormals."""
+    rough = sum(weights, 0.0)
+    if rough == 0.0:   # nonnegative terms: every one is 0
+        return 0.0, 0.0
+    if not 2.0 ** -900 < rough < math.inf:
+        return None
+    margin = (len(weights) + 4) * 2.0 ** -52   # 2 (n - 1) + 10 roundings
+    return rough * (1 - margin), rough * (1 + margin)
+
+
+def mass_between(bounds):
+    """(low, high) around a k-means|| round's whole D^2 mass (whole_mass) from every split's mass_bounds
+    (whose margins leave room for the roundings), or None if a split has none."""
+    if not all(bounds):
+        return None
+    return math.fsum(low for low, _ in bounds), math.fsum(high for _, high in bounds)
 
 
 def may_be_picked(candidates, weights, mass, oversample):
@@ -1568,7 +1593,8 @@ class Split:
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
         box = self.box if len(self.columns) <= 2 and init == "k-means||" else None   # where its rounds lay grids
-        changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners, box)
+        changed = (update_candidates(self.columns, centroids, seen, self.weights, self.owners, box)
+                   if seen < len(centroids) else ([], []))   # none new: a backup copy, or a k-means|| exact_mass
         if not mass:
             self.mass = None   # k-means|| sums its mass by block (block_masses)
         elif changed is None or self.mass is None or 2 * len(changed[1]) > len(self.weights):
@@ -1945,6 +1971,17 @@ def draw_message(drawn, dim):
     """(priority, index, point) triples as a pb.Draw."""
     return pb.Draw(priorities=[p for p, _, _ in drawn], indices=[i for _, i, _ in drawn],
                    points=pb.Centroids(dim=dim, values=[x for _, _, point in drawn for x in point]))
+
+
+def weigh_reply(result, oversample, dim):
+    """A pb.WeighReply from MapperTasks.weigh_task's result (mass, rest, candidate, counts, picks); a
+    k-means|| round's mass is (its parts by block, its mass_bounds)."""
+    mass, rest, candidate, counts, picks = result
+    masses = ({"block_masses": [pb.BlockMass(block=block, terms=terms) for block, terms in mass[0]],
+               "mass_bounds": mass[1]} if oversample else {"mass_terms": mass})
+    return pb.WeighReply(**masses, mass_rest=integer_bytes(rest), candidate=candidate, counts=counts,
+                         picked=draw_message([pick[:3] for pick in picks], dim),
+                         picked_weights=[pick[3] for pick in picks])
 
 
 def draw_triples(message):
@@ -2366,15 +2403,17 @@ class MapperTasks:
                 plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
         return draws, plot, ""
 
-    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample):
+    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample,
+                   exact_mass=False):
         """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
         D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead. With
-        `oversample`, a k-means|| round (picks) or its candidates' weights (count_clusters) instead.
+        `oversample`, a k-means|| round (oversample_round) instead.
         Returns (mass terms, the exact rest of an SSE (see sse_of_sums), candidate, counts, picks)."""
         split = self.load(self.jobs.state(job), task, span, pinned, len(centroids[0]), False)
         if oversample:
             with split.lock:
-                return self.oversample_round(split, run, span[1], centroids, draw_seed, count_clusters, oversample)
+                return self.oversample_round(split, run, span[1], centroids, draw_seed, count_clusters, oversample,
+                                             exact_mass)
         if count_clusters:
             with split.lock:
                 split.assign(centroids)
@@ -2388,19 +2427,23 @@ class MapperTasks:
         return mass, 0, [column[index] for column in split.columns], [], []
 
     @staticmethod
-    def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample):
-        """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen,
-        then its mass by block (block_masses) and the points the round may pick (may_be_picked) as
-        (priority, index, point, D^2). Or, with count_clusters, the points nearest to each candidate
-        (and no mass: the master does not need it). Call with the split's lock held."""
+    def oversample_round(split, run, start, candidates, draw_seed, count_clusters, oversample, exact_mass):
+        """A k-means|| round on a split: D^2 brought up to date with the candidates it has not seen, then
+        ((its mass by block where it has no mass_bounds, those bounds), 0, [], [], the points the round
+        may pick (may_be_picked) as (priority, index, point, D^2)). With `exact_mass`, only its mass by
+        block (the master is in doubt about a pick); with count_clusters, the points nearest to each
+        candidate and no mass (the master does not need it). Call with the split's lock held."""
         split.weigh(run, candidates, "k-means||", mass=False)
         if count_clusters:
             nearest_to = collections.Counter(split.owners)
-            return [], 0, [], [nearest_to[number] for number in range(len(candidates))], []
-        parts = block_masses(split.weights, start)
-        picked = round_picks(draw_seed, start, split.weights, whole_mass(parts), oversample)
-        return parts, 0, [], [], [(priority, start + i, tuple(column[i] for column in split.columns),
-                                  split.weights[i]) for i, priority in picked]
+            return ([], []), 0, [], [nearest_to[number] for number in range(len(candidates))], []
+        if exact_mass:
+            return (block_masses(split.weights, start), []), 0, [], [], []
+        bounds = mass_bounds(split.weights)
+        parts = [] if bounds else block_masses(split.weights, start)   # no bounds: the master needs the mass
+        picked = round_picks(draw_seed, start, split.weights, bounds[0] if bounds else whole_mass(parts), oversample)
+        return (parts, bounds or []), 0, [], [], [(priority, start + i, tuple(column[i] for column in split.columns),
+                                                  split.weights[i]) for i, priority in picked]
 
 
 class ReducerTasks:
@@ -2689,15 +2732,10 @@ class MapperServicer:
         require_centroids(context, request.centroids, "centroids")
         self.faults.refuse(f"Weigh task {request.task}")
         require(context, request.oversample <= MAX_CLUSTERS, f"oversample is at most {MAX_CLUSTERS}")
-        mass, rest, candidate, counts, picks = self.core.weigh_task(
-            request.job, request.run, request.task, span, pinned, unflatten(request.centroids), request.draw_seed,
-            request.count_clusters, request.oversample)
-        masses = ({"block_masses": [pb.BlockMass(block=block, terms=terms) for block, terms in mass]}
-                  if request.oversample else {"mass_terms": mass})
-        reply = pb.WeighReply(**masses, mass_rest=integer_bytes(rest), candidate=candidate, counts=counts,
-                              picked=draw_message([pick[:3] for pick in picks], request.centroids.dim),
-                              picked_weights=[pick[3] for pick in picks])
-        return pb.WeighResponse(status=success(), reply=reply)
+        result = self.core.weigh_task(request.job, request.run, request.task, span, pinned,
+                                      unflatten(request.centroids), request.draw_seed, request.count_clusters,
+                                      request.oversample, request.exact_mass)
+        return pb.WeighResponse(status=success(), reply=weigh_reply(result, request.oversample, request.centroids.dim))
 
     def GetPartition(self, request, context):
         """Stream one partition of a map task's kept output to a reducer, in bounded chunks."""
@@ -4368,25 +4406,38 @@ def kmeans_parallel(first, clusters, weigh, rng):
     """k-means|| (Bahmani et al., VLDB 2012) in PARALLEL_ROUNDS + 1 Weigh passes instead of K - 1: each
     round every mapper brings its points' D^2 up to date with the new candidates and picks each point
     with probability min(1, l D^2 / mass), by a priority of the point's index, so any M picks the same
-    (`weigh(candidates, round seed, l, count)` -> {task: WeighReply}). A last pass weighs every
-    candidate by the points nearest to it, and the master reclusters the weighted candidates."""
+    (`weigh(candidates, round seed, l, count, exact tasks)` -> {task: WeighReply}). The mass is
+    whole_mass's; the splits' mass_bounds decide every pick but one within their rounding of it, which
+    asks the splits for it by block. A last pass weighs every candidate by the points nearest to it,
+    and the master reclusters the weighted candidates."""
     oversample = -(-clusters // OVERSAMPLE_DIVISOR)
     candidates = [first]
     log.info("k-means||: oversampling factor l = %d (K/%d), %d rounds", oversample, OVERSAMPLE_DIVISOR,
              PARALLEL_ROUNDS)
     for number in range(1, PARALLEL_ROUNDS + 1):
         log.log(DETAIL, "=== k-means|| round %d: weigh every split ===", number)
-        replies = weigh(candidates, rng.randrange(2**63), oversample, False)
-        mass = whole_mass((part.block, part.terms) for reply in replies.values() for part in reply.block_masses)
-        picked = sorted((index, point) for reply in replies.values()
-                        for (priority, index, point), weight in zip(draw_triples(reply.picked), reply.picked_weights)
-                        if priority * mass < oversample * weight)
+        seed = rng.randrange(2**63)
+        replies = weigh(candidates, seed, oversample, False)
+        offered = [(priority, index, point, weight) for reply in replies.values()
+                   for (priority, index, point), weight in zip(draw_triples(reply.picked), reply.picked_weights)]
+        bounds = mass_between([reply.mass_bounds for reply in replies.values()])
+        if bounds is None or any(priority * bounds[0] < oversample * weight <= priority * bounds[1]
+                                 for priority, _, _, weight in offered):   # a pick the bounds do not decide
+            missing = [task for task, reply in replies.items() if not reply.block_masses]
+            if missing:
+                log.log(DETAIL, "=== k-means|| round %d: the mass by block, for picks in doubt ===", number)
+                replies.update(weigh(candidates, seed, oversample, False, missing))
+            mass = whole_mass((part.block, part.terms) for reply in replies.values() for part in reply.block_masses)
+            bounds = (mass, mass)
+        low, high = bounds
+        picked = sorted((index, point) for priority, index, point, weight in offered
+                        if priority * high < oversample * weight)
         known = set(candidates)
         new = list(dict.fromkeys(point for _, point in picked if point not in known))
         candidates += new
-        log.info("k-means|| round %d: %d new candidates, %d in all (D^2 mass %.10g)", number, len(new),
-                 len(candidates), mass)
-        if not mass:
+        log.info("k-means|| round %d: %d new candidates, %d in all (D^2 mass %.8g)", number, len(new),
+                 len(candidates), (low + high) / 2)
+        if not high:
             break
     log.log(DETAIL, "=== k-means||: weigh every candidate ===")
     replies = weigh(candidates, 0, oversample, True)
@@ -4617,12 +4668,13 @@ class Master:
         lost = set().union(*(reply.tasks for _, reply in done.values() if isinstance(reply, MissingOutput)))
         return results, lost
 
-    def oversample_pass(self, candidates, seed, oversample, count_clusters):
-        """A k-means|| pass: every split weighed against the candidates, with the round's seed."""
-        return self.weigh(candidates, None, count_clusters, {task: seed for task in range(1, self.options.mappers + 1)},
-                          oversample)
+    def oversample_pass(self, candidates, seed, oversample, count_clusters, exact=()):
+        """A k-means|| pass: every split weighed against the candidates, with the round's seed; or, for the
+        `exact` tasks only, their D^2 mass by block."""
+        tasks = exact or range(1, self.options.mappers + 1)
+        return self.weigh(candidates, None, count_clusters, {task: seed for task in tasks}, oversample, bool(exact))
 
-    def weigh(self, centroids, rng, count_clusters=False, seeds=None, oversample=0):
+    def weigh(self, centroids, rng, count_clusters=False, seeds=None, oversample=0, exact_mass=False):
         """Every split weighed against the centroids: {task: WeighReply}, one draw seed per task."""
         plan = self.plan
         seeds = seeds or {task: rng.randrange(2**63) for task in range(1, self.options.mappers + 1)}
@@ -4633,7 +4685,7 @@ class Master:
                                       attempt=attempt.number, input_path=plan.input_path, start=start, end=end,
                                       input=identity_message(plan.pinned), centroids=flatten(centroids),
                                       draw_seed=seeds[attempt.task], count_clusters=count_clusters,
-                                      oversample=oversample)
+                                      oversample=oversample, exact_mass=exact_mass)
             return self.workers.call(attempt, "Weigh", request, f"task {attempt.task}")
 
         stage = Stage("mapper", "Weigh", FINAL_PASS if count_clusters and not oversample else SEEDING_PASS)

@@ -198,7 +198,7 @@ def test_the_grid_update_keeps_ties_and_cell_edges_exact(monkeypatch, dim):
     many of them (ties to the lower number) and one far point: the grid update gives every point what
     measuring every candidate gives."""
     used, compiled = [], kmr.cell_updater
-    monkeypatch.setattr(kmr, "cell_updater", lambda d: used.append(d) or compiled(d))
+    monkeypatch.setattr(kmr, "cell_updater", lambda d, gated: used.append((d, gated)) or compiled(d, gated))
     lattice = [i / 8 for i in range(-16, 17)]
     points = [p[:dim] for p in itertools.product(lattice, lattice)] + [(1e9,) * dim]
     split = kmr.Split(kmr.to_columns(points, dim))
@@ -211,7 +211,7 @@ def test_the_grid_update_keeps_ties_and_cell_edges_exact(monkeypatch, dim):
         for point, weight, owner in zip(points, split.weights, split.owners):
             distances = [kmr.squared_distance(point, c) for c in candidates]
             assert (weight, owner) == (min(distances), distances.index(min(distances)))
-    assert used == [dim, dim]
+    assert used == [(dim, False), (dim, True)]   # round 2 without the gates, round 3 behind them
 
 
 @pytest.mark.parametrize("measured", [False, True])
@@ -261,6 +261,66 @@ def test_the_kmeans_parallel_mass_is_the_same_for_any_split(weights, start, cuts
     expected = math.fsum(math.fsum(values) for values in by_block.values())
     assert kmr.whole_mass(itertools.chain.from_iterable(parts)) == expected
     assert all(kmr.whole_mass(split) <= expected for split in parts)
+
+
+@settings(max_examples=300, deadline=None)
+@example([1.0] + [2.0 ** -53] * 40, 0, [], 4)   # a plain sum that loses every term after the first
+@given(st.lists(WEIGHT, max_size=60), st.integers(0, 40), st.lists(st.integers(0, 60), max_size=5),
+       st.sampled_from([1, 4, 7]))
+def test_the_splits_mass_bounds_hold_the_whole_mass(weights, start, cuts, block):
+    """Each split's mass_bounds, from one plain sum, hold its exact D^2 sum, and mass_between puts every
+    split's together around the whole mass (whole_mass, by block) and each split's low end stays below
+    it (what it offers points by), however the points are split; a split has none only where its sum
+    is inf or below 2**-900."""
+    bounds = [start, *sorted(start + min(cut, len(weights)) for cut in cuts), start + len(weights)]
+    splits = [weights[low - start:high - start] for low, high in zip(bounds, bounds[1:])]
+    block_size, kmr.PRIORITY_BLOCK = kmr.PRIORITY_BLOCK, block
+    try:
+        whole = kmr.whole_mass(itertools.chain.from_iterable(
+            kmr.block_masses(split, low) for split, low in zip(splits, bounds)))
+    finally:
+        kmr.PRIORITY_BLOCK = block_size
+    each = [kmr.mass_bounds(split) for split in splits]
+    for split, found in zip(splits, each):
+        rough = sum(split, 0.0)
+        assert (found is None) == (rough == math.inf or 0.0 < rough <= 2.0 ** -900)
+        if found is not None:
+            assert found[0] <= sum(map(Fraction, split)) <= found[1] and found[0] <= whole
+    between = kmr.mass_between(each)
+    assert between is None or between[0] <= whole <= between[1]
+
+
+def test_kmeans_parallel_asks_for_the_mass_by_block_only_for_picks_in_doubt(monkeypatch):
+    """The splits' mass_bounds decide a round's picks without the mass by block. Where they leave a pick
+    in doubt (bounds made twice as wide here), or a split has none (one split, or every one), the
+    master asks the splits that sent no mass by block for it; every way picks the same candidates."""
+    monkeypatch.setattr(kmr, "PRIORITY_BLOCK", 64)   # blocks that two splits share
+    rng = random.Random(3)
+    points = [(rng.gauss(centre, 1.0), rng.gauss(-centre, 1.0)) for centre in (0, 10, 20) for _ in range(300)]
+    rng.shuffle(points)
+    ranges = [(0, 250), (250, 700), (700, 900)]
+    plain = kmr.mass_bounds
+
+    def run(bounds):
+        monkeypatch.setattr(kmr, "mass_bounds", bounds)
+        splits = [kmr.Split(kmr.to_columns(points[low:high], 2)) for low, high in ranges]
+        asked = []
+
+        def weigh(candidates, seed, oversample, count_clusters, exact=()):
+            asked.extend([sorted(exact)] if exact else [])
+            return {task: kmr.weigh_reply(kmr.MapperTasks.oversample_round(
+                        splits[task - 1], 1, ranges[task - 1][0], candidates, seed, count_clusters, oversample,
+                        bool(exact)), oversample, 2)
+                    for task in exact or range(1, len(ranges) + 1)}
+
+        return kmr.kmeans_parallel(points[0], 6, weigh, random.Random(5)), asked
+
+    started, asked = run(plain)
+    assert asked == [] and len(started) == 6
+    wide, asked = run(lambda weights: (found[0] / 2, found[1] * 2) if (found := plain(weights)) else None)
+    assert wide == started and asked and all(tasks == [1, 2, 3] for tasks in asked)
+    assert run(lambda weights: None if len(weights) == 450 else plain(weights)) == (started, [[1, 3]] * 5)
+    assert run(lambda weights: None) == (started, [])   # every split sent its mass by block
 
 
 def test_a_kmeans_parallel_round_picks_in_proportion_to_squared_distance():
