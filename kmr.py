@@ -999,14 +999,14 @@ def mass_bounds(weights):
     by block (block_masses) takes a pass of fsum: adding n nonnegative doubles in any order errs by at
     most (n - 1) x 2**-53 of the sum (Higham, Accuracy and Stability, 4.2). The margin is twice that and
     ten roundings more: room for its own products, mass_between's fsum and whole_mass's two roundings.
-    None where the sum is inf or below 2**-900: relative bounds do not hold among subnormals."""
+    None where the sum is below 2**-900 (relative bounds do not hold among subnormals) or the high end
+    overflows."""
     rough = sum(weights, 0.0)
     if rough == 0.0:   # nonnegative terms: every one is 0
         return 0.0, 0.0
-    if not 2.0 ** -900 < rough < math.inf:
-        return None
     margin = (len(weights) + 4) * 2.0 ** -52   # 2 (n - 1) + 10 roundings
-    return rough * (1 - margin), rough * (1 + margin)
+    high = rough * (1 + margin)
+    return (rough * (1 - margin), high) if 2.0 ** -900 < rough and high < math.inf else None
 
 
 def mass_between(bounds):
@@ -4407,9 +4407,10 @@ def kmeans_parallel(first, clusters, weigh, rng):
     round every mapper brings its points' D^2 up to date with the new candidates and picks each point
     with probability min(1, l D^2 / mass), by a priority of the point's index, so any M picks the same
     (`weigh(candidates, round seed, l, count, exact tasks)` -> {task: WeighReply}). The mass is
-    whole_mass's; the splits' mass_bounds decide every pick but one within their rounding of it, which
-    asks the splits for it by block. A last pass weighs every candidate by the points nearest to it,
-    and the master reclusters the weighted candidates."""
+    whole_mass's, but the splits' mass_bounds decide every pick not within their width of the edge;
+    only such a pick, or a split without bounds, makes the master ask for the mass by block. A last
+    pass weighs every candidate by the points nearest to it, and the master reclusters the weighted
+    candidates."""
     oversample = -(-clusters // OVERSAMPLE_DIVISOR)
     candidates = [first]
     log.info("k-means||: oversampling factor l = %d (K/%d), %d rounds", oversample, OVERSAMPLE_DIVISOR,

@@ -265,13 +265,14 @@ def test_the_kmeans_parallel_mass_is_the_same_for_any_split(weights, start, cuts
 
 @settings(max_examples=300, deadline=None)
 @example([1.0] + [2.0 ** -53] * 40, 0, [], 4)   # a plain sum that loses every term after the first
+@example([1.7976931348623157e308], 0, [], 1)   # the largest double: its high end overflows, no bounds
 @given(st.lists(WEIGHT, max_size=60), st.integers(0, 40), st.lists(st.integers(0, 60), max_size=5),
        st.sampled_from([1, 4, 7]))
 def test_the_splits_mass_bounds_hold_the_whole_mass(weights, start, cuts, block):
     """Each split's mass_bounds, from one plain sum, hold its exact D^2 sum, and mass_between puts every
     split's together around the whole mass (whole_mass, by block) and each split's low end stays below
     it (what it offers points by), however the points are split; a split has none only where its sum
-    is inf or below 2**-900."""
+    is below 2**-900 or next to overflowing."""
     bounds = [start, *sorted(start + min(cut, len(weights)) for cut in cuts), start + len(weights)]
     splits = [weights[low - start:high - start] for low, high in zip(bounds, bounds[1:])]
     block_size, kmr.PRIORITY_BLOCK = kmr.PRIORITY_BLOCK, block
@@ -283,9 +284,11 @@ def test_the_splits_mass_bounds_hold_the_whole_mass(weights, start, cuts, block)
     each = [kmr.mass_bounds(split) for split in splits]
     for split, found in zip(splits, each):
         rough = sum(split, 0.0)
-        assert (found is None) == (rough == math.inf or 0.0 < rough <= 2.0 ** -900)
-        if found is not None:
-            assert found[0] <= sum(map(Fraction, split)) <= found[1] and found[0] <= whole
+        if found is None:
+            assert 0.0 < rough <= 2.0 ** -900 or rough * (1 + 2.0 ** -40) == math.inf
+        else:
+            assert found[0] <= sum(map(Fraction, split)) <= found[1] < math.inf and found[0] <= whole
+        assert found is not None or not 2.0 ** -900 < rough < 2.0 ** 1000
     between = kmr.mass_between(each)
     assert between is None or between[0] <= whole <= between[1]
 
