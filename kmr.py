@@ -730,10 +730,11 @@ def pruned_updater(dim, measured, separated, projected=False):
     With `separated` (a k-means|| round at D > 2), each row ends with the new candidate's
     `separations` (or None), and once a point has a new nearest one, a candidate separated from it by
     more than twice (an upper bound on) the point's distance to it is passed over (Elkan: it is
-    farther, with room for any rounding). The loop is unrolled over the coordinates, or, `measured` (k-means|| at high D), takes
-    math.dist's distances at C speed as the assignment does (measured_bounds): a point whose nearest is
-    clearly apart from the next gets its D^2 with `nearest`'s arithmetic for that candidate, and one in
-    doubt is settled with it (`settled`), so every D^2 and number is the same.
+    farther, with room for any rounding). The loop is unrolled over the coordinates, or, `measured`
+    (k-means|| at high D), takes math.dist's distances at C speed as the assignment does
+    (measured_bounds): a point whose nearest is clearly apart from the next gets its D^2 with
+    `nearest`'s arithmetic for that candidate, and one in doubt is settled with it (`settled`), so
+    every D^2 and number is the same.
     `projected` (k-means|| round 2 at D > 2: its one anchor orders the new candidates badly), a point
     takes them instead from its cell of a grid over two coordinates (projected_grid), nearest first by
     their distance in those two, which is at most the whole: it stops where that passes the point's D^2
@@ -903,8 +904,8 @@ def separations(new, first):
 def update_candidates(columns, candidates, seen, weights, owners, box=None):
     """Every point's D^2 to its nearest candidate and that candidate's number, once the candidates
     after the first `seen` joined them; returns the D^2 that changed as (dropped, added) after a
-    k-means++ round (one new candidate, which few points move to), else None: they are to be summed
-    afresh. New candidates are measured against every point, in blocks the compiled loop takes, or,
+    k-means++ round (one new candidate, which few points move to) or none new, else None: they are to
+    be summed afresh. New candidates are measured against every point, in blocks the compiled loop takes, or,
     once points have a nearest candidate, only where the triangle inequality lets them compete, when
     the table of distances between old and new candidates that this needs costs no more than a pass:
     from each point's cell of a grid where D <= 2 and there are several (k-means||: in round 2 one old
@@ -912,6 +913,8 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
     in round 2 at D > 2 from its cell of a grid over two coordinates (projected_grid), else from each
     point's nearest candidate. `box`: each column's (lowest, highest), if known."""
     dim = len(columns)
+    if seen == len(candidates):   # none new: a backup copy of a round, or a k-means|| exact_mass request
+        return [], []
     if seen == 0 and len(candidates) == 1:   # every point's D^2 is inf, its owner 0
         first_distances(dim)(columns, candidates[0], weights)
         return None
@@ -1593,8 +1596,7 @@ class Split:
             seen, size = 0, len(self.columns[0])
             self.weights, self.owners = array("d", [math.inf]) * size, array("q", bytes(8 * size))
         box = self.box if len(self.columns) <= 2 and init == "k-means||" else None   # where its rounds lay grids
-        changed = (update_candidates(self.columns, centroids, seen, self.weights, self.owners, box)
-                   if seen < len(centroids) else ([], []))   # none new: a backup copy, or a k-means|| exact_mass
+        changed = update_candidates(self.columns, centroids, seen, self.weights, self.owners, box)
         if not mass:
             self.mass = None   # k-means|| sums its mass by block (block_masses)
         elif changed is None or self.mass is None or 2 * len(changed[1]) > len(self.weights):
@@ -2403,8 +2405,7 @@ class MapperTasks:
                 plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
         return draws, plot, ""
 
-    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample,
-                   exact_mass=False):
+    def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample, exact_mass):
         """Weigh: the split's exact D^2 mass against `centroids` and one point drawn in proportion to
         D^2 (a k-means++ round), or with count_clusters its exact SSE and cluster sizes instead. With
         `oversample`, a k-means|| round (oversample_round) instead.
