@@ -101,7 +101,7 @@ TAME_RANGE = (1e-100, 1e100)     # nonzero |coordinates| within: their squares a
 EXACT_PRODUCTS = (2.0 ** -900, 2.0 ** 990)   # |a * b| within, |a| and |b| below: Dekker's product is exact
 ASSIGN_CHUNK = 65536             # points per pass, so a pass's temporary lists stay small
 SPLITTER = 134217729.0           # 2**27 + 1: splits a double into two halves of 26 bits (Veltkamp)
-PRIORITY_BLOCK = 4096            # points whose priorities come from one stream (a generator, a SHAKE-128 digest)
+PRIORITY_BLOCK = 4096            # points whose priorities' first bytes come from one SHAKE-128 digest
 PICK_PRIORITY = 2.0 ** -8        # a k-means|| round priority is below this iff its first byte is 0 (round_priorities)
 
 # files
@@ -599,45 +599,55 @@ def priority_blocks(start, end):
     return range(start // PRIORITY_BLOCK, (end - 1) // PRIORITY_BLOCK + 1)
 
 
-def point_priorities(seed, start, end):
-    """Random priorities in [0, 1) of the points [start, end): a function of the seed and each point's
-    index only, so every split of the input (any M) gives a point the same priority."""
-    priorities = array("d")
-    for block in priority_blocks(start, end):
-        draw = random.Random(f"{seed}/{block}").random
-        drawn = list(itertools.starmap(draw, itertools.repeat((), PRIORITY_BLOCK)))   # draw() at C speed
-        first = block * PRIORITY_BLOCK
-        priorities.extend(drawn[max(start, first) - first:min(end, first + PRIORITY_BLOCK) - first])
-    return priorities
+def priorities_below(heads, tails, start, end, limit=1, also=()):
+    """(index from start, priority) of the points of [start, end) whose priority is below limit / 256,
+    and of the points `also` (indices from start), ascending by index. A priority is a multiple of
+    2**-53 in [0, 1) that depends on the two names and the point's index only (any M): its first 8
+    bits are a byte per point of a SHAKE-128 stream named `heads` and the point's block of
+    PRIORITY_BLOCK (the same on every Python, which random's randbytes does not promise), scanned at C
+    speed, its other 45 a hash of `tails` and the index, taken only for the points returned."""
+    blocks = priority_blocks(start, end)
+    stream = b"".join(hashlib.shake_128(f"{heads}/{block}".encode()).digest(PRIORITY_BLOCK) for block in blocks)
+    offset = start - blocks.start * PRIORITY_BLOCK   # stream[offset + i]: the first byte of point start + i
+    stop = offset + end - start
+    if limit >= 256:
+        chosen = range(end - start)
+    else:
+        chosen = set(also)
+        marked = stream.translate(bytes(0 if byte < limit else 1 for byte in range(256))) if limit > 1 else stream
+        at = marked.find(0, offset, stop)
+        while at >= 0:
+            chosen.add(at - offset)
+            at = marked.find(0, at + 1, stop)
+    indices = sorted(chosen)
+    rest = (int.from_bytes(hashlib.blake2b(f"{tails}/{start + i}".encode(), digest_size=6).digest(), "little") >> 3
+            for i in indices)
+    return [(i, (stream[offset + i] * 2 ** 45 + low) / 2 ** 53) for i, low in zip(indices, rest)]
 
 
-def lowest_priorities(priorities, count):
-    """The `count` lowest (priority, index) pairs, lowest first (of equal priorities the lower index):
-    heapq.nsmallest's answer, found fast. Priorities are uniform in [0, 1), so the lowest few lie below
-    a small threshold, and a filter at C speed leaves nsmallest only a few candidates."""
-    threshold = 2.0 * count / max(1, len(priorities)) + 1e-12
+def draw_priorities(seed, start, end, limit):
+    """The uniform draw's priorities (priorities_below) of the points of [start, end) below limit / 256."""
+    return priorities_below(f"draw/{seed}", f"draw/{seed}", start, end, limit)
+
+
+def lowest_drawn(columns, seed, first, count, distinct=True):
+    """The `count` points of lowest draw priority, distinct ones if asked (a point's priority is then
+    its lowest copy's), as (priority, index from `first`, point), lowest first (of equal priorities
+    the lower index); fewer if there are fewer. Only points below a limit get whole priorities: one
+    that expects twice `count` of them, raised fourfold while they hold too few distinct points.
+    Every point above it has a higher priority than every point below."""
+    size = len(columns[0])
+    limit = min(256, -(-256 * (2 * count + 16) // max(1, size)))
     while True:
-        below = list(itertools.compress(range(len(priorities)), map(threshold.__gt__, priorities)))
-        if len(below) >= count or threshold >= 1.0:
-            return heapq.nsmallest(count, zip(gather(priorities, below), below))
-        threshold = min(1.0, 4 * threshold)
-
-
-def lowest_distinct(columns, priorities, first, count):
-    """The `count` distinct points of lowest priority (a point's priority is its lowest copy's; of equal
-    priorities the lower index wins), as (priority, index from `first`, point), lowest first; fewer
-    if there are fewer distinct points."""
-    wanted = count
-    while True:
-        lowest = lowest_priorities(priorities, wanted)
         chosen = {}
-        for priority, index in lowest:
-            chosen.setdefault(tuple(column[index] for column in columns), (priority, first + index))
+        for priority, index in sorted((p, i) for i, p in draw_priorities(seed, first, first + size, limit)):
             if len(chosen) == count:
                 break
-        if len(chosen) == count or len(lowest) < wanted:
-            return sorted((priority, index, point) for point, (priority, index) in chosen.items())
-        wanted *= 4   # many copies among the lowest: look further
+            point = tuple(column[index] for column in columns)
+            chosen.setdefault(point if distinct else index, (priority, first + index, point))
+        if len(chosen) == count or limit == 256:
+            return sorted(chosen.values())
+        limit = min(256, 4 * limit)   # many copies among the lowest: look further
 
 
 def merge_draws(draws, count, distinct=True):
@@ -952,25 +962,9 @@ def update_candidates(columns, candidates, seen, weights, owners, box=None):
 
 
 def round_priorities(seed, start, end, also=()):
-    """(index from start, priority) of the points of [start, end) whose k-means|| round priority is
-    below PICK_PRIORITY, and of the points `also` (indices from start), ascending by index. A priority
-    is a multiple of 2**-53 in [0, 1) that depends on the seed and the point's index only (any M): its
-    first 8 bits are a byte per point of a SHAKE-128 stream of the seed and the point's block of
-    PRIORITY_BLOCK (the same on every Python, which random's randbytes does not promise), scanned for
-    0 at C speed, its other 45 a hash of the seed and the index, taken only for the points returned."""
-    blocks = priority_blocks(start, end)
-    heads = b"".join(hashlib.shake_128(f"k-means||/{seed}/{block}".encode()).digest(PRIORITY_BLOCK)
-                     for block in blocks)
-    offset = start - blocks.start * PRIORITY_BLOCK   # heads[offset + i]: the first byte of point start + i
-    stop = offset + end - start
-    chosen, at = set(also), heads.find(0, offset, stop)
-    while at >= 0:
-        chosen.add(at - offset)
-        at = heads.find(0, at + 1, stop)
-    indices = sorted(chosen)
-    rest = (int.from_bytes(hashlib.blake2b(f"{seed}/{start + i}".encode(), digest_size=6).digest(), "little") >> 3
-            for i in indices)
-    return [(i, (heads[offset + i] * 2 ** 45 + low) / 2 ** 53) for i, low in zip(indices, rest)]
+    """A k-means|| round's priorities (priorities_below) of the points of [start, end) below
+    PICK_PRIORITY (a first byte of 0), and of the points `also`."""
+    return priorities_below(f"k-means||/{seed}", seed, start, end, 1, also)
 
 
 def block_masses(weights, start):
@@ -2396,13 +2390,8 @@ class MapperTasks:
             split = self.load(self.jobs.state(job), task, span, pinned, dim, keep_text)
         except InputError as error:   # a bad line: the job cannot run
             return [], [], str(error)
-        draws, plot = [], []
-        for number, seed in enumerate(seeds):
-            priorities = point_priorities(seed, start, end)
-            draws.append(lowest_distinct(split.columns, priorities, start, clusters))
-            if number == 0 and plot_points:
-                lowest = lowest_priorities(priorities, plot_points)
-                plot = [(p, start + i, tuple(c[i] for c in split.columns)) for p, i in lowest]
+        draws = [lowest_drawn(split.columns, seed, start, clusters) for seed in seeds]
+        plot = lowest_drawn(split.columns, seeds[0], start, plot_points, distinct=False) if plot_points else []
         return draws, plot, ""
 
     def weigh_task(self, job, run, task, span, pinned, centroids, draw_seed, count_clusters, oversample, exact_mass):

@@ -6,7 +6,7 @@ from array import array
 from fractions import Fraction
 
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import kmr
 
@@ -277,7 +277,7 @@ def test_merged_split_draws_are_the_k_distinct_points_of_lowest_priority(values,
     """However the input is split, merging the splits' draws gives the K distinct points whose lowest
     copy has the lowest priority: what one pass over the whole input would pick."""
     points = [(float(v),) for v in values]
-    priorities = kmr.point_priorities(seed, 0, len(points))
+    priorities = [p for _, p in kmr.draw_priorities(seed, 0, len(points), 256)]   # every point's
     lowest = {}   # brute force: each point's lowest (priority, index)
     for index, (point, priority) in enumerate(zip(points, priorities)):
         lowest[point] = min(lowest.get(point, (math.inf, 0)), (priority, index))
@@ -285,14 +285,29 @@ def test_merged_split_draws_are_the_k_distinct_points_of_lowest_priority(values,
     draws = []
     for start, end in kmr.split_ranges(len(points), splits):
         part = [array("d", [p[0] for p in points[start:end]])]
-        assert kmr.point_priorities(seed, start, end) == priorities[start:end]   # any M, the same priorities
-        draws.append(kmr.lowest_distinct(part, kmr.point_priorities(seed, start, end), start, size))
+        assert [p for _, p in kmr.draw_priorities(seed, start, end, 256)] == priorities[start:end]   # any M
+        draws.append(kmr.lowest_drawn(part, seed, start, size))
     assert [point for _, _, point in kmr.merge_draws(draws, size)] == expected
 
 
-@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.999]) | st.floats(0, 1, exclude_max=True), max_size=300),
-       st.integers(0, 320))
-def test_lowest_priorities_are_nsmallests_answer_ties_included(values, count):
-    """The fast filter picks exactly what heapq.nsmallest over (priority, index) would, equal priorities too."""
-    priorities = array("d", values)
-    assert kmr.lowest_priorities(priorities, count) == heapq.nsmallest(count, zip(priorities, range(len(values))))
+def test_a_draw_looks_past_the_copies_for_k_distinct_points():
+    """20,000 copies of one point and one other: the lowest priorities hold only copies, so the draw
+    widens its limit until it finds the other point, which it returns second (its only copy is lowest)."""
+    column = array("d", [1.0] * 20_000 + [2.0])
+    drawn = kmr.lowest_drawn([column], 3, 0, 2)
+    assert [point for _, _, point in drawn] == [(1.0,), (2.0,)]
+    assert drawn[1][1] == 20_000 and drawn[0][0] == min(p for _, p in kmr.draw_priorities(3, 0, 20_001, 256))
+
+
+@given(st.integers(1, 20_000), st.integers(0, 3500), st.integers(0, 2**32), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_the_lowest_drawn_points_are_those_of_every_priority(size, count, seed, first):
+    """Whole priorities are taken only below a limit, yet the lowest `count` points (the plot's, not
+    distinct) are heapq.nsmallest's over every point's priority, and a limit keeps exactly the points
+    whose priority lies below it: the first byte decides."""
+    column = array("d", range(size))
+    every = kmr.draw_priorities(seed, first, first + size, 256)
+    expected = heapq.nsmallest(count, ((p, first + i) for i, p in every))
+    assert [(p, index) for p, index, _ in kmr.lowest_drawn([column], seed, first, count, distinct=False)] == expected
+    for limit in (1, 7, 100):
+        assert kmr.draw_priorities(seed, first, first + size, limit) == [(i, p) for i, p in every if p < limit / 256]
