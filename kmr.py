@@ -614,7 +614,7 @@ def priorities_below(heads, tails, start, end, limit=1, also=()):
         chosen = range(end - start)
     else:
         chosen = set(also)
-        marked = stream.translate(bytes(0 if byte < limit else 1 for byte in range(256))) if limit > 1 else stream
+        marked = stream.translate(bytes(0 if byte < limit else 1 for byte in range(256)))   # below: 0
         at = marked.find(0, offset, stop)
         while at >= 0:
             chosen.add(at - offset)
