@@ -634,7 +634,7 @@ def lowest_drawn(columns, seed, first, count, distinct=True):
     """The `count` points of lowest draw priority, distinct ones if asked (a point's priority is then
     its lowest copy's), as (priority, index from `first`, point), lowest first (of equal priorities
     the lower index); fewer if there are fewer. Only points below a limit get whole priorities: one
-    that expects twice `count` of them, raised fourfold while they hold too few distinct points.
+    that expects 2 count + 16 of them, raised fourfold while they hold too few distinct points.
     Every point above it has a higher priority than every point below."""
     size = len(columns[0])
     limit = min(256, -(-256 * (2 * count + 16) // max(1, size)))
