@@ -106,7 +106,7 @@ PICK_PRIORITY = 2.0 ** -8        # a k-means|| round priority is below this iff 
 
 # files
 CHECKPOINT = "checkpoint.json"   # in the data dir: where --resume continues from
-CHECKPOINT_VERSION = 3           # 1: runs kept more than their centroid history; 2: the input's size and mtime only
+CHECKPOINT_VERSION = 4           # 1: more than the centroid history; 2: the input's size and mtime only; 3: other draws
 PLOT_POINTS = 3000               # input points the master samples for --plot
 
 # the wire and the workers
