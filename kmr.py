@@ -2639,6 +2639,14 @@ def end_job(jobs, request):
     return pb.EndJobReply()
 
 
+@functools.cache
+def code_digest():
+    """A digest of this kmr.py. A master takes only workers that run the same code: splits measured,
+    drawn or summed by two versions would not add up to one job's answer."""
+    with open(__file__, "rb") as source:
+        return hashlib.sha256(source.read()).hexdigest()[:12]
+
+
 def heard(jobs, request, role, context):
     """Ping: this worker's role and PID, and how long it keeps a silent job. A ping that names a job
     keeps its state; one that begins a job takes it, or refuses it now if the worker is full."""
@@ -2651,7 +2659,7 @@ def heard(jobs, request, role, context):
             pass   # a job that ended here: its master is going
     elif request.job:
         jobs.find(request.job)
-    return pb.PingReply(role=role, pid=os.getpid(), job_expiry=jobs.expiry)
+    return pb.PingReply(role=role, pid=os.getpid(), job_expiry=jobs.expiry, code=code_digest())
 
 
 class MapperServicer:
@@ -3340,6 +3348,9 @@ class Workers:
                 time.sleep(0.1)
         if reply.role != worker.role:
             raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
+        if reply.code != code_digest():
+            raise JobError(f"{worker.address} runs another kmr.py (code {reply.code or 'unknown'}, this master's "
+                           f"{code_digest()}): start the workers from the master's kmr.py")
         worker.alive = True
         worker.pid, worker.job_expiry = reply.pid, reply.job_expiry or JOB_EXPIRY
         worker.round_trip = time.perf_counter() - sent

@@ -91,12 +91,12 @@ def run_kmr(*args, cwd, timeout=120, env=None):
 class StandaloneWorker:
     """A `kmr.py --role mapper|reducer --port 0` process and the address it printed."""
 
-    def __init__(self, role, cwd, *extra, env=None):
+    def __init__(self, role, cwd, *extra, env=None, script=KMR):
         self.tag = uuid.uuid4().hex
         # stderr to a file: a worker logs every call there, and an unread pipe would fill and stall it
         self.stderr = open(Path(cwd) / f"{role}-{self.tag}.err", "w+")
         self.process = subprocess.Popen(
-            [sys.executable, str(KMR), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
+            [sys.executable, str(script), "--role", role, "--port", "0", "--data-dir", str(cwd), *extra],
             cwd=cwd, env=kmr_env(self.tag, env), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         line = self.process.stdout.readline().strip()
         if not line:
@@ -116,6 +116,14 @@ class StandaloneWorker:
         self.process.stdout.close()
         self.stderr.close()
         stop_tagged(self.tag)
+
+
+def other_kmr(folder):
+    """A copy of kmr.py with one comment line more, in `folder`: a worker of other code."""
+    folder.mkdir(exist_ok=True)
+    other = folder / "kmr.py"
+    other.write_text(KMR.read_text(encoding="utf-8") + "# another version\n", encoding="utf-8")
+    return other
 
 
 class WorkerPool:

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from conftest import ROOT, FakeClock, MasterProcess, StandaloneWorker, centroid_lines, make_certificates, \
-    read_points, uniform_points, wait_for_line, write_points
+    other_kmr, read_points, uniform_points, wait_for_line, write_points
 
 import kmr
 import kmeans_pb2 as pb
@@ -535,6 +535,12 @@ def test_refused_joins_are_one_line_on_the_worker_and_change_nothing_in_the_job(
         assert code == 1 and line == (f"kmr: error: the master at 127.0.0.1:{port} refused this mapper (127.0.0.1:1): "
                                       f"the master cannot use 127.0.0.1:1: no mapper answers at 127.0.0.1:1 (waited "
                                       f"3 s: UNAVAILABLE)"), line
+        bad.append(StandaloneWorker("mapper", tmp_path, "--join", f"127.0.0.1:{port}", "--token", TOKEN,
+                                    "--input-root", tmp_path, script=other_kmr(tmp_path / "other")))
+        code, line = last_error(bad[-1])
+        assert code == 1 and line.startswith(f"kmr: error: the master at 127.0.0.1:{port} refused this mapper (") \
+            and " runs another kmr.py (code " in line \
+            and line.endswith(f", this master's {kmr.code_digest()}): start the workers from the master's kmr.py"), line
         good_mapper = re.search(r"mapper 1 \((127\.0\.0\.1:\d+)\) joined: PID (\d+)", dump.read_text())
 
         # a flood: 1,000 registrations, junk, duplicates and addresses that do not answer, 32 at a time

@@ -28,8 +28,8 @@ import pytest
 import kmeans_pb2 as pb
 import kmeans_pb2_grpc as pb_grpc
 import kmr
-from conftest import (DATA, MasterProcess, StandaloneWorker, WorkerPool, centroid_lines, read_points, run_kmr,
-                      wait_for_line, write_points)
+from conftest import (DATA, MasterProcess, StandaloneWorker, WorkerPool, centroid_lines, other_kmr, read_points,
+                      run_kmr, wait_for_line, write_points)
 
 TOKEN = "s3cret"
 RPC = 10            # deadline of every direct call, seconds
@@ -348,6 +348,24 @@ def test_master_with_a_wrong_or_missing_token_stops_at_once_with_one_line(guarde
     line = assert_one_error_line(result, 1)
     assert "token" in line.lower(), line
     assert elapsed < MASTER_RPC / 2, f"took {elapsed:.1f} s with --rpc-timeout {MASTER_RPC}"
+    assert not (tmp_path / "out" / "centroids.txt").exists()
+
+
+def test_a_master_refuses_a_worker_that_runs_another_kmr_py_in_one_line(guarded, tmp_path):
+    """Splits measured or drawn by two versions would not add up to one job's answer: a master takes only
+    workers whose kmr.py is its own (PingReply.code), and says which one is not, before any task."""
+    other = StandaloneWorker("mapper", guarded.folder, "--token", TOKEN, script=other_kmr(tmp_path / "other"))
+    try:
+        result = run_kmr("--role", "master", "-M", 2, "-R", 1, "-K", 2, "-n", 100,
+                         "--input", guarded.folder / "case1_points.txt", "--init", CASE1_INIT,
+                         "--mapper-addrs", f"{guarded.mappers[0]},{other.address}",
+                         "--reducer-addrs", guarded.reducers[0], "--token", TOKEN,
+                         "--data-dir", tmp_path / "out", "--rpc-timeout", MASTER_RPC, cwd=tmp_path)
+    finally:
+        other.stop()
+    line = assert_one_error_line(result, 1)
+    assert line.startswith(f"kmr: error: {other.address} runs another kmr.py (code ") and \
+        line.endswith(f", this master's {kmr.code_digest()}): start the workers from the master's kmr.py"), line
     assert not (tmp_path / "out" / "centroids.txt").exists()
 
 
