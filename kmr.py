@@ -3357,14 +3357,20 @@ class Workers:
         log.debug("%s answers: PID %d", worker.name, reply.pid)
 
     def answers(self, worker, timeout):
-        """Whether a worker answers a Ping within a short deadline."""
+        """Whether a worker answers a Ping within a short deadline, as its role and running this master's
+        kmr.py (a process started again at its address with other code is not taken back, and the
+        console says why)."""
         log.debug("-> Ping to %s", worker.name)
         try:
-            worker.stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self.metadata)
+            reply = worker.stub.Ping(pb.PingRequest(), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as error:
             log.debug("<- Ping FAILURE from %s: %s", worker.name, error.code().name)
             return False
         log.debug("<- Ping SUCCESS from %s", worker.name)
+        if (reply.role, reply.code) != (worker.role, code_digest()):
+            log.info("%s answers as a %s running kmr.py code %s, not a %s running this master's %s: not taken "
+                     "back", worker.name, reply.role, reply.code or "unknown", worker.role, code_digest())
+            return False
         return True
 
     def call(self, attempt, method, request, label):

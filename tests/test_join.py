@@ -167,6 +167,27 @@ def pool_of(workers_per_role=2, stage=None):
     return pool, record
 
 
+class PingStub:
+    """A worker's stub that answers every Ping with `reply`."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def Ping(self, request, timeout, metadata):
+        return self.reply
+
+
+def test_a_worker_that_answers_again_is_taken_back_only_as_its_role_running_the_masters_kmr_py():
+    pool, _ = pool_of(1)
+    worker = pool.pool["mapper"][0]
+    for reply, taken in ((pb.PingReply(role="mapper", pid=101, code=kmr.code_digest()), True),
+                         (pb.PingReply(role="mapper", pid=101, code="0123456789ab"), False),
+                         (pb.PingReply(role="mapper", pid=101), False),   # a kmr from before the code was sent
+                         (pb.PingReply(role="reducer", pid=101, code=kmr.code_digest()), False)):
+        worker.stub = PingStub(reply)
+        assert pool.answers(worker, 0.5) is taken, reply
+
+
 def test_a_leaving_worker_is_released_only_once_no_call_runs_there_and_no_reducer_needs_its_outputs():
     pool, record = pool_of()
     first, second = pool.pool["mapper"]
