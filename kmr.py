@@ -3141,6 +3141,17 @@ class Worker:
         return f"{self.lane} ({self.address})"
 
 
+def unlike(worker, reply):
+    """Why a worker's Ping reply shows it is not the worker the master needs (another role, or another
+    kmr.py: see code_digest), or None."""
+    if reply.role != worker.role:
+        return f"{worker.address} is a {reply.role}, not a {worker.role}"
+    if reply.code != code_digest():
+        return (f"{worker.address} runs another kmr.py (code {reply.code or 'unknown'}, this master's "
+                f"{code_digest()}): start the workers from the master's kmr.py")
+    return None
+
+
 def heard_back(worker, sent, ping):
     """Note how long a worker took to answer a ping (the live page shows it)."""
     if ping.code() == grpc.StatusCode.OK:
@@ -3346,11 +3357,8 @@ class Workers:
                     raise JobError(f"no {worker.role} answers at {worker.address} (waited {waited:g} s: "
                                    f"{error.code().name})") from None
                 time.sleep(0.1)
-        if reply.role != worker.role:
-            raise JobError(f"{worker.address} is a {reply.role}, not a {worker.role}")
-        if reply.code != code_digest():
-            raise JobError(f"{worker.address} runs another kmr.py (code {reply.code or 'unknown'}, this master's "
-                           f"{code_digest()}): start the workers from the master's kmr.py")
+        if problem := unlike(worker, reply):
+            raise JobError(problem)
         worker.alive = True
         worker.pid, worker.job_expiry = reply.pid, reply.job_expiry or JOB_EXPIRY
         worker.round_trip = time.perf_counter() - sent
@@ -3367,9 +3375,8 @@ class Workers:
             log.debug("<- Ping FAILURE from %s: %s", worker.name, error.code().name)
             return False
         log.debug("<- Ping SUCCESS from %s", worker.name)
-        if (reply.role, reply.code) != (worker.role, code_digest()):
-            log.info("%s answers as a %s running kmr.py code %s, not a %s running this master's %s: not taken "
-                     "back", worker.name, reply.role, reply.code or "unknown", worker.role, code_digest())
+        if problem := unlike(worker, reply):
+            log.info("%s answers again, but %s: not taken back", worker.name, problem)
             return False
         return True
 
